@@ -1,0 +1,1 @@
+"""Experiment configs and thin absl launchers."""
