@@ -134,7 +134,7 @@ class SafetensorsSnapshot:
     self._shapes: dict[str, Shape] = {}
     self._dtypes: dict[str, str] = {}
     own_errors = errors is None
-    errors = errors or ConversionErrors(path)
+    errors = ConversionErrors(path) if errors is None else errors
     bad_files: set[str] = set()
     for file in self._discover(path):
       try:
@@ -291,7 +291,7 @@ def plan_conversion(snapshot: SafetensorsSnapshot, rules: Sequence[Rule], expect
     errors: an existing collector to add to (raised by the caller); a new one is raised here.
   """
   own = errors is None
-  errors = errors or ConversionErrors(snapshot.path)
+  errors = ConversionErrors(snapshot.path) if errors is None else errors
   ignore = [re.compile(p) for p in ignore]
   items: dict[str, tuple[str, str]] = {}
   filled: dict[str, str] = {}

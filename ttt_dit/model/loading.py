@@ -79,6 +79,11 @@ def save_dit(path: str, model: DiT, config: ml_collections.ConfigDict, *, overwr
     os.rmdir(os.path.join(tmp, "ckpt"))
 
 
+def load_orbax_flat(path: str) -> dict[str, np.ndarray]:
+  """{dotted path: stored array} of a checkpoint directory (DIR or DIR/transformer), as stored."""
+  return common.flatten(common.load_orbax(transformer_dir(path)))
+
+
 def load_config(path: str) -> ml_collections.ConfigDict:
   """Reads the model config stored next to a checkpoint."""
   with open(os.path.join(transformer_dir(path), CONFIG_FILE)) as f:
@@ -104,7 +109,7 @@ def load_dit_model(path: str, *, dtype: Any = None, param_dtype: Any = None,
     config[k] = v
   model = abstract_model(config)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  stored = common.flatten(common.load_orbax(tdir))
+  stored = load_orbax_flat(tdir)
   expected = flat_paths(params)
   errors = common.ConversionErrors(tdir)
   for p in sorted(set(stored) - set(expected)):
