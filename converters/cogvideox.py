@@ -125,8 +125,8 @@ def check_diffusers_config(cfg: Mapping[str, Any], where: str = "config.json") -
   if not problems:
     if cfg.get("out_channels", cfg["in_channels"]) not in (None, cfg["in_channels"]):
       problems.append(f"out_channels {cfg['out_channels']} != in_channels {cfg['in_channels']}")
-    if cfg["attention_head_dim"] % 8:
-      problems.append(f"attention_head_dim {cfg['attention_head_dim']} is not a multiple of 8 (3D RoPE split)")
+    if cfg["attention_head_dim"] % 16:
+      problems.append(f"attention_head_dim {cfg['attention_head_dim']} is not a multiple of 16 (3D RoPE pairs)")
   if problems:
     raise ValueError(f"{where}: cannot convert this CogVideoX config:\n" + "\n".join(f"  - {p}" for p in problems))
 

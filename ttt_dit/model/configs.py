@@ -162,8 +162,9 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   if c.model_dim % c.num_heads:
     raise ValueError(f"model_dim {c.model_dim} not divisible by num_heads {c.num_heads}")
   head_dim = c.model_dim // c.num_heads
-  if head_dim % 8:
-    raise ValueError(f"head dim {head_dim} cannot carry the 3D RoPE split [d/4 | 3d/8 | 3d/8] (needs d % 8 == 0)")
+  if head_dim % 16:
+    raise ValueError(f"head dim {head_dim} cannot carry the 3D RoPE split [d/4 | 3d/8 | 3d/8] into pairs "
+                     f"(needs d % 16 == 0)")
   if c.remat_layer_group_size and c.num_layers % c.remat_layer_group_size:
     raise ValueError(f"remat_layer_group_size {c.remat_layer_group_size} does not divide "
                      f"num_layers {c.num_layers}")
