@@ -187,8 +187,13 @@ def init_new_params(config: ml_collections.ConfigDict, seed: int, dtype: Any):
 
 def convert_transformer(src_transformer: str, dst_transformer: str, *, sequence_layer: str = "ttt_mlp",
                         seed: int = 0, dtype: str = "bfloat16", attn_length: int = 12,
-                        prefix_temporal_length: int = 1, mini_batch_size: int | None = None) -> ml_collections.ConfigDict:
-  """diffusers `transformer/` folder -> orbax checkpoint + ttt_dit_config.json at `dst_transformer`."""
+                        prefix_temporal_length: int = 1, mini_batch_size: int | None = None,
+                        spill_to_disk: bool = True) -> ml_collections.ConfigDict:
+  """diffusers `transformer/` folder -> orbax checkpoint + ttt_dit_config.json at `dst_transformer`.
+
+  With `spill_to_disk` every converted tensor is kept as a memory map of a scratch file next to the
+  output (removed afterwards), so peak anonymous memory stays near one tensor plus orbax's write buffers.
+  """
   from ttt_dit.model import loading
   cfg_path = os.path.join(src_transformer, "config.json")
   if not os.path.isfile(cfg_path):
@@ -209,15 +214,22 @@ def convert_transformer(src_transformer: str, dst_transformer: str, *, sequence_
   plan = common.plan_conversion(snapshot, RULES, {p: s for p, s in expected.items() if p not in new},
                                 errors=errors)
   errors.raise_if_any()
+  spill = common.SpillStore(dst_transformer + ".spill") if spill_to_disk else None
+  keep = spill.put if spill is not None else (lambda a: a)
   flat: dict[str, np.ndarray] = {}
-  for path, x in common.iterate_converted(snapshot, plan, dtype, desc="transformer"):
-    flat[path] = x
-  for path, x in tqdm(init_new_params(config, seed, dtype), desc="new TTT params", unit="tensor",
-                      disable=sequence_layer == "none"):
-    if tuple(x.shape) != expected[path]:
-      raise ValueError(f"internal: initialised {path} has shape {x.shape}, model expects {expected[path]}")
-    flat[path] = x
-  loading.write_dit_checkpoint(dst_transformer, flat, config)
+  try:
+    for path, x in common.iterate_converted(snapshot, plan, dtype, desc="transformer"):
+      flat[path] = keep(x)
+    for path, x in tqdm(init_new_params(config, seed, dtype), desc="new TTT params", unit="tensor",
+                        disable=sequence_layer == "none"):
+      if tuple(x.shape) != expected[path]:
+        raise ValueError(f"internal: initialised {path} has shape {x.shape}, model expects {expected[path]}")
+      flat[path] = keep(x)
+    loading.write_dit_checkpoint(dst_transformer, flat, config)
+  finally:
+    del flat
+    if spill is not None:
+      spill.close()
   return config
 
 

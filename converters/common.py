@@ -364,13 +364,33 @@ def flatten(tree: Mapping[str, Any], sep: str = ".", prefix: str = "") -> dict[s
   return flat
 
 
-def save_orbax(path: str, tree: Mapping[str, Any]) -> None:
-  """Writes a nested dict of arrays as an orbax (StandardCheckpointer) checkpoint at `path`."""
+ORBAX_CONCURRENT_GB = 1  # bounds orbax's in-flight write/read buffers (default 96 GB would hold a 5B copy)
+
+
+def _checkpointer():
+  """A synchronous orbax Checkpointer over the standard handler with bounded concurrent bytes."""
   import orbax.checkpoint as ocp  # Imported lazily: orbax is slow to import.
+  return ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=ORBAX_CONCURRENT_GB,
+                                                        restore_concurrent_gb=ORBAX_CONCURRENT_GB))
+
+
+def save_orbax(path: str, tree: Mapping[str, Any]) -> None:
+  """Writes a nested dict of numpy arrays as an orbax (standard pytree) checkpoint at `path`.
+
+  Numpy leaves are written in place (orbax's default deep-copies every host array first, which would
+  hold a second copy of a 5B model) with bounded concurrent bytes; the save is synchronous, so the
+  arrays cannot change while they are written.
+  """
+  import orbax.checkpoint as ocp
+  from orbax.checkpoint import type_handlers
+  from orbax.checkpoint._src.serialization import type_handler_registry as registry_lib
+  handlers = dict(registry_lib._DEFAULT_TYPE_HANDLERS)  # noqa: SLF001 (no public copy of the defaults)
+  handlers[np.ndarray] = type_handlers.NumpyHandler(deepcopy_host_arrays=False)
+  registry = registry_lib.create_type_handler_registry(*handlers.items())
+  handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=ORBAX_CONCURRENT_GB, type_handler_registry=registry)
   path = os.path.abspath(path)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(path, dict(tree))
-    ckptr.wait_until_finished()
+  with ocp.Checkpointer(handler) as ckptr:
+    ckptr.save(path, args=ocp.args.PyTreeSave(dict(tree)))
 
 
 def load_orbax(path: str, target: Any | None = None) -> Any:
@@ -379,8 +399,37 @@ def load_orbax(path: str, target: Any | None = None) -> Any:
   path = os.path.abspath(path)
   if not os.path.isdir(path):
     raise ValueError(f"{path}: no orbax checkpoint there")
-  with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(path, target) if target is not None else ckptr.restore(path)
+  with _checkpointer() as ckptr:
+    return ckptr.restore(path, args=ocp.args.StandardRestore(target))
+
+
+class SpillStore:
+  """Keeps converted tensors as read-only memory maps of files under `folder` instead of in RAM.
+
+  A 5B conversion then needs about one tensor of anonymous memory at a time: the page cache holds the
+  rest and can drop it under memory pressure. Delete the folder after the checkpoint is written.
+  """
+
+  def __init__(self, folder: str):
+    self.folder = folder
+    os.makedirs(folder, exist_ok=True)
+    self._n = 0
+
+  def put(self, x: np.ndarray) -> np.ndarray:
+    """Writes `x` to a new file and returns a read-only memmap of it."""
+    path = os.path.join(self.folder, f"{self._n:06d}.bin")
+    self._n += 1
+    if x.size == 0:
+      return np.array(x)
+    m = np.memmap(path, dtype=x.dtype, mode="w+", shape=x.shape)
+    m[...] = x
+    m.flush()
+    del m
+    return np.memmap(path, dtype=x.dtype, mode="r", shape=x.shape)
+
+  def close(self) -> None:
+    """Removes the spill files."""
+    shutil.rmtree(self.folder, ignore_errors=True)
 
 
 @contextlib.contextmanager

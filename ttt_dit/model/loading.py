@@ -121,8 +121,8 @@ def load_dit_model(path: str, *, dtype: Any = None, param_dtype: Any = None,
       errors.add_shape(p, p, expected[p].shape, stored[p].shape)
   errors.raise_if_any()
   pdt = as_dtype(config.param_dtype)
-  values = {p: jnp.asarray(np.asarray(stored[p]), pdt) for p in expected}
-  params = jax.tree_util.tree_map_with_path(lambda kp, _: values[path_str(kp)], params)
+  # Pop each stored array as it is converted: at most one extra tensor is alive at a time.
+  params = jax.tree_util.tree_map_with_path(lambda kp, _: jnp.asarray(stored.pop(path_str(kp)), pdt), params)
   rest = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x, rest)
   return nnx.merge(graphdef, params, rest), config
 
