@@ -127,3 +127,21 @@ def test_local_attention_matches_official_loop(x64):
   np.testing.assert_allclose(np.asarray(b_t[:, :5]), r_t[:, :5], rtol=1e-12, atol=1e-12)
   np.testing.assert_allclose(np.asarray(b_v[:, :2 * 6]), r_v[:, :2 * 6], rtol=1e-12, atol=1e-12)
   assert not np.allclose(np.asarray(b_t[:, 5:]), r_t[:, 5:])
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked", "auto"])
+def test_attention_implementations_agree(impl):
+  from ttt_dit.model.dit import attention, attention_chunked, attention_reference
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(k1, (2, 37, 3, 16))
+  k = jax.random.normal(k2, (2, 29, 3, 16))
+  v = jax.random.normal(k3, (2, 29, 3, 16))
+  ref = attention_reference(q, k, v)
+  out = attention_chunked(q, k, v, q_chunk=8) if impl == "chunked" else attention(q, k, v, impl)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+  # The einsum reference itself against a float64 numpy softmax.
+  qn, kn, vn = (np.asarray(a, np.float64) for a in (q, k, v))
+  lg = np.einsum("bqhd,bkhd->bhqk", qn, kn) / 4.0
+  p = np.exp(lg - lg.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  np.testing.assert_allclose(np.asarray(ref), np.einsum("bhqk,bkhd->bqhd", p, vn), rtol=1e-5, atol=1e-5)

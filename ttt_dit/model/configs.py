@@ -78,7 +78,7 @@ def _base() -> ml_collections.ConfigDict:
   c.ttt_implementation = "xla"  # "xla" | "pallas"
   c.gating_alpha_init = 0.1
   c.scan_checkpoint_group_size = 16
-  c.attention_implementation = "xla"  # "xla" (jax.nn.dot_product_attention) | "cudnn" | "reference"
+  c.attention_implementation = "auto"  # "auto" | "cudnn" | "xla" | "chunked" | "reference" (dit.attention)
   # Remat knobs (official [remat] section). 0 = no layer-group remat.
   c.remat_layer_group_size = 0
   c.remat_attention = False
@@ -157,7 +157,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     raise ValueError(f"unknown eta_mode {c.eta_mode!r}")
   if c.ttt_implementation not in ("xla", "pallas"):
     raise ValueError(f"unknown ttt_implementation {c.ttt_implementation!r}")
-  if c.attention_implementation not in ("xla", "cudnn", "reference"):
+  if c.attention_implementation not in ("auto", "xla", "cudnn", "chunked", "reference"):
     raise ValueError(f"unknown attention_implementation {c.attention_implementation!r}")
   if c.model_dim % c.num_heads:
     raise ValueError(f"model_dim {c.model_dim} not divisible by num_heads {c.num_heads}")

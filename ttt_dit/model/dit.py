@@ -100,11 +100,42 @@ def attention_reference(q: Array, k: Array, v: Array) -> Array:
   return jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=acc).astype(q.dtype)
 
 
-def attention(q: Array, k: Array, v: Array, implementation: str = "xla") -> Array:
-  """Full non-causal attention over [B, L, H, d]; "reference" is the einsum form above."""
-  if implementation == "reference" or q.dtype == jnp.float64:
+def attention_chunked(q: Array, k: Array, v: Array, q_chunk: int = 1024) -> Array:
+  """Exact attention computed one (batch row, query chunk) at a time: logits [H, q_chunk, L_k] live at once.
+
+  The XLA fallback for long windows (a 5B window is ~18k tokens x 48 heads: full logits would be
+  ~60 GB per window). Queries are zero-padded to a multiple of `q_chunk`; padded rows are dropped.
+  """
+  B, Lq, H, d = q.shape
+  c = min(q_chunk, Lq)
+  pad = -Lq % c
+  qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, (Lq + pad) // c, c, H, d)
+
+  def one_row(args):  # q [NQ, c, H, d], k/v [Lk, H, d]
+    qr, kr, vr = args
+    return jax.lax.map(lambda qc: attention_reference(qc[None], kr[None], vr[None])[0], qr)  # [NQ, c, H, d]
+
+  out = jax.lax.map(one_row, (qp, k, v))  # [B, NQ, c, H, d]
+  return out.reshape(B, Lq + pad, H, d)[:, :Lq]
+
+
+def attention(q: Array, k: Array, v: Array, implementation: str = "auto") -> Array:
+  """Full non-causal attention over [B, L, H, d].
+
+  "reference": einsum softmax; "xla": jax.nn.dot_product_attention (full logits); "cudnn": fused flash
+  attention (GPU, bf16/fp16); "chunked": `attention_chunked`; "auto": cudnn on GPU for 16-bit inputs,
+  else xla for short sequences and chunked for long ones.
+  """
+  if q.dtype == jnp.float64 or implementation == "reference":
     return attention_reference(q, k, v)
-  return jax.nn.dot_product_attention(q, k, v, implementation=None if implementation == "xla" else implementation)
+  if implementation == "auto":
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+      implementation = "cudnn"
+    else:
+      implementation = "chunked" if q.shape[1] * k.shape[1] > 4096 * 4096 else "xla"
+  if implementation == "chunked":
+    return attention_chunked(q, k, v)
+  return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
 
 
 def _maybe_remat(flag: bool, fn: Callable) -> Callable:
