@@ -226,3 +226,27 @@ def test_bad_configs(snapshots, tmp_path):
     with open(path, "w") as f:
       json.dump(cfg, f)
     _expect_error(src, tmp_path, needle)
+
+
+def test_vae_and_text_encoder_are_delegated(snapshots, tmp_path, monkeypatch):
+  """vae/ and text_encoder/ (+ tokenizer/) go to the t5vae helpers' converters, inside the atomic output."""
+  import types
+  calls = []
+
+  def fake_vae(src, dst):
+    calls.append(("vae", os.path.basename(src)))
+    os.makedirs(dst)
+
+  def fake_t5(src, tok, dst):
+    calls.append(("t5", os.path.basename(src), os.path.basename(tok)))
+    os.makedirs(dst)
+
+  monkeypatch.setitem(sys.modules, "converters.cogvideox_vae", types.SimpleNamespace(convert_vae=fake_vae))
+  monkeypatch.setitem(sys.modules, "converters.t5", types.SimpleNamespace(convert_text_encoder=fake_t5))
+  src = str(tmp_path / "snap")
+  shutil.copytree(snapshots["single"], src)
+  for sub in ("vae", "text_encoder", "tokenizer"):
+    os.makedirs(os.path.join(src, sub))
+  dst = _convert(src, str(tmp_path / "out"), sequence_layer="none", dtype="float32")
+  assert sorted(calls) == [("t5", "text_encoder", "tokenizer"), ("vae", "vae")]
+  assert sorted(os.listdir(dst)) == ["text_encoder", "transformer", "vae"]
