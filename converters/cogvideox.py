@@ -174,7 +174,7 @@ def init_new_params(config: ml_collections.ConfigDict, seed: int, dtype: Any):
   for i in range(c.num_layers):
     rngs = nnx.Rngs(params=jax.random.fold_in(base, i))
     ssm = SSM(c.model_dim, c.num_heads, kind=c.sequence_layer, mini_batch_size=c.mini_batch_size,
-              ttt_base_lr=c.ttt_base_lr, rope_theta=c.rope_theta, post_norm_eps=c.layer_norm_eps,
+              ttt_base_lr=c.ttt_base_lr, rope_theta=c.rope_theta, post_norm_eps=c.ttt_post_norm_eps,
               ttt_ln_eps=c.ttt_ln_eps, eta_mode=c.eta_mode, param_dtype=as_dtype(c.param_dtype), rngs=rngs)
     for path, x in flat_paths(nnx.state(ssm, nnx.Param)).items():
       yield f"layers.{i}.seq_modeling_block.ssm.{path}", np.asarray(x).astype(np_dtype)

@@ -74,6 +74,7 @@ def _base() -> ml_collections.ConfigDict:
   c.ttt_base_lr = 0.1
   c.mini_batch_size = 64
   c.ttt_ln_eps = 1e-6           # inner-loop LN eps: 1e-6 kernels (official runs), 1e-8 PyTorch fallback
+  c.ttt_post_norm_eps = 1e-6    # TTT post_norm: hard-coded 1e-6 in the official TTTBase (not layer_norm_eps)
   c.eta_mode = "official"       # "official" (kernel last-row eta after permutation) | "per_token"
   c.ttt_implementation = "xla"  # "xla" | "pallas"
   c.gating_alpha_init = 0.1

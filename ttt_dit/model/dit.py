@@ -215,7 +215,7 @@ class SeqModelingBlock(nnx.Module):
     if c.sequence_layer != "none":
       from ttt_dit.ttt.layer import SSM, Gate
       self.ssm = SSM(D, H, kind=c.sequence_layer, mini_batch_size=c.mini_batch_size,
-                     ttt_base_lr=c.ttt_base_lr, rope_theta=c.rope_theta, post_norm_eps=c.layer_norm_eps,
+                     ttt_base_lr=c.ttt_base_lr, rope_theta=c.rope_theta, post_norm_eps=c.ttt_post_norm_eps,
                      ttt_ln_eps=c.ttt_ln_eps, eta_mode=c.eta_mode,
                      scan_checkpoint_group_size=c.scan_checkpoint_group_size,
                      implementation=c.ttt_implementation, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
