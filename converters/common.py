@@ -263,6 +263,19 @@ class Rule:
     m = re.fullmatch(self.pattern, key)
     return None if m is None else self.target.format(**m.groupdict())
 
+  def source_for(self, target: str) -> str | None:
+    """Inverse of `match` for simple patterns (named groups, escaped dots): the source key of `target`."""
+    target_re = re.escape(self.target)
+    target_re = re.sub(r"\\\{(\w+)\\\}|\{(\w+)\}", lambda m: f"(?P<{m.group(1) or m.group(2)}>[^.]+)", target_re)
+    m = re.fullmatch(target_re, target)
+    if m is None:
+      return None
+    template = re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", self.pattern).replace("\\.", ".")
+    if re.search(r"[\\()\[\]*+?|^$]", template):
+      return None
+    source = template.format(**m.groupdict())
+    return source if self.match(source) == target else None
+
 
 def map_key(key: str, rules: Sequence[Rule]) -> tuple[str, str] | None:
   """(target path, transform) of the first rule matching `key`, or None."""
@@ -312,7 +325,8 @@ def plan_conversion(snapshot: SafetensorsSnapshot, rules: Sequence[Rule], expect
     filled[target] = key
     items[key] = (target, transform)
   for target in sorted(set(expected) - set(filled)):
-    errors.add_missing(target)
+    sources = [src for src in (r.source_for(target) for r in rules) if src]
+    errors.add_missing(target, sources[0] if sources else "")
   if own:
     errors.raise_if_any()
   return Plan(items)

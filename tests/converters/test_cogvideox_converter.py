@@ -184,7 +184,7 @@ def test_bad_renamed_and_missing_and_shape(snapshots, tmp_path):
 
   src = _mutated_snapshot(snapshots["single"], str(tmp_path / "bad"), mutate)
   msg = _expect_error(src, tmp_path, r"transformer_blocks\.0\.attn1\.to_qq\.weight",
-                      r"layers\.0\.seq_modeling_block\.q\.kernel",
+                      r"layers\.0\.seq_modeling_block\.q\.kernel \(expected source transformer_blocks\.0\.attn1\.to_q\.weight\)",
                       r"proj_out\.weight -> final_layer\.linear\.kernel: expected \(64, 64\), got \(32, 64\)",
                       r"norm_final\.bias -> transformer_norm\.bias: expected \(64,\), got \(65,\)")
   # The whole missing layer 1 is listed, tensor by tensor (24 tensors of block 1).

@@ -73,7 +73,7 @@ def test_all_problems_in_one_error(tmp_path):
   with pytest.raises(ValueError) as e:
     common.plan_conversion(common.SafetensorsSnapshot(str(tmp_path / "s")), RULES, EXPECTED)
   msg = str(e.value)
-  for needle in ("2 unknown tensors", "blocks.0.lin.wieght", "extra", "1 missing tensors", "layers.0.lin.kernel",
+  for needle in ("2 unknown tensors", "blocks.0.lin.wieght", "extra", "1 missing tensors", "layers.0.lin.kernel (expected source blocks.0.lin.weight)",
                  "blocks.1.lin.bias -> layers.1.lin.bias: expected (2,), got (3,)"):
     assert needle in msg, msg
   # Ignorable keys are dropped silently.
