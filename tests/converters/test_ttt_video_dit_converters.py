@@ -180,7 +180,7 @@ def test_converted_dcp_bf16_round_trip_and_forward(tmp_path):
   from ttt_dit.model.dit import patchify
   w = sd["dit.patch_embedding.vid_proj.weight"].double()
   b = sd["dit.patch_embedding.vid_proj.bias"].double()
-  frame = torch.randn(1, C, 4, 6, dtype=torch.float64)  # [1, C, H, W]
+  frame = torch.randn(1, C, 4, 6).double()  # [1, C, H, W], float32-exact values (patchify runs in float32)
   conv = F.conv2d(frame, w, b, stride=P)  # [1, D, h, w]
   conv = conv.permute(0, 2, 3, 1).reshape(-1, D).numpy()  # [h*w, D]
   patches = np.asarray(patchify(frame.permute(0, 2, 3, 1)[:, None].numpy(), P))[0]  # [h*w, C*p*p]
@@ -189,16 +189,18 @@ def test_converted_dcp_bf16_round_trip_and_forward(tmp_path):
   np.testing.assert_allclose(patches @ kernel + bias, conv, rtol=1e-10, atol=1e-10)
 
   # Forward pass runs (float32), and perturbing a TTT tensor in the official checkpoint changes the output.
-  sd32 = {k: v.float() for k, v in sd.items()}
+  # Gates at 1 (tanh(1) = 0.76) so that the TTT branch carries a visible share of the residual stream.
+  sd32 = {k: (torch.ones_like(v) if k.endswith("gating_alpha") else v).float() for k, v in sd.items()}
   st.save_file(sd32, str(tmp_path / "a.safetensors"))
   sd32b = dict(sd32)
-  sd32b["dit.layers.1.seq_modeling_block.ssm.ttt.W1"] = sd32["dit.layers.1.seq_modeling_block.ssm.ttt.W1"] + 0.5
+  w1 = "dit.layers.1.seq_modeling_block.ssm.ttt.W1"
+  sd32b[w1] = sd32[w1] + torch.randn(sd32[w1].shape, generator=torch.Generator().manual_seed(5))
   st.save_file(sd32b, str(tmp_path / "b.safetensors"))
   ttt_video_dit.convert(str(tmp_path / "a.safetensors"), str(tmp_path / "ca"), spill_to_disk=False)
   ttt_video_dit.convert(str(tmp_path / "b.safetensors"), str(tmp_path / "cb"), spill_to_disk=False)
   ya, yb = run_converted(str(tmp_path / "ca")), run_converted(str(tmp_path / "cb"))
   assert ya.shape == (1, 3, 4, 6, C) and np.isfinite(ya).all()
-  assert np.abs(ya - yb).max() > 1e-4
+  assert np.abs(ya - yb).max() > 1e-3 * np.abs(ya).max(), np.abs(ya - yb).max()
 
 
 def _convert_error(tmp_path, sd, name="bad") -> str:
