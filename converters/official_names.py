@@ -180,19 +180,28 @@ def infer_architecture(shapes: Mapping[str, Shape], where: str = "checkpoint") -
   text = _need(shapes, "patch_embedding.text_proj.weight", 2, problems)  # [D, Dt]
   time0 = _need(shapes, "time_embed.0.weight", 2, problems)              # [E, D]
   final = _need(shapes, "final_layer.linear.weight", 2, problems)        # [p*p*C_out, D]
-  first = f"layers.{layer_ids[0] if layer_ids else 0}."
-  qn = _need(shapes, first + "seq_modeling_block.q_norm.weight", 1, problems)  # [d]
-  mlp1 = _need(shapes, first + "mlp.layer1.weight", 2, problems)               # [r*D, D]
-  ttt = PREFIX + first + "seq_modeling_block.ssm.ttt."
-  if any(k.startswith(ttt) for k in shapes):
-    w1 = shapes.get(ttt + "W1")
-    sequence_layer = "ttt_mlp" if (ttt + "W2") in shapes else "ttt_linear"
+  # Per-layer facts come from the first layer that has the tensor, so that one bad layer is reported by the
+  # planner (with every other problem) rather than stopping inference.
+  def first_layer_with(suffix: str) -> str:
+    for i in layer_ids:
+      if f"{PREFIX}layers.{i}.{suffix}" in shapes:
+        return f"layers.{i}.{suffix}"
+    return f"layers.{{i}}.{suffix}"
+  qn = _need(shapes, first_layer_with("seq_modeling_block.q_norm.weight"), 1, problems)  # [d]
+  mlp1_name = first_layer_with("mlp.layer1.weight")
+  mlp1 = _need(shapes, mlp1_name, 2, problems)                                          # [r*D, D]
+  ttt_re = re.compile(re.escape(PREFIX) + r"layers\.\d+\.seq_modeling_block\.ssm\.ttt\.(\w+)$")
+  ttt_leaves = {m.group(1) for k in shapes if (m := ttt_re.match(k))}
+  if any(".seq_modeling_block.ssm." in k for k in shapes):
+    sequence_layer = "ttt_mlp" if "W2" in ttt_leaves else "ttt_linear"
+    w1_name = first_layer_with("seq_modeling_block.ssm.ttt.W1")
+    w1 = shapes.get(PREFIX + w1_name)
     if w1 is None or len(w1) != 3:
-      problems.append(f"{ttt}W1: missing or not 3-d ({w1}); cannot tell TTT-MLP from TTT-Linear")
+      problems.append(f"{PREFIX}{w1_name}: missing or not 3-d ({w1}); cannot tell TTT-MLP from TTT-Linear")
     elif sequence_layer == "ttt_mlp" and w1[2] != 4 * w1[1]:
-      problems.append(f"{ttt}W1: TTT-MLP expects [H, d, 4d], got {tuple(w1)}")
+      problems.append(f"{PREFIX}{w1_name}: TTT-MLP expects [H, d, 4d], got {tuple(w1)}")
     elif sequence_layer == "ttt_linear" and w1[2] != w1[1]:
-      problems.append(f"{ttt}W1: TTT-Linear expects [H, d, d], got {tuple(w1)}")
+      problems.append(f"{PREFIX}{w1_name}: TTT-Linear expects [H, d, d], got {tuple(w1)}")
   else:
     sequence_layer = "none"
   if problems:
@@ -201,7 +210,7 @@ def infer_architecture(shapes: Mapping[str, Shape], where: str = "checkpoint") -
   if patch != patch_w:
     problems.append(f"{PREFIX}patch_embedding.vid_proj.weight: non-square patch {vid}")
   for name, shape, dim in (("patch_embedding.text_proj.weight", text, 0), ("time_embed.0.weight", time0, 1),
-                           ("final_layer.linear.weight", final, 1), (first + "mlp.layer1.weight", mlp1, 1)):
+                           ("final_layer.linear.weight", final, 1), (mlp1_name, mlp1, 1)):
     if shape[dim] != model_dim:
       problems.append(f"{PREFIX}{name}: dim {dim} is {shape[dim]}, but the model width (vid_proj) is {model_dim}")
   head_dim = qn[0]
@@ -210,7 +219,7 @@ def infer_architecture(shapes: Mapping[str, Shape], where: str = "checkpoint") -
   if final[0] % (patch * patch):
     problems.append(f"{PREFIX}final_layer.linear.weight: {final[0]} outputs is not a multiple of patch^2 {patch * patch}")
   if mlp1[0] % model_dim:
-    problems.append(f"{PREFIX}{first}mlp.layer1.weight: hidden {mlp1[0]} is not a multiple of width {model_dim}")
+    problems.append(f"{PREFIX}{mlp1_name}: hidden {mlp1[0]} is not a multiple of width {model_dim}")
   if problems:
     raise ValueError(f"{where}: cannot infer the architecture:\n" + "\n".join(f"  - {p}" for p in problems))
   return Architecture(num_layers=len(layer_ids), model_dim=model_dim, num_heads=model_dim // head_dim,
