@@ -1,0 +1,163 @@
+"""`ttt_mlp_pallas`: the Mosaic GPU forward kernel wrapped in a `jax.custom_vjp`.
+
+Forward: `kernel_mgpu.build_forward` (state on chip, checkpoints every G mini-batches).
+Backward: for each checkpoint group, in reverse, the XLA dual-form scan (`ttt_dit.ttt.inner_loop`)
+is restarted from the kernel's checkpoint and differentiated with `jax.vjp`; the state cotangent is
+carried from group to group. (No Pallas backward kernel yet.) Unsupported shapes/platforms fall back
+to the XLA scan with one log line.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from pallas_kernels.ttt_mlp import kernel_mgpu
+from ttt_dit.ttt import inner_loop
+
+Array = jax.Array
+
+
+def kernel_supported(XQ: Array, W1: Array, *, interpret: bool = False) -> str | None:
+  """None if the kernel handles these shapes on this backend, else the reason it does not."""
+  B, H, NC, CS, F = XQ.shape
+  if (CS, F, W1.shape[-1]) != (kernel_mgpu.CS, kernel_mgpu.F, 4 * kernel_mgpu.F):
+    return f"shape CS={CS}, F={F}, hidden={W1.shape[-1]} (kernel: 64, 64, 256)"
+  if interpret:
+    return None
+  dev = jax.devices()[0]
+  if dev.platform != "gpu" or getattr(dev, "compute_capability", "") not in ("9.0",):
+    return f"device {dev.platform}/{getattr(dev, 'device_kind', '?')} is not a Hopper GPU"
+  return None
+
+
+def _to_kernel_state(W1, b1, W2, b2, B):
+  """[H, ...] float state -> kernel layout, tiled over B: (w1h, w1l, b1, w2h, w2l, b2), [BH, ...]."""
+  H, F, Fh = W1.shape
+  nh = Fh // 64
+  w1 = W1.astype(jnp.float32).reshape(H, F, nh, 64).transpose(0, 2, 1, 3)  # [H, 4, F, 64]
+  w2 = W2.astype(jnp.float32).reshape(H, nh, 64, F)  # [H, 4, 64, F]
+  split = lambda w: (w.astype(jnp.bfloat16), (w - w.astype(jnp.bfloat16).astype(jnp.float32))
+                     .astype(jnp.bfloat16))
+  w1h, w1l = split(w1)
+  w2h, w2l = split(w2)
+  b1k = b1.astype(jnp.float32).reshape(H, nh, 64)
+  b2k = b2.astype(jnp.float32).reshape(H, F)
+  tile = lambda a: jnp.broadcast_to(a[None], (B,) + a.shape).reshape((B * H,) + a.shape[1:])
+  return tuple(tile(a) for a in (w1h, w1l, b1k, w2h, w2l, b2k))
+
+
+def _from_kernel_ckpts(ck, B, H):
+  """Kernel checkpoints [BH, NG, ...] -> float32 state [NG, B, H, ...] in the scan's layout."""
+  w1h, w1l, b1, w2h, w2l, b2 = ck
+  BH, NG, nh = w1h.shape[:3]
+  f32 = lambda h, l: h.astype(jnp.float32) + l.astype(jnp.float32)
+  w1 = f32(w1h, w1l).transpose(0, 1, 3, 2, 4).reshape(B, H, NG, 64, nh * 64)  # [B,H,NG,F,4F]
+  w2 = f32(w2h, w2l).reshape(B, H, NG, nh * 64, 64)
+  b1 = b1.reshape(B, H, NG, 1, nh * 64)
+  b2 = b2.reshape(B, H, NG, 1, 64)
+  return tuple(jnp.moveaxis(a, 2, 0) for a in (w1, b1, w2, b2))
+
+
+def _forward(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, group, ln_eps, interpret):
+  """Runs the kernel: ([B, H, NC, CS, F] out in XQ's dtype, checkpoint states [NG, B, H, ...])."""
+  B, H, NC, CS, F = XQ.shape
+  bf = lambda a: a.astype(jnp.bfloat16).reshape(B * H, NC, CS, F)
+  st = _to_kernel_state(W1, b1, W2, b2, B)
+  gb = lambda a: jnp.broadcast_to(a.astype(jnp.float32)[None], (B, H, F)).reshape(B * H, F)
+  fn = kernel_mgpu.build_forward(
+      B * H, NC, group, float(ln_eps),
+      interpret=jax.experimental.pallas.mosaic_gpu.InterpretGPUParams() if interpret else None)
+  res = fn(bf(XQ), bf(XK), bf(XV), eta.astype(jnp.float32).reshape(B * H, NC, CS),
+           gb(ln_weight), gb(ln_bias), *st)
+  out = res[0].reshape(B, H, NC, CS, F).astype(XQ.dtype)
+  return out, _from_kernel_ckpts(res[1:], B, H)
+
+
+def _group_scan(state, xs, gamma, beta, ln_eps):
+  """XLA dual-form scan over one group: state [B,H,...], xs leaves [G, B, H, ...]."""
+  def step(carry, x):
+    q, k, v, e = x
+    return inner_loop._mlp_step(carry, (q, k, v, e, gamma, beta), ln_eps=ln_eps,
+                                diagnostics=False)
+  return jax.lax.scan(step, state, xs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12))
+def _ttt_mlp_kernel(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, group, ln_eps, interpret):
+  return _forward(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, group=group,
+                  ln_eps=ln_eps, interpret=interpret)[0]
+
+
+def _fwd(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, group, ln_eps, interpret):
+  out, ckpts = _forward(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, group=group,
+                        ln_eps=ln_eps, interpret=interpret)
+  return out, (XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, ckpts)
+
+
+def _bwd(group, ln_eps, interpret, res, dout):
+  """Reverse over checkpoint groups: restart the XLA scan from each checkpoint and `jax.vjp` it."""
+  del interpret
+  XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, ckpts = res
+  B, H, NC, CS, F = XQ.shape
+  NG = ckpts[0].shape[0]
+  pad = NG * group - NC
+  f32 = jnp.float32
+
+  def groups(a):  # [B, H, NC, ...] -> [NG, G, B, H, ...], padded with zeros (eta = 0: no-op steps)
+    a = a.astype(f32)
+    a = jnp.pad(a, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 3))
+    a = a.reshape((B, H, NG, group) + a.shape[3:])
+    return jnp.moveaxis(jnp.moveaxis(a, 2, 0), 3, 1)
+
+  xs = tuple(groups(a) for a in (XQ, XK, XV, eta))
+  dys = groups(dout)
+  gamma = ln_weight.astype(f32)[:, None, :]
+  beta = ln_bias.astype(f32)[:, None, :]
+
+  def body(carry, inp):
+    dstate, dgamma, dbeta = carry
+    state_g, xs_g, dy_g = inp
+    _, vjp = jax.vjp(lambda s, x, g, b: _group_scan(s, x, g, b, ln_eps), state_g, xs_g, gamma, beta)
+    ds, dx, dg, db = vjp((dstate, dy_g))
+    return (ds, dgamma + dg, dbeta + db), dx
+
+  zeros_state = tuple(jnp.zeros_like(s[0]) for s in ckpts)
+  (dstate0, dgamma, dbeta), dxs = jax.lax.scan(
+      body, (zeros_state, jnp.zeros_like(gamma), jnp.zeros_like(beta)), (ckpts, xs, dys),
+      reverse=True)
+
+  def ungroup(a, like):  # [NG, G, B, H, ...] -> [B, H, NC, ...]
+    a = jnp.moveaxis(jnp.moveaxis(a, 1, 3), 0, 2)
+    a = a.reshape((B, H, NG * group) + a.shape[4:])[:, :, :NC]
+    return a.astype(like.dtype)
+
+  dq, dk, dv, de = (ungroup(d, x) for d, x in zip(dxs, (XQ, XK, XV, eta)))
+  dW1, db1, dW2, db2 = (jnp.sum(d, axis=0).astype(w.dtype)
+                        for d, w in zip(dstate0, (W1, b1, W2, b2)))
+  return (dq, dk, dv, de, dgamma[:, 0].astype(ln_weight.dtype), dbeta[:, 0].astype(ln_bias.dtype),
+          dW1, db1, dW2, db2)
+
+
+_ttt_mlp_kernel.defvjp(_fwd, _bwd)
+
+
+def ttt_mlp_pallas(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *,
+                   checkpoint_group_size: int = 16, ln_eps: float = 1e-6, interpret: bool = False):
+  """TTT-MLP with the fused forward kernel; same contract as `ttt_dit.ttt.inner_loop.ttt_mlp`.
+
+  Returns [B, H, NC, CS, F] in XQ's dtype. `interpret=True` runs the kernel in Mosaic GPU interpret
+  mode (CPU tests). Unsupported shapes or devices log one line and use the XLA scan.
+  """
+  why = kernel_supported(XQ, W1, interpret=interpret)
+  if why is not None:
+    logging.info("ttt_mlp_pallas: falling back to the XLA scan: %s", why)
+    return inner_loop.ttt_mlp(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2,
+                              checkpoint_group_size=checkpoint_group_size, ln_eps=ln_eps,
+                              implementation="xla")
+  group = max(1, min(int(checkpoint_group_size), XQ.shape[2]))
+  return _ttt_mlp_kernel(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, group,
+                         float(ln_eps), bool(interpret))
