@@ -128,7 +128,7 @@ def rules(prefix: str = PREFIX) -> tuple[Rule, ...]:
         out.append(Rule(pattern.replace(f"(?P<t>{CHOICES['t']})", re.escape(idx)),
                         rule.flax.replace("{t}", attr), rule.transform))
     else:
-      out.append(Rule(pattern, rule.flax.replace("{i}", "{i}"), rule.transform))
+      out.append(Rule(pattern, rule.flax, rule.transform))
   return tuple(out)
 
 

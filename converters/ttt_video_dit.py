@@ -73,8 +73,9 @@ class TorchSaveSource:
       raise ValueError(f"{path}: cannot read torch.save file: {e}") from e
     if not isinstance(obj, Mapping):
       raise ValueError(f"{path}: expected a (nested) dict of tensors, got {type(obj).__name__}")
-    self._tensors = {k: v for k, v in _flatten_nested(obj).items() if isinstance(v, torch.Tensor)}
-    self.non_tensors = sorted(k for k, v in _flatten_nested(obj).items() if not isinstance(v, torch.Tensor))
+    leaves = _flatten_nested(obj)
+    self._tensors = {k: v for k, v in leaves.items() if isinstance(v, torch.Tensor)}
+    self.non_tensors = sorted(k for k, v in leaves.items() if not isinstance(v, torch.Tensor))
 
   def keys(self) -> list[str]:
     return sorted(self._tensors)
@@ -152,7 +153,7 @@ def official_view(source: Any) -> RenamedSource:
     names = {k[len("model."):]: k for k in keys if k.startswith("model.")}
     names.update({k: k for k in bad})  # reported as unknown by the planner
     return RenamedSource(source, names)
-  if not any(k.startswith(PREFIX) for k in keys) and f"transformer_norm.weight" in keys:
+  if not any(k.startswith(PREFIX) for k in keys) and "transformer_norm.weight" in keys:
     return RenamedSource(source, {PREFIX + k: k for k in keys})  # a bare `model.dit.state_dict()`
   return RenamedSource(source, {k: k for k in keys})
 

@@ -113,7 +113,7 @@ def run_converted(dst: str) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["ttt_mlp", "ttt_linear"])
+@pytest.mark.parametrize("kind", ["ttt_mlp", "ttt_linear", "none"])
 def test_table_and_inference(kind):
   """Every model parameter has an official name that maps back; the architecture is inferred from shapes."""
   arch = official_names.infer_architecture(official_shapes(kind))
