@@ -68,7 +68,12 @@ class TorchSaveSource:
     import torch
     self.path = path
     try:
-      obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+      try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+      except RuntimeError as e:  # legacy (non-zip) torch.save files cannot be memory-mapped
+        if "mmap" not in str(e):
+          raise
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError / UnpicklingError / EOFError for bad files.
       raise ValueError(f"{path}: cannot read torch.save file: {e}") from e
     if not isinstance(obj, Mapping):
@@ -105,6 +110,27 @@ class DCPSource:
       raise ValueError(f"{path}: cannot read DCP metadata: {e}") from e
     self._meta = {k: v for k, v in meta.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
     self.non_tensors = sorted(k for k in meta.state_dict_metadata if k not in self._meta)
+    self._check_storage(meta.storage_data)
+    self._reader = FileSystemReader(path)
+
+  def _check_storage(self, storage_data: Mapping[Any, Any]) -> None:
+    """Refuses missing or truncated `.distcp` files, naming every tensor whose bytes are not all there."""
+    sizes: dict[str, int] = {}
+    bad: dict[str, str] = {}
+    for index, info in storage_data.items():
+      file = getattr(info, "relative_path", None)
+      if file is None:
+        continue
+      if file not in sizes:
+        full = os.path.join(self.path, file)
+        sizes[file] = os.path.getsize(full) if os.path.isfile(full) else -1
+      if sizes[file] < 0:
+        bad[index.fqn] = f"{file} is missing"
+      elif info.offset + info.length > sizes[file]:
+        bad[index.fqn] = f"bytes {info.offset}..{info.offset + info.length} beyond the end of {file} ({sizes[file]} bytes)"
+    if bad:
+      raise ValueError(f"{self.path}: truncated or incomplete DCP checkpoint: {len(bad)} tensor(s) unreadable:\n"
+                       + "\n".join(f"  - {k}: {why}" for k, why in sorted(bad.items())))
 
   def keys(self) -> list[str]:
     return sorted(self._meta)
@@ -115,11 +141,10 @@ class DCPSource:
   def get(self, key: str) -> np.ndarray:
     import torch
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
     m = self._meta[key]
     t = torch.empty(tuple(m.size), dtype=m.properties.dtype)
     try:
-      dcp.load({key: t}, storage_reader=FileSystemReader(self.path), no_dist=True)
+      dcp.load({key: t}, storage_reader=self._reader, no_dist=True)
     except Exception as e:  # missing / truncated shard files
       raise ValueError(f"{self.path}: cannot read tensor {key}: {e}") from e
     return torch_to_numpy(t)

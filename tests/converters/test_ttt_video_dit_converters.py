@@ -236,7 +236,7 @@ def test_bad_checkpoints_name_every_tensor(tmp_path):
 
 
 def test_truncated_and_garbage_files(tmp_path):
-  """A truncated safetensors file names the tensors cut off; an unreadable .pt and an unknown format are refused."""
+  """Truncated safetensors / DCP files name every tensor cut off; an unreadable .pt and an unknown format are refused."""
   sd = random_state_dict("ttt_linear")
   src = str(tmp_path / "full.safetensors")
   st.save_file(sd, src)
@@ -246,6 +246,15 @@ def test_truncated_and_garbage_files(tmp_path):
   with pytest.raises(ValueError, match="truncated") as e:
     ttt_video_dit.convert(str(tmp_path / "cut.safetensors"), str(tmp_path / "o1"))
   assert "dit.transformer_norm.weight" in str(e.value)  # the last tensors of the file are named
+  import torch.distributed.checkpoint as dcp
+  dcp.save(sd, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
+  (distcp,) = [f for f in os.listdir(tmp_path / "dcp") if f.endswith(".distcp")]
+  data = (tmp_path / "dcp" / distcp).read_bytes()
+  (tmp_path / "dcp" / distcp).write_bytes(data[:len(data) // 2])
+  with pytest.raises(ValueError, match="truncated or incomplete DCP") as e:
+    ttt_video_dit.convert(str(tmp_path / "dcp"), str(tmp_path / "o4"))
+  names = [line for line in str(e.value).splitlines() if line.startswith("  - dit.")]
+  assert 10 < len(names) < len(sd)  # every tensor in the cut-off half is named, and only those
   (tmp_path / "junk.pt").write_bytes(b"not a pickle")
   with pytest.raises(ValueError, match="junk.pt"):
     ttt_video_dit.convert(str(tmp_path / "junk.pt"), str(tmp_path / "o2"))
