@@ -127,21 +127,21 @@ def build_forward(BH: int, NC: int, group: int, ln_eps: float, interpret=None):
       for i in range(4):
         plgpu.barrier_wait(bars.at[i])
 
-      eta_c = plgpu.load(eta_s, (), layout=red1)  # [64] over rows j
-      gam = plgpu.load(gam_s, (), layout=red0)  # [64] over columns f
-      bet = plgpu.load(bet_s, (), layout=red0)
+      eta_c = plgpu.load(eta_s, layout=red1)  # [64] over rows j
+      gam = plgpu.load(gam_s, layout=red0)  # [64] over columns f
+      bet = plgpu.load(bet_s, layout=red0)
       kf = k_s[...].astype(f32)
       ek_s[...] = (-_col_bcast(eta_c, shp) * kf).astype(bf16)  # -diag(eta) K
 
       # ---- (1)-(3): Z2 = gelu(K W1 + b1) W2 + b2
       z2 = None
       for c in range(NH):  # ex2_s is free outside the update phase: the gelu tile goes there
-        b1c = plgpu.load(b1_s.at[c], (), layout=red0)
+        b1c = plgpu.load(b1_s.at[c], layout=red0)
         z1 = mm(k_s, w1h.at[c]) + _row_bcast(b1c, shp)
         ex2_s[...] = _gelu(z1).astype(bf16)
         plgpu.commit_smem()
         z2 = mm(ex2_s, w2h.at[c], z2)
-      b2v = plgpu.load(b2_s, (), layout=red0)
+      b2v = plgpu.load(b2_s, layout=red0)
       z2 = z2 + _row_bcast(b2v, shp)
       # ---- (4)-(6): fused LayerNorm + L2 backward
       target = v_s[...].astype(f32) - kf
@@ -156,7 +156,7 @@ def build_forward(BH: int, NC: int, group: int, ln_eps: float, interpret=None):
       # ---- (7)-(8) per hidden chunk: G1 = (G2 W2^T) * gelu'(Z1) with the old W2 (Z1, X2
       # recomputed), then the float32 state update through the (hi, lo) pair.
       for c in range(NH):
-        b1c = plgpu.load(b1_s.at[c], (), layout=red0)
+        b1c = plgpu.load(b1_s.at[c], layout=red0)
         z1 = mm(k_s, w1h.at[c]) + _row_bcast(b1c, shp)
         x2, gp = _gelu_and_grad(z1)
         g1 = mm(g2_s, w2h.at[c].T) * gp
@@ -179,12 +179,12 @@ def build_forward(BH: int, NC: int, group: int, ln_eps: float, interpret=None):
       # ---- (9)-(10): apply the new state to the queries
       z2b = None
       for c in range(NH):  # ex2_s is free outside the update phase: the gelu tile goes there
-        b1c = plgpu.load(b1_s.at[c], (), layout=red0)
+        b1c = plgpu.load(b1_s.at[c], layout=red0)
         z1b = mm(q_s, w1h.at[c]) + _row_bcast(b1c, shp)
         ex2_s[...] = _gelu(z1b).astype(bf16)
         plgpu.commit_smem()
         z2b = mm(ex2_s, w2h.at[c], z2b)
-      z2b = z2b + _row_bcast(plgpu.load(b2_s, (), layout=red0), shp)
+      z2b = z2b + _row_bcast(plgpu.load(b2_s, layout=red0), shp)
       xhb, _ = _ln_stats(z2b, ln_eps)
       out = q_s[...].astype(f32) + _row_bcast(gam, shp) * xhb + _row_bcast(bet, shp)
       q_s[...] = out.astype(bf16)  # q_s doubles as the output tile

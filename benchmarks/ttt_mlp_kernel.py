@@ -1,0 +1,122 @@
+"""Benchmark + GPU correctness check: TTT-MLP "xla" scan vs the Pallas Mosaic GPU kernel.
+
+B=1, H=48, F=CS=64, hidden 256, NC in {282, 1000, 2750, 5500}; fresh random inputs per NC,
+L2-normalised Q/K, eta ~1e-5 per token. Prints one table row per (NC, impl) and writes JSON to
+--out (if given). Tolerances: outputs rel L2 < 1e-2, gradients < 2e-2 vs the float32 XLA scan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.ttt_mlp import ttt_mlp_pallas
+from ttt_dit.ttt import inner_loop
+
+
+def make_inputs(key, B, H, NC, CS=64, F=64):
+  """Random inputs shaped as the TTT layer makes them (bf16 Q/K/V, L2-normalised Q/K)."""
+  ks = jax.random.split(key, 10)
+  n = lambda k, s: jax.random.normal(k, s, jnp.float32)
+  l2 = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+  XQ = l2(n(ks[0], (B, H, NC, CS, F))).astype(jnp.bfloat16)
+  XK = l2(n(ks[1], (B, H, NC, CS, F))).astype(jnp.bfloat16)
+  XV = l2(n(ks[2], (B, H, NC, CS, F))).astype(jnp.bfloat16)
+  eta = 1e-5 * jax.random.uniform(ks[3], (B, H, NC, CS), minval=0.5, maxval=1.5)
+  lw = 1.0 + 0.1 * n(ks[4], (H, F))
+  lb = 0.1 * n(ks[5], (H, F))
+  W1 = 0.02 * n(ks[6], (H, F, 4 * F))
+  b1 = jnp.zeros((H, 1, 4 * F))
+  W2 = 0.02 * n(ks[7], (H, 4 * F, F))
+  b2 = jnp.zeros((H, 1, F))
+  return (XQ, XK, XV, eta, lw, lb, W1, b1, W2, b2)
+
+
+def rel(a, b):
+  a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+  return float(jnp.linalg.norm((a - b).ravel()) / jnp.linalg.norm(b.ravel()))
+
+
+def median_ms(fn, args, reps):
+  jax.block_until_ready(fn(*args))  # compile + warm up
+  ts = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    ts.append((time.perf_counter() - t) * 1e3)
+  return statistics.median(ts)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser()
+  p.add_argument("--nc", default="282,1000,2750,5500")
+  p.add_argument("--heads", type=int, default=48)
+  p.add_argument("--reps", type=int, default=5)
+  p.add_argument("--group", type=int, default=16)
+  p.add_argument("--grad_nc", default="282", help="NCs at which gradients are checked/timed")
+  p.add_argument("--impls", default="xla,pallas")
+  p.add_argument("--out", default="")
+  a = p.parse_args(argv)
+  dev = jax.devices()[0]
+  print("device:", dev.device_kind, "jax", jax.__version__, flush=True)
+  G = a.group
+  f32 = lambda xs: tuple(x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x for x in xs)
+  impl_fns = {
+      "xla": jax.jit(lambda *x: inner_loop.ttt_mlp(*x, checkpoint_group_size=G)),
+      "pallas": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G)),
+  }
+
+  def loss_fn(impl):
+    def f(args, cot):
+      return jnp.sum(impl(*args).astype(jnp.float32) * cot)
+    return jax.jit(jax.value_and_grad(f))
+
+  rows = []
+  grad_ncs = {int(x) for x in a.grad_nc.split(",") if x}
+  for i, NC in enumerate(int(x) for x in a.nc.split(",")):
+    args = make_inputs(jax.random.PRNGKey(1000 + i), 1, a.heads, NC)
+    ref = jax.jit(lambda *x: inner_loop.ttt_mlp(*x, checkpoint_group_size=G))(*f32(args))
+    flops = inner_loop.ttt_mlp_flops(1, a.heads, NC)
+    cot = jax.random.normal(jax.random.PRNGKey(7 + i), ref.shape, jnp.float32)
+    gref = None
+    if NC in grad_ncs:
+      gref = loss_fn(impl_fns["xla"])(f32(args), cot)[1]
+    for name in a.impls.split(","):
+      fn = impl_fns[name]
+      out = fn(*args)
+      row = dict(NC=NC, impl=name, device=dev.device_kind,
+                 out_rel=rel(out.astype(jnp.float32) - args[0].astype(jnp.float32),
+                             ref - args[0].astype(jnp.float32)),
+                 out_rel_full=rel(out, ref), finite=bool(jnp.isfinite(out.astype(jnp.float32)).all()))
+      row["fwd_ms"] = median_ms(fn, args, a.reps)
+      row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
+      if NC in grad_ncs:
+        lf = loss_fn(fn)
+        _, g = lf(args, cot)
+        names = ("XQ", "XK", "XV", "eta", "ln_w", "ln_b", "W1", "b1", "W2", "b2")
+        row["grad_rel"] = {k: rel(x, y) for k, x, y in zip(names, g, gref)}
+        row["fwdbwd_ms"] = median_ms(lf, (args, cot), max(2, a.reps // 2))
+      try:
+        row["peak_gib"] = dev.memory_stats()["peak_bytes_in_use"] / 2**30
+      except Exception:  # noqa: BLE001 (CPU has no memory stats)
+        row["peak_gib"] = None
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+  print("\nNC    impl    fwd_ms   TFLOP/s  fwd+bwd_ms  out_rel  max_grad_rel")
+  for r in rows:
+    mg = max(r["grad_rel"].values()) if "grad_rel" in r else float("nan")
+    print(f"{r['NC']:5d} {r['impl']:7s} {r['fwd_ms']:8.2f} {r['fwd_tflops']:8.3f} "
+          f"{r.get('fwdbwd_ms', float('nan')):10.1f} {r['out_rel']:.2e} {mg:.2e}")
+  if a.out:
+    with open(a.out, "w") as fh:
+      json.dump(rows, fh, indent=1)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
