@@ -22,6 +22,9 @@ def test_json_and_jsonl_agree(tmp_path):
   assert a == b and len(a) == 2 and [len(v) for v in a] == [3, 1]
   assert a[0][1].neg_text == "" and a[0][2].neg_text == "text, watermark"
   assert a[1][0].requires_scene_transition is False  # scene 0's flag is forced false
+  one = tmp_path / "one.jsonl"
+  one.write_text(json.dumps(OFFICIAL[0]))
+  assert sb.load_storyboard(str(one)) == a[:1]
 
 
 def test_scene_tokens_as_official():

@@ -115,6 +115,8 @@ def load_storyboard(path: str, max_scenes: int | None = None) -> list[list[Scene
   with open(path, encoding="utf-8") as f:
     text = f.read()
   source = os.path.basename(path)
+  if path.endswith(".jsonl"):
+    return parse_jsonl(text, source, max_scenes)
   try:
     data = json.loads(text)
   except json.JSONDecodeError as e:
