@@ -35,7 +35,7 @@ def standin_components(checkpoint: str) -> pipeline.Components:
   """Real tiny DiT from `checkpoint`, stand-in T5 (character-hash embeddings) and stand-in VAE decode."""
   model, mc = load_dit_model(checkpoint)
   graphdef, state = nnx.split(model)
-  dit = lambda x, text, t: nnx.merge(graphdef, state)(x, text, t)
+  dit = lambda params, x, text, t: nnx.merge(graphdef, params)(x, text, t)
   table = jax.random.normal(jax.random.PRNGKey(5), (97, mc.text_dim))
 
   def encode_text(texts, max_len):
@@ -50,7 +50,8 @@ def standin_components(checkpoint: str) -> pipeline.Components:
     x = jnp.concatenate([x[:, :1], jnp.repeat(x[:, 1:], 4, axis=1)], axis=1)
     return jnp.repeat(jnp.repeat(x, 8, axis=2), 8, axis=3)
 
-  return pipeline.Components(dit, encode_text, decode, mc, lambda texts: [len(t.split()) + 1 for t in texts])
+  return pipeline.Components(dit, encode_text, decode, mc, lambda texts: [len(t.split()) + 1 for t in texts],
+                             dit_params=state)
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +121,32 @@ def test_cli_standin_end_to_end(tiny_checkpoint, tmp_path):
   assert res.returncode == 0, res.stderr[-3000:]
   _check_outputs(str(out))
   assert "denoising" in res.stderr  # tqdm progress
+
+
+def test_config_args():
+  assert sample_config.get_config(":stage=63s").stage == "63s"
+  assert sample_config.get_config("stage=63s").width == 720
+  c = sample_config.get_config("tiny,stage=9s")
+  assert (c.stage, c.width, c.height, c.num_steps, c.cfg_scale, c.cfg_exp, c.seed, c.fps, c.latent_scale) == (
+      "9s", 48, 32, 50, 6.0, 5, 42, 16, 1.0)
+  with pytest.raises(ValueError, match="unknown stage"):
+    sample_config.get_config("stage=5s")
+  with pytest.raises(ValueError, match="unknown arg"):
+    sample_config.get_config("huge")
+
+
+def test_video_io_pieces(tmp_path):
+  # Official conversion: clamp((x + 1) / 2, 0, 1), then truncation of 255 x.
+  np.testing.assert_array_equal(video_io.to_uint8(np.array([-2.0, -1.0, 0.0, 0.999, 1.0, 3.0])),
+                                [0, 0, 127, 254, 255, 255])
+  # Spec §11.2: 13 latents -> 49 frames, 253 latents (21 scenes) -> 1009 frames.
+  assert video_io.scene_frame_ranges(1) == [(0, 49)]
+  r = video_io.scene_frame_ranges(21)
+  assert r[-1][1] == 1009 and all(b - a == 48 for a, b in r[1:])
+  frames = np.zeros((9, 4, 6, 3), np.uint8)
+  frames[2], frames[7] = 50, 200
+  sheet = video_io.contact_sheet(frames, [(0, 5), (5, 9)])
+  assert sheet.shape == (4, 12, 3) and sheet[0, 0, 0] == 50 and sheet[0, 6, 0] == 200
+  with pytest.raises(ValueError, match="even height/width"):
+    video_io.write_mp4(str(tmp_path / "odd.mp4"), np.zeros((2, 5, 6, 3), np.uint8))
+  assert not os.listdir(tmp_path)

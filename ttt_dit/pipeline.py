@@ -38,6 +38,7 @@ class Components:
   decode: Callable[[jax.Array], jax.Array]                      # latents [B,T,h,w,16] -> video [B,F,H,W,3] in [-1, 1]
   model_config: ml_collections.ConfigDict                       # the DiT config (grid, windows, mini-batch)
   count_tokens: Callable[[list[str]], list[int]] | None = None  # untruncated token counts (warnings)
+  dit_params: Any = None                                        # if set, dit is dit(params, latents, text, t)
 
 
 def _dtype(name: str) -> jnp.dtype:
@@ -71,8 +72,8 @@ def load_components(config: ml_collections.ConfigDict) -> Components:
   model, model_config = load_dit_model(config.checkpoint, dtype=dt, param_dtype=dt, **overrides)
   graphdef, state = nnx.split(model)
 
-  def dit(latents, text, timesteps):
-    return nnx.merge(graphdef, state)(latents, text, timesteps)
+  def dit(params, latents, text, timesteps):  # parameters enter the jitted loop as arguments
+    return nnx.merge(graphdef, params)(latents, text, timesteps)
 
   enc = load_text_encoder(config.text_encoder, dtype=dt)
   tok_dir = tokenizer_dir(config)
@@ -85,7 +86,7 @@ def load_components(config: ml_collections.ConfigDict) -> Components:
     return [int(n) for n in (ids != 0).sum(axis=1)]
 
   vae = load_vae(config.vae, dtype=_dtype(config.vae_dtype))
-  return Components(dit, encode_text, vae.decode, model_config, count_tokens)
+  return Components(dit, encode_text, vae.decode, model_config, count_tokens, dit_params=state)
 
 
 def stage_text_len(config: ml_collections.ConfigDict, model_config: ml_collections.ConfigDict) -> int:
@@ -150,7 +151,7 @@ def run(config: ml_collections.ConfigDict, storyboard_path: str, output_dir: str
   text_len = stage_text_len(config, mc)
   table = sampler_lib.step_table(config.num_steps, config.cfg_scale, config.cfg_exp, config.cfg_schedule)
   bar = _StepBar()
-  run_sampler = sampler_lib.make_sampler(components.dit, table, sampler=config.sampler,
+  run_sampler = sampler_lib.make_sampler(components.dit, table, params=components.dit_params, sampler=config.sampler,
                                          batch_cfg=config.batch_cfg, progress=bar)
   os.makedirs(output_dir, exist_ok=True)
   written = []

@@ -149,3 +149,16 @@ def test_ddim_step_keeps_eps():
 def test_unknown_sampler():
   with pytest.raises(ValueError, match="sampler"):
     sampler.sample(_linear_denoiser(), *_inputs(), jax.random.PRNGKey(0), sampler.step_table(), sampler="euler")
+
+
+def test_params_as_arguments_equal_closure():
+  rng = np.random.default_rng(1)
+  w = jnp.asarray(rng.normal(size=(16, 16)) * 0.2, jnp.float32)
+  f_params = lambda p, x, text, t: x @ p["w"] + text.mean() + 0 * t[:, None, None, None, None]
+  f_closed = lambda x, text, t: x @ w + text.mean() + 0 * t[:, None, None, None, None]
+  table = sampler.step_table(10)
+  noise, text, text_u = _inputs()
+  key = jax.random.PRNGKey(4)
+  a = sampler.make_sampler(f_params, table, params={"w": w})(noise, text, text_u, key)
+  b = sampler.make_sampler(f_closed, table)(noise, text, text_u, key)
+  np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)

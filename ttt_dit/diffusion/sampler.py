@@ -10,7 +10,8 @@ loop runs as one `lax.scan` inside `jax.jit`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -146,11 +147,21 @@ def sample(denoise_fn: DenoiseFn, noise: Float[Array, "B T H W C"], text: jax.Ar
   return d
 
 
-def make_sampler(denoise_fn: DenoiseFn, table: StepTable, *, sampler: str = "dpmpp2m", batch_cfg: bool = True,
+def make_sampler(denoise_fn: Callable[..., jax.Array], table: StepTable, *, params: Any = None,
+                 sampler: str = "dpmpp2m", batch_cfg: bool = True,
                  progress: Callable[[int], None] | None = None) -> Callable[..., jax.Array]:
-  """Jitted `run(noise, text, text_uncond, key) -> latents` for a fixed denoiser and step table."""
-  return jax.jit(lambda noise, text, text_uncond, key: sample(
-      denoise_fn, noise, text, text_uncond, key, table, sampler=sampler, batch_cfg=batch_cfg, progress=progress))
+  """Jitted `run(noise, text, text_uncond, key) -> latents` for a fixed denoiser and step table.
+
+  With `params`, the denoiser is `denoise_fn(params, x, text, t)` and the parameters are passed to the
+  jitted loop as arguments (not baked into the program as constants: required for large models).
+  """
+  def run(p, noise, text, text_uncond, key):
+    fn = denoise_fn if p is None else functools.partial(denoise_fn, p)
+    return sample(fn, noise, text, text_uncond, key, table, sampler=sampler, batch_cfg=batch_cfg,
+                  progress=progress)
+
+  jitted = jax.jit(run)
+  return lambda noise, text, text_uncond, key: jitted(params, noise, text, text_uncond, key)
 
 
 def sample_reference(denoise_fn: DenoiseFn, noise: np.ndarray, text, text_uncond, xis: list[np.ndarray],
