@@ -62,6 +62,7 @@ def main(argv=None):
   p.add_argument("--grad_nc", default="282", help="NCs at which gradients are checked/timed")
   p.add_argument("--impls", default="xla,pallas")
   p.add_argument("--out", default="")
+  p.add_argument("--sensitivity", action="store_true")
   a = p.parse_args(argv)
   dev = jax.devices()[0]
   print("device:", dev.device_kind, "jax", jax.__version__, flush=True)
@@ -84,6 +85,12 @@ def main(argv=None):
     ref = jax.jit(lambda *x: inner_loop.ttt_mlp(*x, checkpoint_group_size=G))(*f32(args))
     flops = inner_loop.ttt_mlp_flops(1, a.heads, NC)
     cot = jax.random.normal(jax.random.PRNGKey(7 + i), ref.shape, jnp.float32)
+    if a.sensitivity:  # the float32 scan itself, W1 perturbed by 1e-6 relative
+      pert = list(f32(args))
+      pert[6] = pert[6] * (1 + 1e-6)
+      ref2 = jax.jit(lambda *x: inner_loop.ttt_mlp(*x, checkpoint_group_size=G))(*pert)
+      q32 = args[0].astype(jnp.float32)
+      print(json.dumps({"NC": NC, "ref_sensitivity_W1_1e-6": rel(ref2 - q32, ref - q32)}), flush=True)
     gref = None
     if NC in grad_ncs:
       gref = loss_fn(impl_fns["xla"])(f32(args), cot)[1]
@@ -94,6 +101,12 @@ def main(argv=None):
                  out_rel=rel(out.astype(jnp.float32) - args[0].astype(jnp.float32),
                              ref - args[0].astype(jnp.float32)),
                  out_rel_full=rel(out, ref), finite=bool(jnp.isfinite(out.astype(jnp.float32)).all()))
+      bounds = [b for b in (0, 282, 1000, 2750, 5500) if b < NC] + [NC]
+      q32 = args[0].astype(jnp.float32)
+      row["out_rel_windows"] = {
+          f"{lo}-{hi}": rel(out[:, :, lo:hi].astype(jnp.float32) - q32[:, :, lo:hi],
+                            ref[:, :, lo:hi] - q32[:, :, lo:hi])
+          for lo, hi in zip(bounds[:-1], bounds[1:])}
       row["fwd_ms"] = median_ms(fn, args, a.reps)
       row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
       if NC in grad_ncs:
