@@ -151,8 +151,14 @@ def run(config: ml_collections.ConfigDict, storyboard_path: str, output_dir: str
   text_len = stage_text_len(config, mc)
   table = sampler_lib.step_table(config.num_steps, config.cfg_scale, config.cfg_exp, config.cfg_schedule)
   bar = _StepBar()
-  run_sampler = sampler_lib.make_sampler(components.dit, table, params=components.dit_params, sampler=config.sampler,
-                                         batch_cfg=config.batch_cfg, progress=bar)
+  cfg_sharding = sampler_lib.cfg_branch_sharding() if (config.shard_cfg and config.batch_cfg) else None
+  params = components.dit_params
+  if cfg_sharding is not None and params is not None:  # replicate the weights on both CFG devices
+    replicated = jax.sharding.NamedSharding(cfg_sharding.mesh, jax.sharding.PartitionSpec())
+    params = jax.device_put(params, replicated)
+    logging.info("CFG branches sharded over %d devices", cfg_sharding.mesh.size)
+  run_sampler = sampler_lib.make_sampler(components.dit, table, params=params, sampler=config.sampler,
+                                         batch_cfg=config.batch_cfg, progress=bar, cfg_sharding=cfg_sharding)
   os.makedirs(output_dir, exist_ok=True)
   written = []
   for j, scenes in enumerate(videos):

@@ -162,3 +162,31 @@ def test_params_as_arguments_equal_closure():
   a = sampler.make_sampler(f_params, table, params={"w": w})(noise, text, text_u, key)
   b = sampler.make_sampler(f_closed, table)(noise, text, text_u, key)
   np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+SHARDED = """
+import jax, jax.numpy as jnp, numpy as np
+from ttt_dit.diffusion import sampler
+assert jax.device_count() == 2
+rng = np.random.default_rng(0)
+w = jnp.asarray(rng.normal(size=(16, 16)) * 0.2, jnp.float32)
+f = lambda p, x, text, t: x @ p["w"] + text.mean(axis=(1, 2, 3))[:, None, None, None, None]
+table = sampler.step_table(8)
+k = jax.random.split(jax.random.PRNGKey(0), 3)
+noise = jax.random.normal(k[0], (1, 2, 2, 3, 16))
+text, text_u = jax.random.normal(k[1], (1, 2, 4, 8)), jax.random.normal(k[2], (1, 2, 4, 8))
+sh = sampler.cfg_branch_sharding()
+rep = jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec())
+a = sampler.make_sampler(f, table, params=jax.device_put({"w": w}, rep), cfg_sharding=sh)(noise, text, text_u, k[0])
+b = sampler.make_sampler(f, table, params={"w": w})(noise, text, text_u, k[0])
+np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+print("SHARDED_OK")
+"""
+
+
+def test_cfg_branches_sharded_over_two_devices_match():
+  import os, subprocess, sys
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  res = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True, env=env, timeout=300,
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+  assert res.returncode == 0 and "SHARDED_OK" in res.stdout, res.stderr[-3000:]

@@ -79,12 +79,20 @@ def step_table(num_steps: int = 50, cfg_scale: float = 6.0, cfg_exp: float = 5,
 
 
 def guided_x0(denoise_fn: DenoiseFn, x: Float[Array, "B T H W C"], text: jax.Array, text_uncond: jax.Array,
-              t: jax.Array, a_hat: jax.Array, s: jax.Array, batch_cfg: bool = True) -> jax.Array:
-  """D = D_u + s (D_c - D_u), D_* = -sqrt(1 - a_hat^2) F(x, text_*, t) + a_hat x (c_in = 1, c_noise = t)."""
+              t: jax.Array, a_hat: jax.Array, s: jax.Array, batch_cfg: bool = True,
+              cfg_sharding: Any = None) -> jax.Array:
+  """D = D_u + s (D_c - D_u), D_* = -sqrt(1 - a_hat^2) F(x, text_*, t) + a_hat x (c_in = 1, c_noise = t).
+
+  `cfg_sharding` (a sharding of the 2B batch axis, e.g. NamedSharding(mesh, P("data"))) spreads the
+  unconditional and conditional branches over devices when `batch_cfg` is on.
+  """
   b = x.shape[0]
   tt = jnp.full((b,), t, dtype=jnp.int32)
   if batch_cfg:  # one forward of batch 2B: [uncond; cond]
-    f = denoise_fn(jnp.concatenate([x, x]), jnp.concatenate([text_uncond, text]), jnp.concatenate([tt, tt]))
+    xs, texts, ts = jnp.concatenate([x, x]), jnp.concatenate([text_uncond, text]), jnp.concatenate([tt, tt])
+    if cfg_sharding is not None:
+      xs, texts, ts = (jax.lax.with_sharding_constraint(v, cfg_sharding) for v in (xs, texts, ts))
+    f = denoise_fn(xs, texts, ts)
     f_u, f_c = f[:b], f[b:]
   else:  # unconditional first, as official
     f_u = denoise_fn(x, text_uncond, tt)
@@ -109,7 +117,7 @@ def ddim_update(x: jax.Array, d: jax.Array, a_i, a_next) -> jax.Array:
 
 def sample(denoise_fn: DenoiseFn, noise: Float[Array, "B T H W C"], text: jax.Array, text_uncond: jax.Array,
            key: jax.Array, table: StepTable, *, sampler: str = "dpmpp2m", batch_cfg: bool = True,
-           progress: Callable[[int], None] | None = None) -> Float[Array, "B T H W C"]:
+           progress: Callable[[int], None] | None = None, cfg_sharding: Any = None) -> Float[Array, "B T H W C"]:
   """Runs the whole denoising loop (a `lax.scan` over steps) and returns the final x0-prediction D_{N-1}.
 
   `noise` is x_0 (a_0 = 0, so it is used unscaled); `key` draws the fresh per-step SDE noise.
@@ -128,7 +136,7 @@ def sample(denoise_fn: DenoiseFn, noise: Float[Array, "B T H W C"], text: jax.Ar
 
   def body(carry, c):
     x, d_prev = carry
-    d = guided_x0(denoise_fn, x, text, text_uncond, c["t"], c["a_hat"], c["s"], batch_cfg)
+    d = guided_x0(denoise_fn, x, text, text_uncond, c["t"], c["a_hat"], c["s"], batch_cfg, cfg_sharding)
     if sampler == "dpmpp2m":
       xi = jax.random.normal(c["key"], x.shape, jnp.float32)
       x_next = dpmpp2m_update(x, d, d_prev, xi, c["m1"], c["m2"], c["sigma"], c["c_cur"], c["c_prev"])
@@ -141,7 +149,7 @@ def sample(denoise_fn: DenoiseFn, noise: Float[Array, "B T H W C"], text: jax.Ar
   head = jax.tree.map(lambda v: v[:-1], per_step)
   last = jax.tree.map(lambda v: v[-1], per_step)
   (x, _), _ = jax.lax.scan(body, (x0, jnp.zeros_like(x0)), head)
-  d = guided_x0(denoise_fn, x, text, text_uncond, last["t"], last["a_hat"], last["s"], batch_cfg)
+  d = guided_x0(denoise_fn, x, text, text_uncond, last["t"], last["a_hat"], last["s"], batch_cfg, cfg_sharding)
   if progress is not None:
     jax.debug.callback(progress, last["i"])
   return d
@@ -149,19 +157,29 @@ def sample(denoise_fn: DenoiseFn, noise: Float[Array, "B T H W C"], text: jax.Ar
 
 def make_sampler(denoise_fn: Callable[..., jax.Array], table: StepTable, *, params: Any = None,
                  sampler: str = "dpmpp2m", batch_cfg: bool = True,
-                 progress: Callable[[int], None] | None = None) -> Callable[..., jax.Array]:
+                 progress: Callable[[int], None] | None = None, cfg_sharding: Any = None) -> Callable[..., jax.Array]:
   """Jitted `run(noise, text, text_uncond, key) -> latents` for a fixed denoiser and step table.
 
   With `params`, the denoiser is `denoise_fn(params, x, text, t)` and the parameters are passed to the
   jitted loop as arguments (not baked into the program as constants: required for large models).
+  `cfg_sharding` shards the batched CFG branches (see `guided_x0`); parameters stay as placed.
   """
   def run(p, noise, text, text_uncond, key):
     fn = denoise_fn if p is None else functools.partial(denoise_fn, p)
     return sample(fn, noise, text, text_uncond, key, table, sampler=sampler, batch_cfg=batch_cfg,
-                  progress=progress)
+                  progress=progress, cfg_sharding=cfg_sharding)
 
   jitted = jax.jit(run)
   return lambda noise, text, text_uncond, key: jitted(params, noise, text, text_uncond, key)
+
+
+def cfg_branch_sharding(num_devices: int | None = None) -> Any:
+  """NamedSharding of the 2B CFG batch over a 2-device "data" mesh, or None with fewer than 2 devices."""
+  n = jax.device_count() if num_devices is None else num_devices
+  if n < 2:
+    return None
+  mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:2])
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
 
 
 def sample_reference(denoise_fn: DenoiseFn, noise: np.ndarray, text, text_uncond, xis: list[np.ndarray],
