@@ -20,7 +20,7 @@ from pallas_kernels.ttt_mlp import ttt_mlp_pallas
 from ttt_dit.ttt import inner_loop
 
 
-def make_inputs(key, B, H, NC, CS=64, F=64):
+def make_inputs(key, B, H, NC, CS=64, F=64, eta_scale=1e-5):
   """Random inputs shaped as the TTT layer makes them (bf16 Q/K/V, L2-normalised Q/K)."""
   ks = jax.random.split(key, 10)
   n = lambda k, s: jax.random.normal(k, s, jnp.float32)
@@ -28,7 +28,7 @@ def make_inputs(key, B, H, NC, CS=64, F=64):
   XQ = l2(n(ks[0], (B, H, NC, CS, F))).astype(jnp.bfloat16)
   XK = l2(n(ks[1], (B, H, NC, CS, F))).astype(jnp.bfloat16)
   XV = l2(n(ks[2], (B, H, NC, CS, F))).astype(jnp.bfloat16)
-  eta = 1e-5 * jax.random.uniform(ks[3], (B, H, NC, CS), minval=0.5, maxval=1.5)
+  eta = eta_scale * jax.random.uniform(ks[3], (B, H, NC, CS), minval=0.5, maxval=1.5)
   lw = 1.0 + 0.1 * n(ks[4], (H, F))
   lb = 0.1 * n(ks[5], (H, F))
   W1 = 0.02 * n(ks[6], (H, F, 4 * F))
@@ -63,6 +63,7 @@ def main(argv=None):
   p.add_argument("--impls", default="xla,pallas")
   p.add_argument("--out", default="")
   p.add_argument("--sensitivity", action="store_true")
+  p.add_argument("--eta_scale", type=float, default=1e-5)
   a = p.parse_args(argv)
   dev = jax.devices()[0]
   print("device:", dev.device_kind, "jax", jax.__version__, flush=True)
@@ -71,6 +72,7 @@ def main(argv=None):
   impl_fns = {
       "xla": jax.jit(lambda *x: inner_loop.ttt_mlp(*x, checkpoint_group_size=G)),
       "pallas": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G)),
+      "pallas_v1": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G, batched=False)),
   }
 
   def loss_fn(impl):
@@ -81,7 +83,7 @@ def main(argv=None):
   rows = []
   grad_ncs = {int(x) for x in a.grad_nc.split(",") if x}
   for i, NC in enumerate(int(x) for x in a.nc.split(",")):
-    args = make_inputs(jax.random.PRNGKey(1000 + i), 1, a.heads, NC)
+    args = make_inputs(jax.random.PRNGKey(1000 + i), 1, a.heads, NC, eta_scale=a.eta_scale)
     ref = jax.jit(lambda *x: inner_loop.ttt_mlp(*x, checkpoint_group_size=G))(*f32(args))
     flops = inner_loop.ttt_mlp_flops(1, a.heads, NC)
     cot = jax.random.normal(jax.random.PRNGKey(7 + i), ref.shape, jnp.float32)
@@ -97,7 +99,7 @@ def main(argv=None):
     for name in a.impls.split(","):
       fn = impl_fns[name]
       out = fn(*args)
-      row = dict(NC=NC, impl=name, device=dev.device_kind,
+      row = dict(NC=NC, impl=name, device=dev.device_kind, eta_scale=a.eta_scale,
                  out_rel=rel(out.astype(jnp.float32) - args[0].astype(jnp.float32),
                              ref - args[0].astype(jnp.float32)),
                  out_rel_full=rel(out, ref), finite=bool(jnp.isfinite(out.astype(jnp.float32)).all()))

@@ -64,13 +64,16 @@ def _ln_stats(z, eps):
   return d * _col_bcast(rstd, z.shape), rstd
 
 
-def build_forward(BH: int, NC: int, group: int, ln_eps: float, interpret=None):
+def build_forward(BH: int, NC: int, group: int, ln_eps: float, interpret=None,
+                  batched: bool = True):
   """Returns f(q, k, v, eta, gamma, beta, w1h, w1l, b1, w2h, w2l, b2) -> (out, ckpts).
 
   q, k, v: [BH, NC, 64, 64] bf16; eta: [BH, NC, 64] f32; gamma, beta: [BH, 64] f32;
   w1h/w1l: [BH, 4, 64, 64] bf16 (chunk c = W1[:, 64c:64c+64]); w2h/w2l: [BH, 4, 64, 64] bf16
   (chunk c = W2[64c:64c+64, :]); b1: [BH, 4, 64] f32; b2: [BH, 64] f32.
   ckpts: the same six state arrays with a [NG] axis after BH (state before mini-batch g*group).
+  batched=False is v1 (every wgmma waited on its own); True (v2) issues independent wgmmas
+  together and waits once (12 waits per mini-batch instead of 32; 4 more SMEM tiles for X2).
   """
   NG = -(-NC // group)
   bf16, f32 = jnp.bfloat16, jnp.float32
@@ -80,7 +83,8 @@ def build_forward(BH: int, NC: int, group: int, ln_eps: float, interpret=None):
   def body(q_ref, k_ref, v_ref, eta_ref, g_ref, bt_ref, w1h_ref, w1l_ref, b1_ref, w2h_ref,
            w2l_ref, b2_ref, o_ref, cw1h, cw1l, cb1, cw2h, cw2l, cb2,
            q_s, k_s, v_s, ek_s, g2_s, g1_s, ex2_s, w1h, w1l, w2h, w2l,
-           eta_s, b1_s, b2_s, gam_s, bet_s, bars):
+           eta_s, b1_s, b2_s, gam_s, bet_s, bars, *x_s):
+    x_s = x_s[0] if x_s else None
     bh = lax.axis_index("bh")
     # ---- initial state, gamma, beta
     plgpu.copy_gmem_to_smem(w1h_ref.at[bh], w1h, bars.at[0])
@@ -105,6 +109,31 @@ def build_forward(BH: int, NC: int, group: int, ln_eps: float, interpret=None):
         return acc_ref[...]
       r = pl.run_scoped(fn, plgpu.ACC(shp, f32))
       return r if init is None else init + r
+
+    def mm_multi(pairs):
+      """Independent a @ b products issued together, one wait: tuple of [64, 64] f32."""
+      def fn(*accs):
+        for acc, (a, b) in zip(accs, pairs):
+          plgpu.wgmma(acc, a, b)
+        return tuple(acc[...] for acc in accs)
+      return pl.run_scoped(fn, *[plgpu.ACC(shp, f32) for _ in pairs])
+
+    def mm_chain(pairs):
+      """sum_i a_i @ b_i accumulated on the tensor cores, one wait."""
+      def fn(acc):
+        for a, b in pairs:
+          plgpu.wgmma(acc, a, b)
+        return acc[...]
+      return pl.run_scoped(fn, plgpu.ACC(shp, f32))
+
+    def mlp_fwd(xs):
+      """gelu(xs W1 + b1) W2 (no b2), batched: 2 waits. X2 chunks left in x_s."""
+      z1s = mm_multi([(xs, w1h.at[c]) for c in range(NH)])
+      for c in range(NH):
+        b1c = plgpu.load(b1_s.at[c], layout=red0)
+        x_s[c] = _gelu(z1s[c] + _row_bcast(b1c, shp)).astype(bf16)
+      plgpu.commit_smem()
+      return mm_chain([(x_s.at[c], w2h.at[c]) for c in range(NH)])
 
     @pl.loop(0, NC)
     def step(m):
@@ -134,13 +163,16 @@ def build_forward(BH: int, NC: int, group: int, ln_eps: float, interpret=None):
       ek_s[...] = (-_col_bcast(eta_c, shp) * kf).astype(bf16)  # -diag(eta) K
 
       # ---- (1)-(3): Z2 = gelu(K W1 + b1) W2 + b2
-      z2 = None
-      for c in range(NH):  # ex2_s is free outside the update phase: the gelu tile goes there
-        b1c = plgpu.load(b1_s.at[c], layout=red0)
-        z1 = mm(k_s, w1h.at[c]) + _row_bcast(b1c, shp)
-        ex2_s[...] = _gelu(z1).astype(bf16)
-        plgpu.commit_smem()
-        z2 = mm(ex2_s, w2h.at[c], z2)
+      if batched:
+        z2 = mlp_fwd(k_s)
+      else:
+        z2 = None
+        for c in range(NH):  # ex2_s is free outside the update phase: the gelu tile goes there
+          b1c = plgpu.load(b1_s.at[c], layout=red0)
+          z1 = mm(k_s, w1h.at[c]) + _row_bcast(b1c, shp)
+          ex2_s[...] = _gelu(z1).astype(bf16)
+          plgpu.commit_smem()
+          z2 = mm(ex2_s, w2h.at[c], z2)
       b2v = plgpu.load(b2_s, layout=red0)
       z2 = z2 + _row_bcast(b2v, shp)
       # ---- (4)-(6): fused LayerNorm + L2 backward
@@ -157,33 +189,44 @@ def build_forward(BH: int, NC: int, group: int, ln_eps: float, interpret=None):
       # recomputed), then the float32 state update through the (hi, lo) pair.
       for c in range(NH):
         b1c = plgpu.load(b1_s.at[c], layout=red0)
-        z1 = mm(k_s, w1h.at[c]) + _row_bcast(b1c, shp)
+        if batched:
+          z1, gw = mm_multi([(k_s, w1h.at[c]), (g2_s, w2h.at[c].T)])
+        else:
+          z1 = mm(k_s, w1h.at[c])
+          gw = mm(g2_s, w2h.at[c].T)
+        z1 = z1 + _row_bcast(b1c, shp)
         x2, gp = _gelu_and_grad(z1)
-        g1 = mm(g2_s, w2h.at[c].T) * gp
+        g1 = gw * gp
         g1_s[...] = g1.astype(bf16)
         ex2_s[...] = (-_col_bcast(eta_c, shp) * x2).astype(bf16)  # -diag(eta) X2
         b1_s[c] = b1c - jnp.sum(_col_bcast(eta_c, shp) * g1, axis=0)
         plgpu.commit_smem()
-        w = w1h[c].astype(f32) + w1l[c].astype(f32)
-        w = mm(ek_s.T, g1_s, w)
+        if batched:
+          d1, d2 = mm_multi([(ek_s.T, g1_s), (ex2_s.T, g2_s)])
+        else:
+          d1 = mm(ek_s.T, g1_s)
+          d2 = mm(ex2_s.T, g2_s)
+        w = w1h[c].astype(f32) + w1l[c].astype(f32) + d1
         hi = w.astype(bf16)
         w1h[c] = hi
         w1l[c] = (w - hi.astype(f32)).astype(bf16)
-        w = w2h[c].astype(f32) + w2l[c].astype(f32)
-        w = mm(ex2_s.T, g2_s, w)
+        w = w2h[c].astype(f32) + w2l[c].astype(f32) + d2
         hi = w.astype(bf16)
         w2h[c] = hi
         w2l[c] = (w - hi.astype(f32)).astype(bf16)
       b2_s[...] = b2v - db2
       plgpu.commit_smem()
       # ---- (9)-(10): apply the new state to the queries
-      z2b = None
-      for c in range(NH):  # ex2_s is free outside the update phase: the gelu tile goes there
-        b1c = plgpu.load(b1_s.at[c], layout=red0)
-        z1b = mm(q_s, w1h.at[c]) + _row_bcast(b1c, shp)
-        ex2_s[...] = _gelu(z1b).astype(bf16)
-        plgpu.commit_smem()
-        z2b = mm(ex2_s, w2h.at[c], z2b)
+      if batched:
+        z2b = mlp_fwd(q_s)
+      else:
+        z2b = None
+        for c in range(NH):  # ex2_s is free outside the update phase: the gelu tile goes there
+          b1c = plgpu.load(b1_s.at[c], layout=red0)
+          z1b = mm(q_s, w1h.at[c]) + _row_bcast(b1c, shp)
+          ex2_s[...] = _gelu(z1b).astype(bf16)
+          plgpu.commit_smem()
+          z2b = mm(ex2_s, w2h.at[c], z2b)
       z2b = z2b + _row_bcast(plgpu.load(b2_s, layout=red0), shp)
       xhb, _ = _ln_stats(z2b, ln_eps)
       out = q_s[...].astype(f32) + _row_bcast(gam, shp) * xhb + _row_bcast(bet, shp)
@@ -202,7 +245,7 @@ def build_forward(BH: int, NC: int, group: int, ln_eps: float, interpret=None):
              tile(NH), tile(NH),
              plgpu.SMEM((64,), f32), plgpu.SMEM((NH, 64), f32), plgpu.SMEM((64,), f32),
              plgpu.SMEM((64,), f32), plgpu.SMEM((64,), f32),
-             plgpu.Barrier(num_barriers=8)]
+             plgpu.Barrier(num_barriers=8)] + ([tile(NH)] if batched else [])
   kwargs = {}
   if interpret is not None:
     kwargs["interpret"] = interpret

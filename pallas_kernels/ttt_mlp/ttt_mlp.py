@@ -62,7 +62,8 @@ def _from_kernel_ckpts(ck, B, H):
   return tuple(jnp.moveaxis(a, 2, 0) for a in (w1, b1, w2, b2))
 
 
-def _forward(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, group, ln_eps, interpret):
+def _forward(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, group, ln_eps, interpret,
+             batched=True):
   """Runs the kernel: ([B, H, NC, CS, F] out in XQ's dtype, checkpoint states [NG, B, H, ...])."""
   B, H, NC, CS, F = XQ.shape
   bf = lambda a: a.astype(jnp.bfloat16).reshape(B * H, NC, CS, F)
@@ -70,7 +71,8 @@ def _forward(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, group, ln_e
   gb = lambda a: jnp.broadcast_to(a.astype(jnp.float32)[None], (B, H, F)).reshape(B * H, F)
   fn = kernel_mgpu.build_forward(
       B * H, NC, group, float(ln_eps),
-      interpret=jax.experimental.pallas.mosaic_gpu.InterpretGPUParams() if interpret else None)
+      interpret=jax.experimental.pallas.mosaic_gpu.InterpretGPUParams() if interpret else None,
+      batched=batched)
   res = fn(bf(XQ), bf(XK), bf(XV), eta.astype(jnp.float32).reshape(B * H, NC, CS),
            gb(ln_weight), gb(ln_bias), *st)
   out = res[0].reshape(B, H, NC, CS, F).astype(XQ.dtype)
@@ -86,21 +88,22 @@ def _group_scan(state, xs, gamma, beta, ln_eps):
   return jax.lax.scan(step, state, xs)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12))
-def _ttt_mlp_kernel(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, group, ln_eps, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13))
+def _ttt_mlp_kernel(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, group, ln_eps, interpret,
+                    batched):
   return _forward(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, group=group,
-                  ln_eps=ln_eps, interpret=interpret)[0]
+                  ln_eps=ln_eps, interpret=interpret, batched=batched)[0]
 
 
-def _fwd(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, group, ln_eps, interpret):
+def _fwd(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, group, ln_eps, interpret, batched):
   out, ckpts = _forward(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, group=group,
-                        ln_eps=ln_eps, interpret=interpret)
+                        ln_eps=ln_eps, interpret=interpret, batched=batched)
   return out, (XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, ckpts)
 
 
-def _bwd(group, ln_eps, interpret, res, dout):
+def _bwd(group, ln_eps, interpret, batched, res, dout):
   """Reverse over checkpoint groups: restart the XLA scan from each checkpoint and `jax.vjp` it."""
-  del interpret
+  del interpret, batched
   XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, ckpts = res
   B, H, NC, CS, F = XQ.shape
   NG = ckpts[0].shape[0]
@@ -146,11 +149,13 @@ _ttt_mlp_kernel.defvjp(_fwd, _bwd)
 
 
 def ttt_mlp_pallas(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *,
-                   checkpoint_group_size: int = 16, ln_eps: float = 1e-6, interpret: bool = False):
+                   checkpoint_group_size: int = 16, ln_eps: float = 1e-6, interpret: bool = False,
+                   batched: bool = True):
   """TTT-MLP with the fused forward kernel; same contract as `ttt_dit.ttt.inner_loop.ttt_mlp`.
 
   Returns [B, H, NC, CS, F] in XQ's dtype. `interpret=True` runs the kernel in Mosaic GPU interpret
-  mode (CPU tests). Unsupported shapes or devices log one line and use the XLA scan.
+  mode (CPU tests); `batched=False` selects kernel variant v1. Unsupported shapes or devices log
+  one line and use the XLA scan.
   """
   why = kernel_supported(XQ, W1, interpret=interpret)
   if why is not None:
@@ -160,4 +165,4 @@ def ttt_mlp_pallas(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *,
                               implementation="xla")
   group = max(1, min(int(checkpoint_group_size), XQ.shape[2]))
   return _ttt_mlp_kernel(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, group,
-                         float(ln_eps), bool(interpret))
+                         float(ln_eps), bool(interpret), bool(batched))
