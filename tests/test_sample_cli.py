@@ -27,7 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STORY = [[
     {"text": "a red ball rolls", "neg_text": "blurry"},
     {"text": "the ball stops", "requires_scene_transition": True},
-    {"text": "a dog runs in"},
+    {"text": "a dog runs in from the left side of a sunny green park at noon"},  # 16 stand-in tokens > L_t
 ]]
 
 
@@ -85,6 +85,9 @@ def test_pipeline_standins_writes_decodable_mp4(tiny_checkpoint, tmp_path):
   comps = standin_components(tiny_checkpoint)
   pipeline.run(config, str(story), str(tmp_path / "a"), components=comps)
   a = _check_outputs(str(tmp_path / "a"))
+  side = json.load(open(tmp_path / "a" / "video_000.json"))
+  assert side["text_len"] == 10 and len(side["warnings"]) == 1
+  assert "video 0, scene 2: text has 16 tokens" in side["warnings"][0] and "6 tokens will be truncated" in side["warnings"][0]
   assert a.std() > 0  # not a constant video
   # Wrong geometry and too many scenes are refused with clear errors.
   config.width = 64
