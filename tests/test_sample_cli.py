@@ -153,3 +153,17 @@ def test_video_io_pieces(tmp_path):
   with pytest.raises(ValueError, match="even height/width"):
     video_io.write_mp4(str(tmp_path / "odd.mp4"), np.zeros((2, 5, 6, 3), np.uint8))
   assert not os.listdir(tmp_path)
+
+
+def test_encode_video_text_branches(tiny_checkpoint):
+  comps = standin_components(tiny_checkpoint)
+  from ttt_dit.data import storyboard as sb
+  scenes = sb.parse_storyboard(STORY)[0]
+  text, text_u, _ = pipeline.encode_video_text(comps, scenes, 10, 0)
+  assert text.shape == text_u.shape == (1, 3, 10, comps.model_config.text_dim)
+  np.testing.assert_array_equal(text[0], comps.encode_text(sb.scene_texts(scenes), 10))
+  np.testing.assert_array_equal(text_u[0], comps.encode_text(["blurry", "", ""], 10))
+  _, zeros, _ = pipeline.encode_video_text(comps, scenes, 10, 0, uncond="zeros")
+  assert not np.any(np.asarray(zeros))
+  with pytest.raises(ValueError, match="unknown uncond"):
+    pipeline.encode_video_text(comps, scenes, 10, 0, uncond="empty")

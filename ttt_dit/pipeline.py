@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from ttt_dit import video_io
 from ttt_dit.data import storyboard as sb
+from ttt_dit.diffusion import guidance
 from ttt_dit.diffusion import sampler as sampler_lib
 from ttt_dit.model import configs as model_configs
 
@@ -123,9 +124,14 @@ class _StepBar:
       self.bar.update(1)
 
 
-def encode_video_text(components: Components, scenes: Sequence[sb.Scene], text_len: int, video: int
-                      ) -> tuple[jax.Array, jax.Array, list[str]]:
-  """(text [1, n, L_t, D], text_uncond [1, n, L_t, D], warnings): positives with scene tokens, negatives."""
+def encode_video_text(components: Components, scenes: Sequence[sb.Scene], text_len: int, video: int,
+                      uncond: str = "neg_text") -> tuple[jax.Array, jax.Array, list[str]]:
+  """(text [1, n, L_t, D], text_uncond [1, n, L_t, D], warnings): positives with scene tokens, negatives.
+
+  uncond: "neg_text" (released: T5 of each scene's neg_text or "") | "zeros" (CogVideoX pretraining).
+  """
+  if uncond not in guidance.UNCOND_MODES:
+    raise ValueError(f"sample config: unknown uncond {uncond!r}; expected one of {guidance.UNCOND_MODES}")
   pos, neg = sb.scene_texts(scenes), sb.negative_texts(scenes)
   warnings = []
   if components.count_tokens is not None:
@@ -135,7 +141,10 @@ def encode_video_text(components: Components, scenes: Sequence[sb.Scene], text_l
   emb = components.encode_text(pos + neg, text_len)                   # [2n, L_t, D]
   if emb.shape[:2] != (2 * n, text_len):
     raise ValueError(f"text encoder returned {emb.shape}, expected [{2 * n}, {text_len}, D]")
-  return emb[:n][None], emb[n:][None], warnings
+  text, text_u = emb[:n][None], emb[n:][None]                       # [1, n, L_t, D] each
+  if uncond == "zeros":
+    text_u = guidance.zero_text_like(text_u)
+  return text, text_u, warnings
 
 
 def run(config: ml_collections.ConfigDict, storyboard_path: str, output_dir: str,
@@ -169,7 +178,7 @@ def run(config: ml_collections.ConfigDict, storyboard_path: str, output_dir: str
     timings = {}
     t0 = time.perf_counter()
     with tqdm(total=1, desc=f"video {j}: text encoding", leave=False) as tb:
-      text, text_u, warnings = encode_video_text(components, scenes, text_len, j)
+      text, text_u, warnings = encode_video_text(components, scenes, text_len, j, config.uncond)
       jax.block_until_ready(text)
       tb.update(1)
     timings["text_s"] = time.perf_counter() - t0

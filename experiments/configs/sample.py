@@ -46,6 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.cfg_schedule = "official"  # "official" (k = 50 - t quirk) | "monotone" | "constant"
   c.cfg_scale = 6.0
   c.cfg_exp = 5
+  c.uncond = "neg_text"        # unconditional text: "neg_text" (released; T5 of neg_text or "") | "zeros"
   c.batch_cfg = True           # conditional + unconditional in one forward of batch 2
   c.shard_cfg = True           # with >= 2 devices, the two CFG branches run on two devices (batch_cfg only)
   c.seed = 42                  # video j uses seed + j
