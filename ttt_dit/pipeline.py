@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ttt_dit import video_io
 from ttt_dit.data import storyboard as sb
-from ttt_dit.diffusion import guidance
+from ttt_dit.diffusion import guidance, latent_scale
 from ttt_dit.diffusion import sampler as sampler_lib
 from ttt_dit.model import configs as model_configs
 
@@ -194,7 +194,7 @@ def run(config: ml_collections.ConfigDict, storyboard_path: str, output_dir: str
     timings["denoise_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     with tqdm(total=1, desc=f"video {j}: VAE decode", leave=False) as vb:
-      z = (latents / config.latent_scale).astype(_dtype(config.vae_dtype))
+      z = latent_scale.to_vae_latents(latents, config.latent_scale).astype(_dtype(config.vae_dtype))
       video = np.asarray(jax.block_until_ready(components.decode(z)), np.float32)[0]  # [F, H, W, 3]
       vb.update(1)
     timings["decode_s"] = time.perf_counter() - t0

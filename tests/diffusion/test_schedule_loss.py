@@ -77,3 +77,13 @@ def test_add_noise_endpoints():
   xt = loss.add_noise(x0, noise, jnp.array([1.0, 0.0]))
   np.testing.assert_allclose(xt[0], 1.0)
   np.testing.assert_allclose(xt[1], 2.0)
+
+
+def test_latent_scale_round_trip():
+  from ttt_dit.diffusion import latent_scale
+  z = jnp.arange(6.0).reshape(1, 1, 1, 1, 6)
+  assert latent_scale.DEFAULT_LATENT_SCALE == 1.0
+  np.testing.assert_allclose(latent_scale.to_model_latents(z, 0.7), 0.7 * z, rtol=1e-6)
+  np.testing.assert_allclose(latent_scale.to_vae_latents(latent_scale.to_model_latents(z, 0.7), 0.7), z, rtol=1e-6)
+  with pytest.raises(ValueError, match="latent scale"):
+    latent_scale.to_vae_latents(z, 0.0)
