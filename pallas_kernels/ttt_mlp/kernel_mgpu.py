@@ -65,7 +65,7 @@ def _ln_stats(z, eps):
 
 
 def build_forward(BH: int, NC: int, group: int, ln_eps: float, interpret=None,
-                  batched: bool = True):
+                  batched: bool = True, ablate: frozenset = frozenset()):
   """Returns f(q, k, v, eta, gamma, beta, w1h, w1l, b1, w2h, w2l, b2) -> (out, ckpts).
 
   q, k, v: [BH, NC, 64, 64] bf16; eta: [BH, NC, 64] f32; gamma, beta: [BH, 64] f32;
@@ -74,6 +74,9 @@ def build_forward(BH: int, NC: int, group: int, ln_eps: float, interpret=None,
   ckpts: the same six state arrays with a [NG] axis after BH (state before mini-batch g*group).
   batched=False is v1 (every wgmma waited on its own); True (v2) issues independent wgmmas
   together and waits once (12 waits per mini-batch instead of 32; 4 more SMEM tiles for X2).
+  ablate: for timing attribution only (results are WRONG): any of "A" (skip the key forward), "B"
+  (skip gradients + update), "C" (skip the query forward),
+  "Bsum" (skip the bias column sums), "Bw" (skip the (hi, lo) read-modify-write of W).
   """
   NG = -(-NC // group)
   bf16, f32 = jnp.bfloat16, jnp.float32
@@ -163,7 +166,9 @@ def build_forward(BH: int, NC: int, group: int, ln_eps: float, interpret=None,
       ek_s[...] = (-_col_bcast(eta_c, shp) * kf).astype(bf16)  # -diag(eta) K
 
       # ---- (1)-(3): Z2 = gelu(K W1 + b1) W2 + b2
-      if batched:
+      if "A" in ablate:
+        z2 = kf
+      elif batched:
         z2 = mlp_fwd(k_s)
       else:
         z2 = None
@@ -183,11 +188,11 @@ def build_forward(BH: int, NC: int, group: int, ln_eps: float, interpret=None,
       s2 = jnp.sum(gg * xh, axis=1)
       g2 = (F * gg - _col_bcast(s1, shp) - xh * _col_bcast(s2, shp)) * _col_bcast(rstd / F, shp)
       g2_s[...] = g2.astype(bf16)
-      db2 = jnp.sum(_col_bcast(eta_c, shp) * g2, axis=0)
+      db2 = 0.0 if "Bsum" in ablate else jnp.sum(_col_bcast(eta_c, shp) * g2, axis=0)
       plgpu.commit_smem()
       # ---- (7)-(8) per hidden chunk: G1 = (G2 W2^T) * gelu'(Z1) with the old W2 (Z1, X2
       # recomputed), then the float32 state update through the (hi, lo) pair.
-      for c in range(NH):
+      for c in range(0 if "B" in ablate else NH):
         b1c = plgpu.load(b1_s.at[c], layout=red0)
         if batched:
           z1, gw = mm_multi([(k_s, w1h.at[c]), (g2_s, w2h.at[c].T)])
@@ -199,13 +204,18 @@ def build_forward(BH: int, NC: int, group: int, ln_eps: float, interpret=None,
         g1 = gw * gp
         g1_s[...] = g1.astype(bf16)
         ex2_s[...] = (-_col_bcast(eta_c, shp) * x2).astype(bf16)  # -diag(eta) X2
-        b1_s[c] = b1c - jnp.sum(_col_bcast(eta_c, shp) * g1, axis=0)
+        if "Bsum" not in ablate:
+          b1_s[c] = b1c - jnp.sum(_col_bcast(eta_c, shp) * g1, axis=0)
         plgpu.commit_smem()
         if batched:
           d1, d2 = mm_multi([(ek_s.T, g1_s), (ex2_s.T, g2_s)])
         else:
           d1 = mm(ek_s.T, g1_s)
           d2 = mm(ex2_s.T, g2_s)
+        if "Bw" in ablate:
+          w1h[c] = d1.astype(bf16)
+          w2h[c] = d2.astype(bf16)
+          continue
         w = w1h[c].astype(f32) + w1l[c].astype(f32) + d1
         hi = w.astype(bf16)
         w1h[c] = hi
@@ -217,7 +227,9 @@ def build_forward(BH: int, NC: int, group: int, ln_eps: float, interpret=None,
       b2_s[...] = b2v - db2
       plgpu.commit_smem()
       # ---- (9)-(10): apply the new state to the queries
-      if batched:
+      if "C" in ablate:
+        z2b = kf
+      elif batched:
         z2b = mlp_fwd(q_s)
       else:
         z2b = None
