@@ -1,1 +1,3 @@
-"""ttt_dit.train."""
+"""Training library (spec §5.2, §8)."""
+
+from ttt_dit.train.loop import run  # noqa: F401
