@@ -92,7 +92,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains to config.optimizer.total_steps, resuming from workdir's newest checkpoint; returns last metrics."""
   os.makedirs(workdir, exist_ok=True)
   mcfg = model_config(config)
-  mesh = jax.make_mesh(tuple(config.mesh.shape), ("data", "fsdp", "tensor"))
+  mesh = jax.make_mesh(tuple(config.mesh.shape), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
   model = DiT(mcfg, rngs=nnx.Rngs(config.seed))
   graphdef, pstate, rest = nnx.split(model, nnx.Param, ...)
   template_fn = lambda: nnx.split(model, nnx.Param, ...)[1:]
