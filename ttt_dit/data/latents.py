@@ -21,11 +21,13 @@ def _load_array(path: str) -> np.ndarray:
   """One tensor file (.npy or torch .pt) -> float32 numpy array."""
   if not os.path.exists(path):
     raise FileNotFoundError(path)
-  if path.endswith(".npy"):
-    return np.load(path).astype(np.float32)
-  import torch  # lazily: only the official .pt format needs it
-  t = torch.load(path, map_location="cpu", weights_only=True)
-  return t.float().numpy()
+  try:
+    if path.endswith(".npy"):
+      return np.load(path).astype(np.float32)
+    import torch  # lazily: only the official .pt format needs it
+    return torch.load(path, map_location="cpu", weights_only=True).float().numpy()
+  except Exception as err:  # pickle / zip / numpy format errors all mean a corrupt file
+    raise ValueError(f"corrupt tensor file {path}: {type(err).__name__}: {err}") from err
 
 
 @dataclass
