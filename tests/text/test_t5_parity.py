@@ -1,0 +1,94 @@
+"""T5 encoder + converter + tokenizer against transformers.T5EncoderModel (tiny, random, float64)."""
+import os
+
+import jax
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+import transformers
+
+from converters.t5 import convert_text_encoder
+from ttt_dit.text import t5
+from ttt_dit.text.tokenizer import tokenize, tokenize_with_counts
+
+SENTENCES = ["a cat sits on the mat", "tom chases jerry through the kitchen", "the dog runs in the park",
+             "jerry eats cheese quietly", "a bright sunny day over the house"] * 4
+
+
+@pytest.fixture
+def x64():
+  old = jax.config.jax_enable_x64
+  jax.config.update("jax_enable_x64", True)
+  yield
+  jax.config.update("jax_enable_x64", old)
+
+
+@pytest.fixture(scope="module")
+def snapshot(tmp_path_factory):
+  root = tmp_path_factory.mktemp("snap")
+  corpus = root / "corpus.txt"
+  corpus.write_text("\n".join(SENTENCES))
+  spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(root / "spiece"), vocab_size=40,
+                                 model_type="bpe", hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                 minloglevel=2)
+  tok = transformers.T5Tokenizer(vocab_file=str(root / "spiece.model"), extra_ids=10)
+  tok.save_pretrained(str(root / "tokenizer"))
+  torch.manual_seed(0)
+  cfg = transformers.T5Config(vocab_size=90, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                              relative_attention_num_buckets=8, relative_attention_max_distance=20,
+                              feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+  model = transformers.T5EncoderModel(cfg).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.normal_(0.0, 0.3)
+  model.save_pretrained(str(root / "text_encoder"))
+  return root, model
+
+
+def test_tokenizer_scene_tokens_and_padding(snapshot):
+  root, _ = snapshot
+  ids, cut = tokenize_with_counts(["tom chases <end_scene> jerry <start_scene>", "a cat " * 30],
+                                  str(root / "tokenizer"), 16)
+  assert ids.dtype == np.int32 and ids.shape == (2, 16)
+  from ttt_dit.text.tokenizer import load_tokenizer
+  tok = load_tokenizer(str(root / "tokenizer"))
+  n = len(tok)  # the scene tokens are the last two ids (32100/32101 for the real T5 tokenizer)
+  assert tok.convert_tokens_to_ids(["<end_scene>", "<start_scene>"]) == [n - 2, n - 1]
+  assert n - 2 in ids[0] and n - 1 in ids[0]
+  assert ids[0][list(ids[0]).index(0) - 1] == 1  # EOS before the padding
+  assert cut[0] == 0 and cut[1] > 0 and ids[1, -1] == 1
+
+
+def test_t5_parity_float64(snapshot, tmp_path, x64):
+  root, model = snapshot
+  dst = tmp_path / "t5"
+  convert_text_encoder(str(root / "text_encoder"), str(root / "tokenizer"), str(dst), dtype="float64")
+  assert (dst / "tokenizer").is_dir()
+  enc = t5.load_text_encoder(str(dst), dtype=np.float64)
+  ids = tokenize(["tom chases <end_scene> jerry", "a bright day over the house in the park"],
+                 str(dst / "tokenizer"), 24)
+  got = np.asarray(enc(ids))
+  with torch.no_grad():
+    want = model.double()(input_ids=torch.tensor(ids, dtype=torch.long)).last_hidden_state.numpy()
+  err = np.abs(got - want).max() / np.abs(want).max()
+  assert got.shape == (2, 24, 32) and err < 1e-6, err
+
+
+def test_t5_bad_checkpoint_names_tensors(snapshot, tmp_path):
+  root, _ = snapshot
+  from safetensors.numpy import load_file, save_file
+  src = tmp_path / "bad"
+  src.mkdir()
+  (src / "config.json").write_text((root / "text_encoder" / "config.json").read_text())
+  tensors = load_file(str(root / "text_encoder" / "model.safetensors"))
+  del tensors["encoder.block.1.layer.1.DenseReluDense.wo.weight"]
+  tensors["encoder.block.0.layer.0.SelfAttention.q.weight"] = np.zeros((3, 3), np.float32)
+  tensors["encoder.bogus.weight"] = np.zeros((2,), np.float32)
+  save_file(tensors, str(src / "model.safetensors"))
+  with pytest.raises(ValueError) as e:
+    convert_text_encoder(str(src), str(root / "tokenizer"), str(tmp_path / "out"))
+  msg = str(e.value)
+  for name in ("DenseReluDense.wo", "SelfAttention.q.weight", "encoder.bogus.weight"):
+    assert name in msg, msg
+  assert not os.path.exists(tmp_path / "out")
