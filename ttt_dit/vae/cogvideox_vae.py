@@ -168,25 +168,37 @@ def windows(n: int, size: int) -> list[tuple[int, int]]:
   return [(size * i + (0 if i == 0 else rem), min(n, size * (i + 1) + rem)) for i in range(max(n // size, 1))]
 
 
+def _with_cache(fn, p: Params, cfg: dict, x: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+  """Runs one window functionally: returns (output, the updated conv cache)."""
+  cache = dict(cache)
+  return fn(p, cfg, x, cache), cache
+
+
 class CogVideoXVAE:
   """Windowed encode/decode with conv caches carried between windows."""
 
   def __init__(self, params: Params, config: dict, latent_window: int = 2, sample_window: int = 8):
     self.p, self.cfg = params, config
     self.latent_window, self.sample_window = latent_window, sample_window
+    self._dec = jax.jit(lambda p, z, cache: _with_cache(decoder_window, p, config, z, cache))
+    self._enc = jax.jit(lambda p, x, cache: _with_cache(encoder_window, p, config, x, cache))
 
   def decode(self, latents: jax.Array) -> jax.Array:
     """latents [B, t, h, w, C_lat] -> video [B, T, H, W, 3]."""
     cache: dict = {}
-    outs = [decoder_window(self.p, self.cfg, latents[:, a:b], cache)
-            for a, b in windows(latents.shape[1], self.latent_window)]
+    outs = []
+    for a, b in windows(latents.shape[1], self.latent_window):  # jitted per window shape (2 compiles)
+      y, cache = self._dec(self.p, jnp.asarray(latents[:, a:b]), cache)
+      outs.append(y)
     return jnp.concatenate(outs, axis=1)
 
   def encode(self, video: jax.Array) -> tuple[jax.Array, jax.Array]:
     """video [B, T, H, W, 3] in [-1, 1] -> (mean, logvar) each [B, t, h, w, C_lat], logvar clamped."""
     cache: dict = {}
-    outs = [encoder_window(self.p, self.cfg, video[:, a:b], cache)
-            for a, b in windows(video.shape[1], self.sample_window)]
+    outs = []
+    for a, b in windows(video.shape[1], self.sample_window):
+      y, cache = self._enc(self.p, jnp.asarray(video[:, a:b]), cache)
+      outs.append(y)
     m = jnp.concatenate(outs, axis=1)
     mean, logvar = jnp.split(m, 2, axis=-1)
     return mean, jnp.clip(logvar, -30.0, 20.0)
