@@ -53,7 +53,7 @@ def test_decode_parity(vae_dirs, x64, t):
 @pytest.mark.parametrize("frames", [9, 17])  # one window; two windows (9 then 8, conv caches carried)
 def test_encode_parity(vae_dirs, x64, frames):
   root, model = vae_dirs
-  vae = load_vae(str(root / "dst"), dtype=np.float64)
+  vae = load_vae(str(root / "dst"), dtype=np.float64, sample_window=8)  # diffusers' encode window
   x = np.random.default_rng(0).uniform(-1, 1, size=(1, frames, 16, 16, 3))
   mean, logvar = vae.encode(x)
   with torch.no_grad():
@@ -81,3 +81,47 @@ def test_bad_checkpoint_names_tensors(vae_dirs, tmp_path):
   for name in ("encoder.bogus.weight", "decoder.conv_in.conv.bias", "decoder.conv_out.conv.weight"):
     assert name in str(e.value)
   assert not (tmp_path / "out").exists()
+
+
+def _diffusers_to_sat(key: str, num_up: int) -> str:
+  """Test-side inverse of spec §7.6 (written independently of the converter's regexes)."""
+  parts = key.split(".")
+  if parts[1] == "down_blocks":
+    kind = "block" if parts[3] == "resnets" else "downsample"
+    rest = parts[4:] if kind == "block" else parts[5:]
+    head = [parts[0], "down", parts[2], kind] + ([parts[4]] if kind == "block" else [])
+    parts = head + (rest[1:] if kind == "block" else rest)
+  elif parts[1] == "up_blocks":
+    i = str(num_up - 1 - int(parts[2]))
+    if parts[3] == "resnets":
+      parts = [parts[0], "up", i, "block", parts[4]] + parts[5:]
+    else:
+      parts = [parts[0], "up", i, "upsample"] + parts[5:]
+  elif parts[1] == "mid_block":
+    parts = [parts[0], "mid", f"block_{int(parts[3]) + 1}"] + parts[4:]
+  return ".".join(parts).replace("conv_shortcut", "nin_shortcut")
+
+
+def test_sat_converter_matches_diffusers_converter(vae_dirs, tmp_path):
+  from converters.common import flatten, load_orbax
+  from converters.sat_vae import convert_sat_vae
+  import json
+  root, model = vae_dirs
+  sd = {_diffusers_to_sat(k, 4): v.float() for k, v in model.state_dict().items()}
+  sd["loss.logvar"] = torch.zeros(1)
+  assert "decoder.up.3.block.0.norm1.conv_y.conv.weight" in sd and "encoder.mid.block_2.conv1.conv.weight" in sd
+  torch.save({"state_dict": sd}, str(tmp_path / "vae.pt"))
+  config = json.loads((root / "src" / "config.json").read_text())
+  convert_sat_vae(str(tmp_path / "vae.pt"), str(tmp_path / "sat"), config, dtype="float64")
+  got = flatten(load_orbax(str(tmp_path / "sat" / "params")))
+  want = flatten(load_orbax(str(root / "dst" / "params")))
+  assert sorted(got) == sorted(want)
+  for k in want:
+    np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-7, err_msg=k)
+  del sd["encoder.conv_in.conv.weight"]
+  sd["encoder.down.0.bogus.weight"] = torch.zeros(3)
+  torch.save({"state_dict": sd}, str(tmp_path / "bad.pt"))
+  with pytest.raises(ValueError) as e:
+    convert_sat_vae(str(tmp_path / "bad.pt"), str(tmp_path / "bad"), config)
+  assert "encoder.down_blocks.0.bogus.weight" in str(e.value) and "encoder.conv_in.conv.weight" in str(e.value)
+  assert not (tmp_path / "bad").exists()

@@ -3,7 +3,8 @@
 Status: first cut written against diffusers.AutoencoderKLCogVideoX (0.42.1) semantics: causal convs with
 first-frame replicate padding and conv caches carried between frame windows, GroupNorm(groups, 1e-6),
 SpatialNorm3D (odd-frame first-frame rule), Down/Upsample3D time rules, logvar clamp. Windows are a
-Python loop (diffusers/official rule: 3 latent frames then 2; encode 8k+1 frames per window here).
+Python loop (official and diffusers: 3 latent frames then 2; encode 49 then 48 frames as official, diffusers
+uses 9 then 8: `sample_window`).
 Conv weights are stored channels-last: conv3d [kt, kh, kw, I, O], conv2d [kh, kw, I, O].
 """
 from __future__ import annotations
@@ -177,7 +178,7 @@ def _with_cache(fn, p: Params, cfg: dict, x: jax.Array, cache: dict) -> tuple[ja
 class CogVideoXVAE:
   """Windowed encode/decode with conv caches carried between windows."""
 
-  def __init__(self, params: Params, config: dict, latent_window: int = 2, sample_window: int = 8):
+  def __init__(self, params: Params, config: dict, latent_window: int = 2, sample_window: int = 48):
     self.p, self.cfg = params, config
     self.latent_window, self.sample_window = latent_window, sample_window
     self._dec = jax.jit(lambda p, z, cache: _with_cache(decoder_window, p, config, z, cache))
@@ -204,8 +205,8 @@ class CogVideoXVAE:
     return mean, jnp.clip(logvar, -30.0, 20.0)
 
 
-def load_vae(path: str, dtype: Any = jnp.bfloat16) -> CogVideoXVAE:
-  """Loads a converted VAE directory (`config.json` + orbax `params/`)."""
+def load_vae(path: str, dtype: Any = jnp.bfloat16, sample_window: int = 48) -> CogVideoXVAE:
+  """Loads a converted VAE directory; encode windows are 49 then 48 frames as official (diffusers: 9/8)."""
   from converters.common import flatten, load_orbax  # pylint: disable=import-outside-toplevel
   cfg_path = os.path.join(path, "config.json")
   if not os.path.exists(cfg_path):
@@ -213,4 +214,4 @@ def load_vae(path: str, dtype: Any = jnp.bfloat16) -> CogVideoXVAE:
   with open(cfg_path) as f:
     config = json.load(f)
   flat = flatten(load_orbax(os.path.join(path, "params")))
-  return CogVideoXVAE({k: jnp.asarray(v, dtype) for k, v in flat.items()}, config)
+  return CogVideoXVAE({k: jnp.asarray(v, dtype) for k, v in flat.items()}, config, sample_window=sample_window)
