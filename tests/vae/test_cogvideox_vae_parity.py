@@ -123,5 +123,5 @@ def test_sat_converter_matches_diffusers_converter(vae_dirs, tmp_path):
   torch.save({"state_dict": sd}, str(tmp_path / "bad.pt"))
   with pytest.raises(ValueError) as e:
     convert_sat_vae(str(tmp_path / "bad.pt"), str(tmp_path / "bad"), config)
-  assert "encoder.down_blocks.0.bogus.weight" in str(e.value) and "encoder.conv_in.conv.weight" in str(e.value)
+  assert "encoder.down.0.bogus.weight" in str(e.value) and "encoder.conv_in.conv.weight" in str(e.value)
   assert not (tmp_path / "bad").exists()
