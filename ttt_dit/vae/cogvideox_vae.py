@@ -1,10 +1,11 @@
 """CogVideoX 3D causal VAE (encoder + decoder), channels-last, over a flat {diffusers key: array} dict.
 
-Status: first cut written against diffusers.AutoencoderKLCogVideoX (0.42.1) semantics: causal convs with
-first-frame replicate padding and conv caches carried between frame windows, GroupNorm(groups, 1e-6),
-SpatialNorm3D (odd-frame first-frame rule), Down/Upsample3D time rules, logvar clamp. Windows are a
-Python loop (official and diffusers: 3 latent frames then 2; encode 49 then 48 frames as official, diffusers
-uses 9 then 8: `sample_window`).
+Follows diffusers.AutoencoderKLCogVideoX (0.42.1) and spec §7: causal convs with first-frame replicate
+padding and conv caches carried between frame windows, GroupNorm(groups, 1e-6), SpatialNorm3D
+(odd-frame first-frame rule), Down/Upsample3D time rules, logvar clamp. Decode windows: 3 latent frames,
+then 2 (official = diffusers); the first window is jitted alone, the rest run in one `lax.scan` carrying
+the conv caches. Encode windows: 49 then 48 frames as official (diffusers uses 9 then 8:
+`sample_window`), a jitted loop. No spatial tiling.
 Conv weights are stored channels-last: conv3d [kt, kh, kw, I, O], conv2d [kh, kw, I, O].
 """
 from __future__ import annotations
@@ -175,6 +176,15 @@ def _with_cache(fn, p: Params, cfg: dict, x: jax.Array, cache: dict) -> tuple[ja
   return fn(p, cfg, x, cache), cache
 
 
+def _scan_windows(fn, p: Params, cfg: dict, zs: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+  """`lax.scan` of `fn` over equal windows zs [N, B, w, ...], carrying the conv caches."""
+  def body(c, z):
+    y, c = _with_cache(fn, p, cfg, z, c)
+    return c, y
+  cache, ys = jax.lax.scan(body, cache, zs)  # ys [N, B, W, H, W, 3]
+  return ys, cache
+
+
 class CogVideoXVAE:
   """Windowed encode/decode with conv caches carried between windows."""
 
@@ -182,16 +192,24 @@ class CogVideoXVAE:
     self.p, self.cfg = params, config
     self.latent_window, self.sample_window = latent_window, sample_window
     self._dec = jax.jit(lambda p, z, cache: _with_cache(decoder_window, p, config, z, cache))
+    self._dec_scan = jax.jit(lambda p, zs, cache: _scan_windows(decoder_window, p, config, zs, cache))
     self._enc = jax.jit(lambda p, x, cache: _with_cache(encoder_window, p, config, x, cache))
 
   def decode(self, latents: jax.Array) -> jax.Array:
     """latents [B, t, h, w, C_lat] -> video [B, T, H, W, 3]."""
-    cache: dict = {}
-    outs = []
-    for a, b in windows(latents.shape[1], self.latent_window):  # jitted per window shape (2 compiles)
-      y, cache = self._dec(self.p, jnp.asarray(latents[:, a:b]), cache)
-      outs.append(y)
-    return jnp.concatenate(outs, axis=1)
+    latents = jnp.asarray(latents)
+    wins = windows(latents.shape[1], self.latent_window)
+    a, b = wins[0]
+    y, cache = self._dec(self.p, latents[:, a:b], {})  # first window (3 latents for odd T)
+    if len(wins) == 1:
+      return y
+    rest = latents[:, b:]  # [B, N*w, h, w_, C], later windows all `latent_window` long
+    n = len(wins) - 1
+    zs = jnp.moveaxis(rest.reshape((rest.shape[0], n, self.latent_window) + rest.shape[2:]), 1, 0)
+    ys, _ = self._dec_scan(self.p, zs, cache)  # [N, B, F, H, W, 3]
+    ys = jnp.moveaxis(ys, 0, 1)
+    ys = ys.reshape((ys.shape[0], -1) + ys.shape[3:])
+    return jnp.concatenate([y, ys], axis=1)
 
   def encode(self, video: jax.Array) -> tuple[jax.Array, jax.Array]:
     """video [B, T, H, W, 3] in [-1, 1] -> (mean, logvar) each [B, t, h, w, C_lat], logvar clamped."""
