@@ -17,12 +17,25 @@ def load_dit(path: str, dtype: Any = None):
 
 
 def load_text_encoder(path: str, dtype: Any = None):
-  """Loads a converted T5 encoder; returns `enc(input_ids [B, L]) -> [B, L, D]`."""
+  """Loads a converted T5 encoder; returns `enc(input_ids [B, L]) -> [B, L, D]`.
+
+  `enc.tokenize(texts, max_length)` (or `ttt_dit.tokenize`) turns strings into the ids it takes.
+  """
   from ttt_dit.text.t5 import load_text_encoder as _load
   return _load(path) if dtype is None else _load(path, dtype=dtype)
 
 
+def tokenize(texts: list[str], path: str, max_length: int):
+  """Strings -> int32 ids [N, max_length] (EOS, pad id 0, truncated), scene tokens added as official.
+
+  `path` is a tokenizer folder or a converted text encoder folder (which holds `tokenizer/`).
+  """
+  from ttt_dit.text.tokenizer import tokenize as _tokenize
+  return _tokenize(list(texts), path, max_length)
+
+
 def load_vae(path: str, dtype: Any = None):
-  """Loads a converted CogVideoX VAE; returns an object with `.encode` and `.decode`."""
+  """Loads a converted CogVideoX VAE: `.encode(video [B, T, H, W, 3] in [-1, 1]) -> (mean, logvar)` each
+  [B, (T-1)/4+1, H/8, W/8, C_lat], `.decode(latents [B, t, h, w, C_lat]) -> video [B, 4(t-1)+1, 8h, 8w, 3]`."""
   from ttt_dit.vae.cogvideox_vae import load_vae as _load
   return _load(path) if dtype is None else _load(path, dtype=dtype)

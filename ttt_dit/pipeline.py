@@ -27,6 +27,7 @@ from ttt_dit.diffusion import guidance, latent_scale
 from ttt_dit.diffusion import sampler as sampler_lib
 from ttt_dit.model import configs as model_configs
 
+PRESETS = ("5B", "debug", "tiny")  # model_configs.get_config presets; converted checkpoints say "diffusers"
 VAE_SPATIAL = 8
 VAE_TEMPORAL = 4
 
@@ -47,27 +48,44 @@ def _dtype(name: str) -> jnp.dtype:
   return jnp.dtype(name)
 
 
+def component_dir(config: ml_collections.ConfigDict, field: str) -> str:
+  """config.<field> ("text_encoder" | "vae"), else <checkpoint>/<field> (the layout converters.cogvideox writes)."""
+  if config[field]:
+    return config[field]
+  if config.checkpoint and os.path.isdir(os.path.join(config.checkpoint, field)):
+    return os.path.join(config.checkpoint, field)
+  raise ValueError(f"sample config: no {field}: pass --config.{field}=DIR, or a --config.checkpoint=DIR "
+                   f"converted from a full snapshot (with DIR/{field})")
+
+
 def tokenizer_dir(config: ml_collections.ConfigDict) -> str:
   """config.tokenizer, else <text_encoder>/tokenizer when present, else the text encoder dir."""
   if config.tokenizer:
     return config.tokenizer
-  sub = os.path.join(config.text_encoder, "tokenizer")
-  return sub if os.path.isdir(sub) else config.text_encoder
+  text_encoder = component_dir(config, "text_encoder")
+  sub = os.path.join(text_encoder, "tokenizer")
+  return sub if os.path.isdir(sub) else text_encoder
 
 
 def load_components(config: ml_collections.ConfigDict) -> Components:
-  """Loads the DiT (`checkpoint`), T5 (`text_encoder`, tokenizer) and VAE (`vae`) named by the config."""
+  """Loads the DiT (`checkpoint`), T5 (`text_encoder`, tokenizer) and VAE (`vae`) named by the config.
+
+  `text_encoder` and `vae` default to `<checkpoint>/text_encoder` and `<checkpoint>/vae`.
+  """
   from ttt_dit.model.loading import load_dit_model  # pylint: disable=import-outside-toplevel
   from ttt_dit.text.t5 import load_text_encoder  # pylint: disable=import-outside-toplevel
   from ttt_dit.text.tokenizer import tokenize  # pylint: disable=import-outside-toplevel
   from ttt_dit.vae.cogvideox_vae import load_vae  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
-  for field in ("checkpoint", "text_encoder", "vae"):
-    if not config[field]:
-      raise ValueError(f"sample config: --config.{field}=DIR is required")
-    if not os.path.isdir(config[field]):
-      raise ValueError(f"sample config: {field} directory {config[field]!r} does not exist")
+  if not config.checkpoint:
+    raise ValueError("sample config: --config.checkpoint=DIR is required")
+  dirs = {"checkpoint": config.checkpoint}
+  if os.path.isdir(config.checkpoint):
+    dirs.update(text_encoder=component_dir(config, "text_encoder"), vae=component_dir(config, "vae"))
+  for field, d in dirs.items():
+    if not os.path.isdir(d):
+      raise ValueError(f"sample config: {field} directory {d!r} does not exist")
   overrides = {"mini_batch_size": config.mini_batch_size} if config.mini_batch_size else {}
   dt = _dtype(config.dtype)
   model, model_config = load_dit_model(config.checkpoint, dtype=dt, param_dtype=dt, **overrides)
@@ -76,7 +94,7 @@ def load_components(config: ml_collections.ConfigDict) -> Components:
   def dit(params, latents, text, timesteps):  # parameters enter the jitted loop as arguments
     return nnx.merge(graphdef, params)(latents, text, timesteps)
 
-  enc = load_text_encoder(config.text_encoder, dtype=dt)
+  enc = load_text_encoder(dirs["text_encoder"], dtype=dt)
   tok_dir = tokenizer_dir(config)
 
   def encode_text(texts: list[str], max_len: int) -> jax.Array:
@@ -86,7 +104,7 @@ def load_components(config: ml_collections.ConfigDict) -> Components:
     ids = np.asarray(tokenize(texts, tok_dir, 4096))
     return [int(n) for n in (ids != 0).sum(axis=1)]
 
-  vae = load_vae(config.vae, dtype=_dtype(config.vae_dtype))
+  vae = load_vae(dirs["vae"], dtype=_dtype(config.vae_dtype))
   return Components(dit, encode_text, vae.decode, model_config, count_tokens, dit_params=state)
 
 
@@ -94,8 +112,20 @@ def stage_text_len(config: ml_collections.ConfigDict, model_config: ml_collectio
   """L_t: config.text_len, else the stage's value for the checkpoint's preset (spec §1.3)."""
   if config.text_len > 0:
     return int(config.text_len)
-  mc = model_configs.get_config(model_config.preset, model_config.sequence_layer, config.stage)
-  return int(mc.text_len)
+  if model_config.preset in PRESETS:
+    mc = model_configs.get_config(model_config.preset, model_config.sequence_layer, config.stage)
+    return int(mc.text_len)
+  # A converted diffusers checkpoint: the largest L_t <= max_text_len making the stage divisible (§1.4),
+  # which gives the table values of §1.3 for CogVideoX-5B's geometry.
+  mc = model_config
+  n = model_configs.STAGE_SCENES[config.stage]
+  t = model_configs.num_latent_frames(n, mc.attn_length, mc.prefix_temporal_length)
+  mbs = config.mini_batch_size or mc.mini_batch_size
+  text_len = model_configs.text_len_for(n, t, mc.latent_height * mc.latent_width, mbs, max_len=mc.max_text_len)
+  if text_len is None:
+    raise ValueError(f"sample config: no text length <= {mc.max_text_len} makes stage {config.stage} divisible by "
+                     f"the TTT mini-batch size {mbs}; pass --config.text_len")
+  return int(text_len)
 
 
 def latent_shape(num_scenes: int, mc: ml_collections.ConfigDict) -> tuple[int, int, int, int, int]:

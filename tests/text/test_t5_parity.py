@@ -92,3 +92,25 @@ def test_t5_bad_checkpoint_names_tensors(snapshot, tmp_path):
   for name in ("DenseReluDense.wo", "SelfAttention.q.weight", "encoder.bogus.weight"):
     assert name in msg, msg
   assert not os.path.exists(tmp_path / "out")
+
+
+def test_public_api_load_text_encoder_and_tokenize(snapshot, tmp_path):
+  """ttt_dit.load_text_encoder(path, dtype=...) -> enc(ids [B, L]) -> [B, L, D]; strings -> ids helpers."""
+  import jax.numpy as jnp
+  import ttt_dit
+  root, model = snapshot
+  dst = tmp_path / "t5"
+  convert_text_encoder(str(root / "text_encoder"), str(root / "tokenizer"), str(dst))
+  enc = ttt_dit.load_text_encoder(str(dst), dtype=jnp.float32)
+  texts = ["tom chases jerry", "a cat sits on the mat <end_scene>", ""]
+  ids = enc.tokenize(texts, 12)
+  np.testing.assert_array_equal(ids, ttt_dit.tokenize(texts, str(dst), 12))              # text encoder dir
+  np.testing.assert_array_equal(ids, ttt_dit.tokenize(texts, str(dst / "tokenizer"), 12))  # tokenizer dir
+  assert ids.dtype == np.int32 and ids.shape == (3, 12) and ids[2, 0] == 1 and not ids[2, 1:].any()
+  got = enc(ids)
+  assert got.shape == (3, 12, 32) and got.dtype == jnp.float32
+  keep = [0, 2]  # rows without the scene tokens (their embedding rows are the converter's resize)
+  with torch.no_grad():
+    want = model.float()(input_ids=torch.tensor(ids[keep], dtype=torch.long)).last_hidden_state.numpy()
+  np.testing.assert_allclose(np.asarray(got)[keep], want, rtol=1e-4, atol=1e-4)
+  assert enc(jnp.asarray(ids, jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)).shape == (3, 12, 32)

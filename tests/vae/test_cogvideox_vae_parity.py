@@ -125,3 +125,18 @@ def test_sat_converter_matches_diffusers_converter(vae_dirs, tmp_path):
     convert_sat_vae(str(tmp_path / "bad.pt"), str(tmp_path / "bad"), config)
   assert "encoder.down.0.bogus.weight" in str(e.value) and "encoder.conv_in.conv.weight" in str(e.value)
   assert not (tmp_path / "bad").exists()
+
+
+def test_public_api_load_vae(vae_dirs):
+  """ttt_dit.load_vae(path, dtype=...): encode -> (mean, logvar) [B, T', H/8, W/8, C]; decode -> [B, T, H, W, 3]."""
+  import jax.numpy as jnp
+  import ttt_dit
+  root, _ = vae_dirs
+  vae = ttt_dit.load_vae(str(root / "dst"), dtype=jnp.float32)
+  x = np.random.default_rng(1).uniform(-1, 1, size=(2, 9, 16, 24, 3)).astype(np.float32)
+  mean, logvar = vae.encode(x)
+  assert mean.shape == logvar.shape == (2, 3, 2, 3, 4) and mean.dtype == jnp.float32
+  assert float(jnp.max(logvar)) <= 20.0 and float(jnp.min(logvar)) >= -30.0
+  video = vae.decode(mean)
+  assert video.shape == (2, 9, 16, 24, 3) and video.dtype == jnp.float32
+  assert np.isfinite(np.asarray(video)).all()

@@ -133,7 +133,11 @@ def assign_params(model: nnx.Module, flat: dict[str, Any]) -> None:
 
 
 def load_text_encoder(path: str, dtype: Any = jnp.bfloat16) -> Callable[[jax.Array], jax.Array]:
-  """Loads a converted T5 directory (`config.json` + orbax `params/`); returns jitted `enc(ids [B, L])`."""
+  """Loads a converted T5 directory (`config.json` + orbax `params/`); returns jitted `enc(ids [B, L])`.
+
+  When the directory holds the tokenizer (`tokenizer/`, as `converters.t5` writes it), the callable also
+  has `enc.tokenize(texts, max_length) -> int32 ids [N, max_length]` (EOS, padded, truncated as official).
+  """
   from converters.common import flatten, load_orbax  # pylint: disable=import-outside-toplevel
   cfg_path = os.path.join(path, CONFIG_NAME)
   if not os.path.exists(cfg_path):
@@ -147,7 +151,18 @@ def load_text_encoder(path: str, dtype: Any = jnp.bfloat16) -> Callable[[jax.Arr
   graph, state = nnx.split(model)
 
   @jax.jit
-  def enc(input_ids: jax.Array) -> jax.Array:
-    return nnx.merge(graph, state)(jnp.asarray(input_ids, jnp.int32))
+  def _apply(state, input_ids: jax.Array) -> jax.Array:
+    return nnx.merge(graph, state)(input_ids)
 
+  def enc(input_ids: jax.Array) -> jax.Array:
+    """int ids [B, L] -> hidden states [B, L, D]."""
+    return _apply(state, jnp.asarray(input_ids, jnp.int32))
+
+  def tokenize_texts(texts: list[str], max_length: int) -> np.ndarray:
+    """Strings -> int32 ids [N, max_length] with this encoder's tokenizer (scene tokens added)."""
+    from ttt_dit.text.tokenizer import tokenize  # pylint: disable=import-outside-toplevel
+    return tokenize(list(texts), os.path.join(path, "tokenizer"), max_length)
+
+  enc.tokenize = tokenize_texts  # type: ignore[attr-defined]
+  enc.config = config  # type: ignore[attr-defined]
   return enc

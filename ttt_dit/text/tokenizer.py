@@ -9,12 +9,19 @@ import numpy as np
 SCENE_TOKENS = ("<end_scene>", "<start_scene>")
 
 
+def resolve_dir(path: str) -> str:
+  """A tokenizer folder, or a converted text encoder folder holding one in `tokenizer/`."""
+  sub = os.path.join(path, "tokenizer")
+  return sub if os.path.isdir(sub) else path
+
+
 @functools.lru_cache(maxsize=8)
 def load_tokenizer(tokenizer_dir: str):
-  """HF T5Tokenizer from `tokenizer_dir` with `<end_scene>`/`<start_scene>` added as special tokens."""
+  """HF T5Tokenizer from `tokenizer_dir` (or `<dir>/tokenizer`) with `<end_scene>`/`<start_scene>` added."""
   from transformers import T5Tokenizer  # pylint: disable=import-outside-toplevel
   if not os.path.isdir(tokenizer_dir):
     raise ValueError(f"{tokenizer_dir}: tokenizer directory does not exist")
+  tokenizer_dir = resolve_dir(tokenizer_dir)
   tok = T5Tokenizer.from_pretrained(tokenizer_dir)
   missing = [t for t in SCENE_TOKENS if t not in tok.get_vocab()]
   if missing:
