@@ -4,11 +4,15 @@ Select with `--config=experiments/configs/stage.py:ARG`, ARG = "<stage>[,<sequen
 one of 3s, 9s, 18s, 30s, 63s or tiny_3s ... tiny_63s (tiny DiT preset, CPU-sized, 1-device mesh, few steps)
 and sequence_layer is ttt_mlp (default) or ttt_linear. Examples: `stage.py:63s`, `stage.py:9s,ttt_linear`,
 `stage.py:tiny_3s`. Fields: optimizer.* (lr / lr_ssm peaks, schedules, lr_end, warmup, steps, AdamW,
-weight decay, clip), adapter_method, global_batch, mesh.shape (data, fsdp, tensor), model.overrides
-(remat, scan group size), checkpoint.*, init_checkpoint (previous stage's run checkpoints dir), data.*.
+weight decay, clip, grad_accum_steps), adapter_method, global_batch, mesh.shape (data, fsdp, tensor; -1 =
+the remaining devices), mesh.rules (regex on parameter path -> PartitionSpec, `ttt_dit.train.sharding`),
+model.overrides (remat, scan group size), checkpoint.*, init_checkpoint (previous stage's run checkpoints
+dir), data.*, stratified_t / timestep_ranks (spec §5.2.6), ttt_diagnostics_every, debug.* (NaN injection).
 """
 
 import ml_collections
+
+from ttt_dit.train.sharding import DEFAULT_RULES
 
 STAGES = ("3s", "9s", "18s", "30s", "63s")
 PREVIOUS = {"9s": "3s", "18s": "9s", "30s": "18s", "63s": "30s"}
@@ -32,7 +36,9 @@ def _stage_config(stage: str, sequence_layer: str, tiny: bool) -> ml_collections
   c.seed = 0
   c.adapter_method = "sft" if (stage == "3s" and not linear) else "qkvo"
   c.global_batch = 64
-  c.stratified_t = False          # single-process default; §5.2.6 stratification when True
+  c.stratified_t = True           # §5.2.6: t stratified over the data-parallel ranks when there are > 1
+  c.timestep_ranks = 0            # W for the strata; 0 = data x fsdp of the mesh
+  c.ttt_diagnostics_every = 50    # TTT inner-loop losses (one extra forward) every N steps; 0 = never
   c.text_dropout = 0.0            # released code trains without text dropout (§5.2.7)
   c.log_every = 10
   c.model = ml_collections.ConfigDict()
@@ -58,6 +64,7 @@ def _stage_config(stage: str, sequence_layer: str, tiny: bool) -> ml_collections
   o.grad_accum_steps = 1
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = mesh
+  c.mesh.rules = DEFAULT_RULES    # first regex (re.search on the dotted param / opt-state path) wins
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 50 if (linear and stage == "30s") else ckpt_every
   c.checkpoint.keep = 3
@@ -67,10 +74,13 @@ def _stage_config(stage: str, sequence_layer: str, tiny: bool) -> ml_collections
   c.data.index = ""               # official-format JSONL (spec §8.4)
   c.data.seed = 0
   c.data.on_error = "fail"        # "fail" | "skip" (skipped samples counted and logged)
+  c.debug = ml_collections.ConfigDict()
+  c.debug.nan_step = -1           # >= 0: this step's batch is replaced by NaN (tests the non-finite stop)
   if tiny:
     c.model.preset = "tiny"
     c.model.overrides.remat_layer_group_size = 0
     c.model.overrides.scan_checkpoint_group_size = 2
+    c.model.overrides.num_layers = 2  # the tiny preset's depth, overridable (1 = fastest to compile)
     del c.model.overrides["shard_transformer_inputs"]
     c.global_batch = 2
     c.mesh.shape = (1, 1, 1)
@@ -80,6 +90,7 @@ def _stage_config(stage: str, sequence_layer: str, tiny: bool) -> ml_collections
     o.grad_clip = 1.0
     c.checkpoint.every = 5
     c.log_every = 1
+    c.ttt_diagnostics_every = 10
   else:
     del c.model.overrides["shard_transformer_inputs"]  # recorded in mesh rules; the DiT has no such field yet
     c.shard_transformer_inputs = stage == "63s"

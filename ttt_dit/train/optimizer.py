@@ -66,12 +66,10 @@ def make_optimizer(opt: ml_collections.ConfigDict, labels: Any) -> optax.Gradien
   transforms = {k: v for k, v in transforms.items() if k in present}
   mask = trainable_mask(labels)
   # Zero frozen grads first so the global norm covers trainable params only.
-  chain = optax.chain(optax.masked(optax.set_to_zero(), jax.tree_util.tree_map(lambda m: not m, mask)),
-                      optax.clip_by_global_norm(opt.grad_clip),
-                      optax.multi_transform(transforms, labels))
-  if opt.get("grad_accum_steps", 1) > 1:
-    chain = optax.MultiSteps(chain, every_k_schedule=opt.grad_accum_steps)
-  return chain
+  # Gradient accumulation (opt.grad_accum_steps) happens inside the train step (`ttt_dit.train.step`).
+  return optax.chain(optax.masked(optax.set_to_zero(), jax.tree_util.tree_map(lambda m: not m, mask)),
+                     optax.clip_by_global_norm(opt.grad_clip),
+                     optax.multi_transform(transforms, labels))
 
 
 def state_num_elements(opt_state: Any) -> int:

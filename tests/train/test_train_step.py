@@ -1,0 +1,65 @@
+"""Fast in-process tests: stratified timesteps (spec §5.2.6), what the non-finite stop names, partition-rule
+fallbacks, multi-process launch detection. (Gradient accumulation == big batch and mesh equality:
+test_train_mesh.py; the non-finite stop itself: test_train_launcher.py.)"""
+
+import jax
+import numpy as np
+import pytest
+
+from ttt_dit.train import loop, sharding
+from ttt_dit.train.step import sample_timesteps, timestep_groups
+
+
+@pytest.mark.parametrize("ranks,groups", [(1, 1), (8, 8), (64, 8), (4, 4), (16, 8), (3, 1), (128, 8)])
+def test_timestep_groups_follow_the_official_rule(ranks, groups):
+  i, g = timestep_groups(ranks)
+  assert g == groups and i * g == ranks
+  assert 1000 % g == 0
+
+
+def test_stratified_timesteps_over_the_global_batch():
+  for ranks, batch in ((8, 8), (8, 16), (64, 64), (4, 8)):
+    per_group, groups = timestep_groups(ranks)
+    block = 1000 // groups
+    for seed in range(3):
+      t = np.asarray(sample_timesteps(jax.random.key(seed), batch, ranks))
+      assert t.shape == (batch,) and t.min() >= 0 and t.max() < 1000
+      rank = np.arange(batch) // (batch // ranks)
+      np.testing.assert_array_equal(t // block, rank // per_group)  # each rank inside its group's block
+      # The set of strata over the global batch covers [0, 1000) evenly.
+      np.testing.assert_array_equal(np.bincount(t // block, minlength=groups), np.full(groups, batch // groups))
+  t1 = np.asarray(sample_timesteps(jax.random.key(0), 4096, 1))
+  assert np.bincount(t1 // 125, minlength=8).min() > 350  # one rank: uniform over all of [0, 1000)
+  tu = np.asarray(sample_timesteps(jax.random.key(0), 64, 8, stratified=False))
+  assert len(set((tu // 125).tolist())) > 1 and not np.array_equal(tu // 125, np.arange(64) // 8)
+
+
+def test_non_finite_message_names_what():
+  assert loop._non_finite(1.0, 2.0) == ""
+  assert loop._non_finite(float("nan"), 2.0) == "loss"
+  assert loop._non_finite(1.0, float("inf")) == "gradients"
+  assert loop._non_finite(float("nan"), float("nan")) == "loss and gradients"
+
+
+def test_partition_rules_fall_back_when_an_axis_does_not_divide():
+  mesh = sharding.make_mesh((1, 1, 1))
+  rules = sharding.DEFAULT_RULES
+  assert sharding.spec_for("layers.0.seq_modeling_block.q.kernel", (64, 64), rules, mesh) == \
+      jax.sharding.PartitionSpec("fsdp", "tensor")
+  assert sharding.spec_for("x.gating_alpha", (64,), rules, mesh) == jax.sharding.PartitionSpec()
+  with pytest.raises(ValueError, match="names mesh axis 'model'"):
+    sharding.spec_for("a.kernel", (4, 4), ((r".*", ("model",)),), mesh)
+  with pytest.raises(ValueError, match="needs 8 devices"):
+    sharding.make_mesh((2, 2, 2), devices=jax.devices()[:1])
+
+
+def test_multi_process_launch_detection():
+  assert not sharding.launched_multi_process({})
+  assert not sharding.launched_multi_process({"SLURM_NTASKS": "1", "OMPI_COMM_WORLD_SIZE": "1"})
+  assert sharding.launched_multi_process({"SLURM_NTASKS": "4"})
+  assert sharding.launched_multi_process({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
+  assert sharding.launched_multi_process({"OMPI_COMM_WORLD_SIZE": "2"})
+  assert not sharding.maybe_initialize_distributed("off", {"SLURM_NTASKS": "4"})
+  assert not sharding.maybe_initialize_distributed("auto", {})
+  with pytest.raises(ValueError, match="'auto', 'on' or 'off'"):
+    sharding.maybe_initialize_distributed("yes", {})
