@@ -55,11 +55,11 @@ def test_partition_rules_fall_back_when_an_axis_does_not_divide():
 
 def test_multi_process_launch_detection():
   assert not sharding.launched_multi_process({})
-  assert not sharding.launched_multi_process({"SLURM_NTASKS": "1", "OMPI_COMM_WORLD_SIZE": "1"})
-  assert sharding.launched_multi_process({"SLURM_NTASKS": "4"})
+  assert not sharding.launched_multi_process({"SLURM_STEP_NUM_TASKS": "1", "OMPI_COMM_WORLD_SIZE": "1"})
+  assert sharding.launched_multi_process({"SLURM_STEP_NUM_TASKS": "4"})
   assert sharding.launched_multi_process({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
   assert sharding.launched_multi_process({"OMPI_COMM_WORLD_SIZE": "2"})
-  assert not sharding.maybe_initialize_distributed("off", {"SLURM_NTASKS": "4"})
+  assert not sharding.maybe_initialize_distributed("off", {"SLURM_STEP_NUM_TASKS": "4"})
   assert not sharding.maybe_initialize_distributed("auto", {})
   with pytest.raises(ValueError, match="'auto', 'on' or 'off'"):
     sharding.maybe_initialize_distributed("yes", {})

@@ -130,12 +130,13 @@ def global_array(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 
 # Environment variables through which schedulers announce a multi-process launch.
-_MULTI_PROCESS_ENV = (("JAX_COORDINATOR_ADDRESS", None), ("SLURM_NTASKS", "int>1"),
+_MULTI_PROCESS_ENV = (("JAX_COORDINATOR_ADDRESS", None), ("SLURM_STEP_NUM_TASKS", "int>1"),
                       ("OMPI_COMM_WORLD_SIZE", "int>1"), ("PMI_SIZE", "int>1"))
 
 
 def launched_multi_process(env: Mapping[str, str] | None = None) -> bool:
-  """True when a scheduler (coordinator address, SLURM, Open MPI, PMI) launched several processes."""
+  """True when a scheduler launched several processes (coordinator address set, or inside an srun step /
+  mpirun / mpiexec of more than one task; a plain shell in a SLURM allocation is not a launch)."""
   env = os.environ if env is None else env
   for name, kind in _MULTI_PROCESS_ENV:
     value = env.get(name)
