@@ -9,6 +9,7 @@ Both the conversion and the sampling run as subprocesses of the documented comma
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -112,8 +113,9 @@ def test_snapshot_to_mp4_end_to_end(converted, tmp_path):
     out = tmp_path / name
     res = _sample(dst, str(story), str(out))
     assert res.returncode == 0, res.stderr[-3000:]
-    for desc in ("text encoding", "denoising", "VAE decode"):  # tqdm progress bars
-      assert desc in res.stderr, desc
+    for bar in (r"text encoding: 100%\|[^|]*\| 1/1", r"denoising: 100%\|[^|]*\| 3/3",
+                r"VAE decode: 100%\|[^|]*\| 2/2"):  # tqdm: one tick per step, per VAE window (3 + 2 latents)
+      assert re.search(bar, res.stderr), bar
     assert sorted(os.listdir(out)) == ["video_000.json", "video_000.mp4", "video_000_scenes.png"]  # no temp files
     frames, fps = video_io.read_mp4(str(out / "video_000.mp4"))
     assert frames.shape == (NUM_FRAMES, 32, 48, 3) and fps == 16.0
@@ -128,3 +130,30 @@ def test_snapshot_to_mp4_end_to_end(converted, tmp_path):
     assert set(side["timings"]) == {"text_s", "denoise_s", "decode_s", "write_s"}
     runs.append(frames)
   np.testing.assert_array_equal(runs[0], runs[1])  # same seed -> identical frames
+
+
+def test_load_components_defaults_and_vae_tiling(converted, tmp_path):
+  """text_encoder / vae default to <checkpoint>/...; --config.vae_tiling reaches the VAE (windows x tiles)."""
+  from experiments.configs import sample as sample_config
+  from ttt_dit import pipeline
+  _, dst = converted
+  config = sample_config.get_config("tiny,stage=9s")
+  config.checkpoint = dst
+  config.vae_tiling, config.vae_tile_height, config.vae_tile_width = True, 16, 24
+  config.vae_tile_overlap_height, config.vae_tile_overlap_width = 1 / 2, 1 / 3
+  comps = pipeline.load_components(config)
+  assert comps.model_config.preset == "diffusers" and comps.model_config.attn_length == 2
+  assert comps.decode_steps((1, NUM_LATENT, 4, 6, 16)) == 2 * 4 * 3  # 2 windows x (rows 0,1,2,3) x (cols 0,2,4)
+  config.vae_tiling = False
+  assert pipeline.load_components(config).decode_steps((1, NUM_LATENT, 4, 6, 16)) == 2
+  assert comps.encode_text(["a dog", ""], TEXT_LEN).shape == (2, TEXT_LEN, 32)
+  # The stage's L_t for a converted checkpoint: largest L_t <= 502 with 3 L_t + 7 * 6 divisible by 8.
+  assert pipeline.stage_text_len(config, comps.model_config) == 498
+  bare = tmp_path / "bare"
+  os.makedirs(bare / "transformer")
+  config.checkpoint = str(bare)
+  with pytest.raises(ValueError, match="no text_encoder: pass --config.text_encoder=DIR"):
+    pipeline.load_components(config)
+  config.text_encoder, config.vae = os.path.join(dst, "text_encoder"), str(tmp_path / "nowhere")
+  with pytest.raises(ValueError, match="vae directory .*nowhere' does not exist"):
+    pipeline.load_components(config)

@@ -34,8 +34,12 @@ def tokenize(texts: list[str], path: str, max_length: int):
   return _tokenize(list(texts), path, max_length)
 
 
-def load_vae(path: str, dtype: Any = None):
+def load_vae(path: str, dtype: Any = None, tiling: Any = None):
   """Loads a converted CogVideoX VAE: `.encode(video [B, T, H, W, 3] in [-1, 1]) -> (mean, logvar)` each
-  [B, (T-1)/4+1, H/8, W/8, C_lat], `.decode(latents [B, t, h, w, C_lat]) -> video [B, 4(t-1)+1, 8h, 8w, 3]`."""
+  [B, (T-1)/4+1, H/8, W/8, C_lat], `.decode(latents [B, t, h, w, C_lat]) -> video [B, 4(t-1)+1, 8h, 8w, 3]`.
+
+  `tiling`: optional `ttt_dit.vae.cogvideox_vae.Tiling` (spatially tiled decode, as diffusers' `tiled_decode`).
+  """
   from ttt_dit.vae.cogvideox_vae import load_vae as _load
-  return _load(path) if dtype is None else _load(path, dtype=dtype)
+  kwargs = {} if dtype is None else {"dtype": dtype}
+  return _load(path, tiling=tiling, **kwargs)

@@ -41,6 +41,7 @@ class Components:
   model_config: ml_collections.ConfigDict                       # the DiT config (grid, windows, mini-batch)
   count_tokens: Callable[[list[str]], list[int]] | None = None  # untruncated token counts (warnings)
   dit_params: Any = None                                        # if set, dit is dit(params, latents, text, t)
+  decode_steps: Callable[[tuple[int, ...]], int] | None = None  # if set, decode(z, progress=f) calls f(1) that often
 
 
 def _dtype(name: str) -> jnp.dtype:
@@ -75,7 +76,7 @@ def load_components(config: ml_collections.ConfigDict) -> Components:
   from ttt_dit.model.loading import load_dit_model  # pylint: disable=import-outside-toplevel
   from ttt_dit.text.t5 import load_text_encoder  # pylint: disable=import-outside-toplevel
   from ttt_dit.text.tokenizer import tokenize  # pylint: disable=import-outside-toplevel
-  from ttt_dit.vae.cogvideox_vae import load_vae  # pylint: disable=import-outside-toplevel
+  from ttt_dit.vae.cogvideox_vae import Tiling, load_vae  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
   if not config.checkpoint:
@@ -104,8 +105,13 @@ def load_components(config: ml_collections.ConfigDict) -> Components:
     ids = np.asarray(tokenize(texts, tok_dir, 4096))
     return [int(n) for n in (ids != 0).sum(axis=1)]
 
-  vae = load_vae(dirs["vae"], dtype=_dtype(config.vae_dtype))
-  return Components(dit, encode_text, vae.decode, model_config, count_tokens, dit_params=state)
+  tiling = None
+  if config.vae_tiling:
+    tiling = Tiling(config.vae_tile_height, config.vae_tile_width, config.vae_tile_overlap_height,
+                    config.vae_tile_overlap_width)
+  vae = load_vae(dirs["vae"], dtype=_dtype(config.vae_dtype), tiling=tiling)
+  return Components(dit, encode_text, vae.decode, model_config, count_tokens, dit_params=state,
+                    decode_steps=vae.num_decode_steps)
 
 
 def stage_text_len(config: ml_collections.ConfigDict, model_config: ml_collections.ConfigDict) -> int:
@@ -223,10 +229,15 @@ def run(config: ml_collections.ConfigDict, storyboard_path: str, output_dir: str
       bar.bar = None
     timings["denoise_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    with tqdm(total=1, desc=f"video {j}: VAE decode", leave=False) as vb:
-      z = latent_scale.to_vae_latents(latents, config.latent_scale).astype(_dtype(config.vae_dtype))
-      video = np.asarray(jax.block_until_ready(components.decode(z)), np.float32)[0]  # [F, H, W, 3]
-      vb.update(1)
+    z = latent_scale.to_vae_latents(latents, config.latent_scale).astype(_dtype(config.vae_dtype))
+    if components.decode_steps is not None:  # one tick per decoded window (x tile)
+      with tqdm(total=components.decode_steps(z.shape), desc=f"video {j}: VAE decode", unit="window") as vb:
+        video = components.decode(z, progress=vb.update)
+        video = np.asarray(jax.block_until_ready(video), np.float32)[0]     # [F, H, W, 3]
+    else:
+      with tqdm(total=1, desc=f"video {j}: VAE decode") as vb:
+        video = np.asarray(jax.block_until_ready(components.decode(z)), np.float32)[0]
+        vb.update(1)
     timings["decode_s"] = time.perf_counter() - t0
     want_frames = VAE_TEMPORAL * (shape[1] - 1) + 1
     if video.shape != (want_frames, config.height, config.width, 3):

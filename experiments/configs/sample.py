@@ -58,5 +58,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mini_batch_size = 0        # TTT mini-batch at sampling; 0 = the checkpoint's value (spec §1.5)
   c.dtype = "float32" if tiny else "bfloat16"
   c.vae_dtype = "float32" if tiny else "bfloat16"
+  c.vae_tiling = False         # spatially tiled VAE decode (diffusers' tiled_decode: less memory, blended seams)
+  c.vae_tile_height = 240      # tile size in pixels (diffusers' CogVideoX default: half of 480x720)
+  c.vae_tile_width = 360
+  c.vae_tile_overlap_height = 1 / 6  # overlap factors (blend over int(tile * overlap) pixels)
+  c.vae_tile_overlap_width = 1 / 5
   c.contact_sheet_cols = 7
   return c

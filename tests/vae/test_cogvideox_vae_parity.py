@@ -140,3 +140,62 @@ def test_public_api_load_vae(vae_dirs):
   video = vae.decode(mean)
   assert video.shape == (2, 9, 16, 24, 3) and video.dtype == jnp.float32
   assert np.isfinite(np.asarray(video)).all()
+
+
+# Spatial tiling: latents 10 x 12 in tiles of 6 x 5 latents (48 x 40 pixels), overlaps 1/6 and 1/5:
+# rows start at 0, 5 and columns at 0, 4, 8, so both blends and the partial last tiles are exercised.
+TILING = dict(tile_height=48, tile_width=40, overlap_height=1 / 6, overlap_width=1 / 5)
+
+
+def test_tiled_decode_matches_diffusers_tiled_decode(vae_dirs, x64):
+  from ttt_dit.vae.cogvideox_vae import Tiling
+  root, model = vae_dirs
+  vae = load_vae(str(root / "dst"), dtype=np.float64, tiling=Tiling(**TILING))
+  z = np.random.default_rng(3).normal(size=(1, 3, 10, 12, 4))
+  assert vae.num_decode_steps(z.shape) == 6
+  got = np.asarray(vae.decode(z))
+  model.enable_tiling(tile_sample_min_height=48, tile_sample_min_width=40, tile_overlap_factor_height=1 / 6,
+                      tile_overlap_factor_width=1 / 5)
+  try:
+    with torch.no_grad():
+      want = model.decode(torch.tensor(z).permute(0, 4, 1, 2, 3)).sample.permute(0, 2, 3, 4, 1).numpy()
+  finally:
+    model.disable_tiling()
+  assert got.shape == want.shape == (1, 9, 80, 96, 3)
+  assert np.abs(got - want).max() / np.abs(want).max() < 1e-6
+
+
+def test_tiled_equals_untiled_for_a_pointwise_decoder(vae_dirs):
+  """Zero GroupNorm gains and spatial centre taps only: the decoder is pointwise in space, GroupNorm
+  statistics no longer matter, so tiling must give the untiled result (tile placement, blend, crop)."""
+  from converters.common import flatten, load_orbax
+  from ttt_dit.vae.cogvideox_vae import CogVideoXVAE, Tiling
+  import json
+  root, _ = vae_dirs
+  config = json.loads((root / "dst" / "config.json").read_text())
+  p = {k: np.asarray(v, np.float32) for k, v in flatten(load_orbax(str(root / "dst" / "params"))).items()}
+  for k, w in p.items():
+    if k.endswith("norm_layer.weight"):
+      p[k] = np.zeros_like(w)
+    elif k.endswith(".weight") and w.ndim in (4, 5) and w.shape[-3] == 3:  # [(kt,) kh, kw, I, O]
+      centre = np.zeros_like(w)
+      centre[..., 1, 1, :, :] = w[..., 1, 1, :, :]
+      p[k] = centre
+  z = np.random.default_rng(4).normal(size=(1, 3, 10, 12, 4)).astype(np.float32)
+  untiled = np.asarray(CogVideoXVAE(p, config).decode(z))
+  tiled = np.asarray(CogVideoXVAE(p, config, tiling=Tiling(**TILING)).decode(z))
+  assert untiled.shape == tiled.shape == (1, 9, 80, 96, 3) and untiled.std() > 0.01
+  np.testing.assert_allclose(tiled, untiled, rtol=0, atol=1e-5 * np.abs(untiled).max())
+
+
+def test_tiling_plan_defaults_and_bad_settings(vae_dirs):
+  from ttt_dit.vae.cogvideox_vae import Tiling, _plan_axis
+  t = Tiling()  # diffusers' CogVideoX defaults: 720x480 -> 3 x 3 tiles of 240x360 pixels
+  h, w = _plan_axis(60, t.tile_height, t.overlap_height, 8, "height"), _plan_axis(90, t.tile_width, t.overlap_width, 8, "width")
+  assert (h.tile, h.starts, h.blend, h.limit) == (30, (0, 25, 50), 40, 200)
+  assert (w.tile, w.starts, w.blend, w.limit) == (45, (0, 36, 72), 72, 288)
+  root, _ = vae_dirs
+  vae = load_vae(str(root / "dst"), dtype=np.float32, tiling=Tiling(tile_height=48, tile_width=48, overlap_height=0.3))
+  with pytest.raises(ValueError, match="tile_height 48 with overlap 0.3 covers"):
+    vae.decode(np.zeros((1, 1, 10, 12, 4), np.float32))
+  assert vae.num_decode_steps((1, 13, 6, 6, 4)) == 6  # fits in one tile: untiled, 6 windows

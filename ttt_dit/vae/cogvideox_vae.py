@@ -5,14 +5,15 @@ padding and conv caches carried between frame windows, GroupNorm(groups, 1e-6), 
 (odd-frame first-frame rule), Down/Upsample3D time rules, logvar clamp. Decode windows: 3 latent frames,
 then 2 (official = diffusers); the first window is jitted alone, the rest run in one `lax.scan` carrying
 the conv caches. Encode windows: 49 then 48 frames as official (diffusers uses 9 then 8:
-`sample_window`), a jitted loop. No spatial tiling.
+`sample_window`), a jitted loop. Optional spatial tiling of decode (`Tiling`), as diffusers' `tiled_decode`.
 Conv weights are stored channels-last: conv3d [kt, kh, kw, I, O], conv2d [kh, kw, I, O].
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -185,22 +186,133 @@ def _scan_windows(fn, p: Params, cfg: dict, zs: jax.Array, cache: dict) -> tuple
   return ys, cache
 
 
-class CogVideoXVAE:
-  """Windowed encode/decode with conv caches carried between windows."""
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+  """Spatial tiling of `decode`, exactly diffusers' `AutoencoderKLCogVideoX.tiled_decode`.
 
-  def __init__(self, params: Params, config: dict, latent_window: int = 2, sample_window: int = 48):
+  Latent tiles of `tile_height / s x tile_width / s` (s = 8, the spatial compression) start every
+  int(latent tile * (1 - overlap)) latents; each tile is decoded alone (windowed in time as usual),
+  blended linearly into its already blended upper and left neighbours over int(tile * overlap) pixels,
+  then cropped to tile - int(tile * overlap) pixels. Used only when the latents are larger than one
+  tile. Defaults are diffusers' for CogVideoX (half of 480x720; overlaps 1/6 and 1/5). GroupNorm
+  statistics are per tile, so the result differs slightly from the untiled decode.
+  """
+  tile_height: int = 240           # pixels
+  tile_width: int = 360
+  overlap_height: float = 1 / 6
+  overlap_width: float = 1 / 5
+
+
+@dataclasses.dataclass(frozen=True)
+class _Axis:
+  """One spatial axis of a tiling plan (latent tile size, tile starts, blend extent and crop in pixels)."""
+  tile: int
+  starts: tuple[int, ...]
+  blend: int
+  limit: int
+
+
+def _plan_axis(n: int, tile_px: int, overlap: float, scale: int, name: str) -> _Axis:
+  """diffusers' integer arithmetic for one axis; refuses settings whose crops do not cover n * scale pixels."""
+  tile = int(tile_px / scale)
+  step = int(tile * (1 - overlap))
+  blend = int(tile_px * overlap)
+  limit = tile_px - blend
+  if tile < 1 or step < 1:
+    raise ValueError(f"VAE tiling: tile_{name} {tile_px} with overlap {overlap} gives a latent tile of {tile} and a "
+                     f"step of {step}; both must be >= 1")
+  starts = tuple(range(0, n, step))
+  covered = sum(min(limit, scale * min(tile, n - a)) for a in starts)
+  if covered != n * scale:
+    raise ValueError(f"VAE tiling: tile_{name} {tile_px} with overlap {overlap} covers {covered} of {n * scale} "
+                     f"pixels (tile - int(tile * overlap) must equal {scale} * int(tile / {scale} * (1 - overlap)))")
+  return _Axis(tile, starts, blend, limit)
+
+
+def blend_rows(a: jax.Array, b: jax.Array, extent: int, axis: int) -> jax.Array:
+  """diffusers blend_v (axis 2) / blend_h (axis 3): b's first `extent` lines fade in from a's last ones."""
+  extent = min(a.shape[axis], b.shape[axis], extent)
+  if extent <= 0:
+    return b
+  w = (jnp.arange(extent, dtype=jnp.float64 if b.dtype == jnp.float64 else jnp.float32) / extent).astype(b.dtype)
+  w = w.reshape((extent,) + (1,) * (b.ndim - axis - 1))                 # broadcast along `axis`
+  head = jax.lax.slice_in_dim(b, 0, extent, axis=axis)
+  tail = jax.lax.slice_in_dim(a, a.shape[axis] - extent, a.shape[axis], axis=axis)
+  return jax.lax.dynamic_update_slice_in_dim(b, tail * (1 - w) + head * w, 0, axis=axis)
+
+
+class CogVideoXVAE:
+  """Windowed encode/decode with conv caches carried between windows; optional spatial tiling of decode."""
+
+  def __init__(self, params: Params, config: dict, latent_window: int = 2, sample_window: int = 48,
+               tiling: Tiling | None = None):
     self.p, self.cfg = params, config
     self.latent_window, self.sample_window = latent_window, sample_window
+    self.tiling = tiling
+    self.spatial_scale = 2 ** (len(config.get("block_out_channels", (0,) * 4)) - 1)
+    self.progress: Callable[[int], None] | None = None  # called with 1 after each decoded window (tqdm)
+
+    def tick() -> None:
+      if self.progress is not None:
+        self.progress(1)
+
     self._dec = jax.jit(lambda p, z, cache: _with_cache(decoder_window, p, config, z, cache))
-    self._dec_scan = jax.jit(lambda p, zs, cache: _scan_windows(decoder_window, p, config, zs, cache))
+
+    def scan_with_ticks(fn, p, cfg, zs, cache):
+      def fn_tick(p, cfg, z, c):
+        y = fn(p, cfg, z, c)
+        jax.debug.callback(tick)
+        return y
+      return _scan_windows(fn_tick, p, cfg, zs, cache)
+
+    self._dec_scan = jax.jit(lambda p, zs, cache: scan_with_ticks(decoder_window, p, config, zs, cache))
     self._enc = jax.jit(lambda p, x, cache: _with_cache(encoder_window, p, config, x, cache))
 
-  def decode(self, latents: jax.Array) -> jax.Array:
-    """latents [B, t, h, w, C_lat] -> video [B, T, H, W, 3]."""
+  def num_decode_steps(self, latent_shape: tuple[int, ...]) -> int:
+    """How many windows (x tiles) `decode` runs for latents of this shape: the `progress` total."""
+    n_win = len(windows(latent_shape[1], self.latent_window))
+    if not self._tiled(latent_shape):
+      return n_win
+    ah, aw = self._plan(latent_shape)
+    return n_win * len(ah.starts) * len(aw.starts)
+
+  def _tiled(self, latent_shape: tuple[int, ...]) -> bool:
+    if self.tiling is None:
+      return False
+    h, w = latent_shape[2:4]
+    return w > int(self.tiling.tile_width / self.spatial_scale) or h > int(self.tiling.tile_height / self.spatial_scale)
+
+  def _plan(self, latent_shape: tuple[int, ...]) -> tuple[_Axis, _Axis]:
+    t, s = self.tiling, self.spatial_scale
+    return (_plan_axis(latent_shape[2], t.tile_height, t.overlap_height, s, "height"),
+            _plan_axis(latent_shape[3], t.tile_width, t.overlap_width, s, "width"))
+
+  def decode(self, latents: jax.Array, progress: Callable[[int], None] | None = None) -> jax.Array:
+    """latents [B, t, h, w, C_lat] -> video [B, 4(t-1)+1, 8h, 8w, 3] (spatially tiled when `tiling` is set).
+
+    `progress(1)` is called after each decoded window (`num_decode_steps` calls in all), e.g. tqdm.update.
+    """
     latents = jnp.asarray(latents)
+    old, self.progress = self.progress, progress if progress is not None else self.progress
+    try:
+      if self._tiled(latents.shape):
+        out = self._decode_tiled(latents)
+      else:
+        out = self._decode_windows(latents)
+      if self.progress is not None:
+        out = jax.block_until_ready(out)
+        jax.effects_barrier()  # every window's host callback has run
+      return out
+    finally:
+      self.progress = old
+
+  def _decode_windows(self, latents: jax.Array) -> jax.Array:
+    """Temporal windows of the official rule over the whole spatial extent."""
     wins = windows(latents.shape[1], self.latent_window)
     a, b = wins[0]
     y, cache = self._dec(self.p, latents[:, a:b], {})  # first window (3 latents for odd T)
+    if self.progress is not None:
+      self.progress(1)
     if len(wins) == 1:
       return y
     rest = latents[:, b:]  # [B, N*w, h, w_, C], later windows all `latent_window` long
@@ -210,6 +322,25 @@ class CogVideoXVAE:
     ys = jnp.moveaxis(ys, 0, 1)
     ys = ys.reshape((ys.shape[0], -1) + ys.shape[3:])
     return jnp.concatenate([y, ys], axis=1)
+
+  def _decode_tiled(self, latents: jax.Array) -> jax.Array:
+    """diffusers `tiled_decode`: overlapping latent tiles, each blended with its (blended) upper/left tiles."""
+    ah, aw = self._plan(latents.shape)
+    rows = [[self._decode_windows(latents[:, :, i:i + ah.tile, j:j + aw.tile]) for j in aw.starts]
+            for i in ah.starts]                                          # tiles [B, F, <=th*s, <=tw*s, 3]
+    out_rows = []
+    for r, row in enumerate(rows):
+      out = []
+      for c in range(len(row)):
+        tile = row[c]
+        if r > 0:
+          tile = blend_rows(rows[r - 1][c], tile, ah.blend, axis=2)
+        if c > 0:
+          tile = blend_rows(row[c - 1], tile, aw.blend, axis=3)
+        row[c] = tile                                                    # later tiles blend with this one
+        out.append(tile[:, :, :ah.limit, :aw.limit])
+      out_rows.append(jnp.concatenate(out, axis=3))
+    return jnp.concatenate(out_rows, axis=2)
 
   def encode(self, video: jax.Array) -> tuple[jax.Array, jax.Array]:
     """video [B, T, H, W, 3] in [-1, 1] -> (mean, logvar) each [B, t, h, w, C_lat], logvar clamped."""
@@ -223,8 +354,12 @@ class CogVideoXVAE:
     return mean, jnp.clip(logvar, -30.0, 20.0)
 
 
-def load_vae(path: str, dtype: Any = jnp.bfloat16, sample_window: int = 48) -> CogVideoXVAE:
-  """Loads a converted VAE directory; encode windows are 49 then 48 frames as official (diffusers: 9/8)."""
+def load_vae(path: str, dtype: Any = jnp.bfloat16, sample_window: int = 48, tiling: Tiling | None = None
+             ) -> CogVideoXVAE:
+  """Loads a converted VAE directory; encode windows are 49 then 48 frames as official (diffusers: 9/8).
+
+  `tiling`: optional spatial tiling of decode (`Tiling()` = diffusers' CogVideoX defaults).
+  """
   from converters.common import flatten, load_orbax  # pylint: disable=import-outside-toplevel
   cfg_path = os.path.join(path, "config.json")
   if not os.path.exists(cfg_path):
@@ -232,4 +367,5 @@ def load_vae(path: str, dtype: Any = jnp.bfloat16, sample_window: int = 48) -> C
   with open(cfg_path) as f:
     config = json.load(f)
   flat = flatten(load_orbax(os.path.join(path, "params")))
-  return CogVideoXVAE({k: jnp.asarray(v, dtype) for k, v in flat.items()}, config, sample_window=sample_window)
+  return CogVideoXVAE({k: jnp.asarray(v, dtype) for k, v in flat.items()}, config, sample_window=sample_window,
+                      tiling=tiling)
