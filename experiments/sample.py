@@ -1,8 +1,10 @@
 """Text-to-video sampling CLI.
 
   python -m experiments.sample --config=experiments/configs/sample.py:stage=63s \
-    --config.checkpoint=DIR --config.text_encoder=DIR --config.vae=DIR \
-    --storyboard=story.json --output_dir=out/
+    --config.checkpoint=DIR --storyboard=story.json --output_dir=out/
+
+DIR is the output of `python -m converters.cogvideox` (DIR/transformer, DIR/text_encoder, DIR/vae);
+`--config.text_encoder=` / `--config.vae=` point elsewhere when those parts were converted separately.
 """
 
 from absl import app, flags

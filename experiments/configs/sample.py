@@ -37,10 +37,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   stage, tiny = _parse_arg(arg)
   c = ml_collections.ConfigDict()
   c.stage = stage
-  c.checkpoint = ""            # converted DiT dir (DIR/transformer/...)
-  c.text_encoder = ""          # converted T5 dir
+  c.checkpoint = ""            # converted snapshot (DIR/transformer, DIR/text_encoder, DIR/vae) or DiT-only dir
+  c.text_encoder = ""          # converted T5 dir ("" -> <checkpoint>/text_encoder)
   c.tokenizer = ""             # tokenizer dir ("" -> <text_encoder>/tokenizer)
-  c.vae = ""                   # converted VAE dir
+  c.vae = ""                   # converted VAE dir ("" -> <checkpoint>/vae)
   c.num_steps = 50
   c.sampler = "dpmpp2m"        # "dpmpp2m" (official stochastic) | "ddim" (deterministic)
   c.cfg_schedule = "official"  # "official" (k = 50 - t quirk) | "monotone" | "constant"
