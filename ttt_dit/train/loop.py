@@ -91,7 +91,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Traine
   """Mesh, sharded params (initialised under jit, straight into their shardings), optimizer, jitted step."""
   mcfg = model_config(config)
   mesh = mesh if mesh is not None else sharding.make_mesh(tuple(config.mesh.shape))
-  rules = tuple(tuple(r) for r in config.mesh.rules)
+  rules = tuple(tuple(r) for r in config.mesh.get("rules", sharding.DEFAULT_RULES))
   abstract_model = nnx.eval_shape(lambda: DiT(mcfg, rngs=nnx.Rngs(config.seed)))
   graphdef, abstract_state = nnx.split(abstract_model, nnx.Param)
   abstract_params = nnx.to_pure_dict(abstract_state)
@@ -175,6 +175,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   writer = metrics_lib.MetricsWriter(workdir, config.log_every)
   total = config.optimizer.total_steps
   diag_every = int(config.get("ttt_diagnostics_every", 0))
+  nan_step = int(config.get("debug", {}).get("nan_step", -1))
   tokens = config.global_batch * tokens_per_sample(tr.model_config)
   logging.info("mesh %s on %d devices (%s), %d data-parallel ranks, %d tokens per step",
                dict(tr.mesh.shape), jax.device_count(), jax.devices()[0].device_kind, tr.ranks, tokens)
@@ -185,7 +186,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       for step in bar:
         t0 = time.perf_counter()
         moments, text = data.batch(step, config.global_batch, config.data.seed)
-        if step == config.debug.nan_step:  # a poisoned batch, to exercise the stop below
+        if step == nan_step:  # a poisoned batch (config.debug.nan_step), to exercise the stop below
           moments = np.full_like(moments, np.nan)
         moments, text = tr.put_batch(moments, text)
         step_key = jax.random.fold_in(key, step)

@@ -60,7 +60,7 @@ def draw(key: jax.Array, moments: Float[Array, "B T H W C2"], text: Float[Array,
   if config.text_dropout > 0:
     keep = jax.random.bernoulli(k_d, 1.0 - config.text_dropout, (text.shape[0],))
     text = text * keep[:, None, None, None].astype(text.dtype)
-  t = sample_timesteps(k_t, x0.shape[0], ranks, config.stratified_t)
+  t = sample_timesteps(k_t, x0.shape[0], ranks, config.get("stratified_t", True))
   noise = jax.random.normal(k_n, x0.shape)
   return {"x0": x0, "text": text, "t": t, "noise": noise}
 
@@ -74,33 +74,47 @@ def microbatches(x: jax.Array, k: int) -> jax.Array:
 
 def make_train_step(graphdef: nnx.GraphDef, abstract_state: nnx.State, tx: optax.GradientTransformation,
                     labels: Any, config: ml_collections.ConfigDict, ranks: int) -> Callable:
-  """Returns step(params, opt_state, moments, text, key) -> (params, opt_state, {"loss", "grad_norm"})."""
+  """Returns step(params, opt_state, moments, text, key) -> (params, opt_state, {"loss", "grad_norm"}).
+
+  Only trainable leaves are differentiated (and accumulated); frozen leaves get zero gradients, which the
+  optimizer ignores (it holds no state for them).
+  """
   k = int(config.optimizer.get("grad_accum_steps", 1))
   mask = optim.trainable_mask(labels)
+  treedef = jax.tree_util.tree_structure(labels)
+  trainable = treedef.flatten_up_to(mask)                            # static bool per leaf
 
   def model_of(params):
     st = jax.tree_util.tree_map(lambda v: v, abstract_state)
     nnx.replace_by_pure_dict(st, params)
     return nnx.merge(graphdef, st)
 
-  def loss_fn(params, b):
-    return v_prediction_loss(model_of(params), b["x0"], b["text"], b["t"], b["noise"])
+  def combine(train: list, frozen: list) -> Any:
+    it, jt = iter(train), iter(frozen)
+    return treedef.unflatten([next(it) if m else next(jt) for m in trainable])
+
+  def loss_fn(train, frozen, b):
+    return v_prediction_loss(model_of(combine(train, frozen)), b["x0"], b["text"], b["t"], b["noise"])
 
   def step(params, opt_state, moments, text, key):
     b = draw(key, moments, text, config, ranks)
+    leaves = treedef.flatten_up_to(params)
+    train = [x for x, m in zip(leaves, trainable) if m]
+    frozen = [x for x, m in zip(leaves, trainable) if not m]
     if k == 1:
-      loss, grads = jax.value_and_grad(loss_fn)(params, b)
+      loss, g_train = jax.value_and_grad(loss_fn)(train, frozen, b)
     else:
       mb = jax.tree_util.tree_map(lambda x: microbatches(x, k), b)
 
       def body(acc, one):
-        l, g = jax.value_and_grad(loss_fn)(params, one)
+        l, g = jax.value_and_grad(loss_fn)(train, frozen, one)
         return jax.tree_util.tree_map(jnp.add, acc, (l, g)), None
 
-      zero = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, params))
-      (loss, grads), _ = jax.lax.scan(body, zero, mb)
-      loss, grads = jax.tree_util.tree_map(lambda x: x / k, (loss, grads))
-    gnorm = optax.tree.norm(jax.tree_util.tree_map(lambda g, m: g if m else jnp.zeros_like(g), grads, mask))
+      zero = (jnp.zeros((), jnp.float32), [jnp.zeros_like(x) for x in train])
+      (loss, g_train), _ = jax.lax.scan(body, zero, mb)
+      loss, g_train = jax.tree_util.tree_map(lambda x: x / k, (loss, g_train))
+    grads = combine(g_train, [jnp.zeros_like(x) for x in frozen])
+    gnorm = optax.tree.norm(g_train)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     return params, opt_state, {"loss": loss, "grad_norm": gnorm}
