@@ -234,8 +234,15 @@ def convert_transformer(src_transformer: str, dst_transformer: str, *, sequence_
 
 
 def convert_snapshot(src: str, dst: str, *, sequence_layer: str = "ttt_mlp", seed: int = 0,
-                     dtype: str = "bfloat16", overwrite: bool = False, **kwargs: Any) -> None:
-  """Converts every part of a CogVideoX snapshot that has a converter; output renamed into place when complete."""
+                     dtype: str = "bfloat16", text_encoder_dtype: str | None = None, vae_dtype: str = "float32",
+                     overwrite: bool = False, **kwargs: Any) -> None:
+  """Converts every part of a CogVideoX snapshot; output renamed into place when complete.
+
+  `dtype` is the stored dtype of the DiT and (unless `text_encoder_dtype`) of T5; the VAE keeps
+  `vae_dtype` (float32 by default: it is small and decodes the final pixels).
+  """
+  from converters.cogvideox_vae import convert_vae  # pylint: disable=import-outside-toplevel
+  from converters.t5 import convert_text_encoder  # pylint: disable=import-outside-toplevel
   src_t = os.path.join(src, "transformer")
   if not os.path.isdir(src_t):
     raise ValueError(f"{src}: no transformer/ folder (expected a CogVideoX snapshot)")
@@ -243,20 +250,10 @@ def convert_snapshot(src: str, dst: str, *, sequence_layer: str = "ttt_mlp", see
     convert_transformer(src_t, os.path.join(tmp, "transformer"), sequence_layer=sequence_layer, seed=seed,
                         dtype=dtype, **kwargs)
     if os.path.isdir(os.path.join(src, "vae")):
-      try:
-        from converters.cogvideox_vae import convert_vae
-      except ImportError:
-        logging.warning("converters.cogvideox_vae is not available: vae/ not converted")
-      else:
-        convert_vae(os.path.join(src, "vae"), os.path.join(tmp, "vae"))
+      convert_vae(os.path.join(src, "vae"), os.path.join(tmp, "vae"), dtype=vae_dtype)
     if os.path.isdir(os.path.join(src, "text_encoder")):
-      try:
-        from converters.t5 import convert_text_encoder
-      except ImportError:
-        logging.warning("converters.t5 is not available: text_encoder/ not converted")
-      else:
-        convert_text_encoder(os.path.join(src, "text_encoder"), os.path.join(src, "tokenizer"),
-                             os.path.join(tmp, "text_encoder"))
+      convert_text_encoder(os.path.join(src, "text_encoder"), os.path.join(src, "tokenizer"),
+                           os.path.join(tmp, "text_encoder"), dtype=text_encoder_dtype or dtype)
 
 
 FLAGS = flags.FLAGS
@@ -266,7 +263,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   convert_snapshot(FLAGS.src, FLAGS.dst, sequence_layer=FLAGS.sequence_layer, seed=FLAGS.seed, dtype=FLAGS.dtype,
-                   overwrite=FLAGS.overwrite, attn_length=FLAGS.attn_length,
+                   text_encoder_dtype=FLAGS.text_encoder_dtype, vae_dtype=FLAGS.vae_dtype, overwrite=FLAGS.overwrite, attn_length=FLAGS.attn_length,
                    prefix_temporal_length=FLAGS.prefix_temporal_length, mini_batch_size=FLAGS.mini_batch_size)
 
 
@@ -276,7 +273,9 @@ def define_flags() -> None:
   flags.DEFINE_string("dst", None, "Output directory (DIR/transformer, ...).", required=True)
   flags.DEFINE_enum("sequence_layer", "ttt_mlp", ["ttt_mlp", "ttt_linear", "none"], "TTT layer to insert.")
   flags.DEFINE_integer("seed", 0, "Seed of the new TTT parameters.")
-  flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16", "float64"], "Stored parameter dtype.")
+  flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16", "float64"], "Stored dtype of the DiT (and T5).")
+  flags.DEFINE_enum("text_encoder_dtype", None, ["float32", "bfloat16", "float64"], "Stored T5 dtype (default --dtype).")
+  flags.DEFINE_enum("vae_dtype", "float32", ["float32", "bfloat16", "float64"], "Stored VAE dtype.")
   flags.DEFINE_bool("overwrite", False, "Replace an existing --dst.")
   flags.DEFINE_integer("attn_length", 12, "Frames per local-attention window stride.")
   flags.DEFINE_integer("prefix_temporal_length", 1, "Extra leading frames per window.")

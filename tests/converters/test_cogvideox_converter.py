@@ -233,12 +233,12 @@ def test_vae_and_text_encoder_are_delegated(snapshots, tmp_path, monkeypatch):
   import types
   calls = []
 
-  def fake_vae(src, dst):
-    calls.append(("vae", os.path.basename(src)))
+  def fake_vae(src, dst, dtype):
+    calls.append(("vae", os.path.basename(src), dtype))
     os.makedirs(dst)
 
-  def fake_t5(src, tok, dst):
-    calls.append(("t5", os.path.basename(src), os.path.basename(tok)))
+  def fake_t5(src, tok, dst, dtype):
+    calls.append(("t5", os.path.basename(src), os.path.basename(tok), dtype))
     os.makedirs(dst)
 
   monkeypatch.setitem(sys.modules, "converters.cogvideox_vae", types.SimpleNamespace(convert_vae=fake_vae))
@@ -247,6 +247,6 @@ def test_vae_and_text_encoder_are_delegated(snapshots, tmp_path, monkeypatch):
   shutil.copytree(snapshots["single"], src)
   for sub in ("vae", "text_encoder", "tokenizer"):
     os.makedirs(os.path.join(src, sub))
-  dst = _convert(src, str(tmp_path / "out"), sequence_layer="none", dtype="float32")
-  assert sorted(calls) == [("t5", "text_encoder", "tokenizer"), ("vae", "vae")]
+  dst = _convert(src, str(tmp_path / "out"), sequence_layer="none", dtype="float32", vae_dtype="bfloat16")
+  assert sorted(calls) == [("t5", "text_encoder", "tokenizer", "float32"), ("vae", "vae", "bfloat16")]
   assert sorted(os.listdir(dst)) == ["text_encoder", "transformer", "vae"]
