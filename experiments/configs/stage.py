@@ -50,6 +50,7 @@ def _stage_config(stage: str, sequence_layer: str, tiny: bool) -> ml_collections
     c.model.overrides[f"remat_{k}"] = k in remat_extra
   c.model.overrides.scan_checkpoint_group_size = 4 if linear else 16
   c.model.overrides.shard_transformer_inputs = stage == "63s"
+  c.model.overrides.sequence_parallel_axis = "tensor"  # MLP input split along the sequence (§8.1)
   o = c.optimizer = ml_collections.ConfigDict()
   o.lr = 1e-5
   o.lr_schedule = "linear"

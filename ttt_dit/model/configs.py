@@ -80,6 +80,7 @@ def _base() -> ml_collections.ConfigDict:
   c.gating_alpha_init = 0.1
   c.scan_checkpoint_group_size = 16
   c.attention_implementation = "auto"  # "auto" | "cudnn" | "xla" | "chunked" | "reference" (dit.attention)
+  c.sequence_parallel_axis = ""  # mesh axis over which the MLP's [B, L, D] input is split along L (§8.1)
   # Remat knobs (official [remat] section). 0 = no layer-group remat.
   c.remat_layer_group_size = 0
   c.remat_attention = False

@@ -138,6 +138,22 @@ def attention(q: Array, k: Array, v: Array, implementation: str = "auto") -> Arr
   return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
 
 
+def sequence_parallel(x: Float[Array, "B L D"], axis: str) -> Float[Array, "B L D"]:
+  """Constrains x to be split along L over mesh `axis` (official MLP sequence parallelism, §8.1).
+
+  Identity without a current mesh (`jax.set_mesh`) holding `axis` with more than one device, or when
+  that size does not divide L; the batch dim is left to sharding propagation.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if not axis or mesh.empty or axis not in mesh.axis_names:
+    return x
+  n = mesh.shape[axis]
+  if n == 1 or x.shape[1] % n:
+    return x
+  spec = jax.sharding.PartitionSpec(jax.sharding.PartitionSpec.UNCONSTRAINED, axis, None)
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
 def _maybe_remat(flag: bool, fn: Callable) -> Callable:
   """nnx.remat(fn) when `flag`, else fn (fn takes the module as its first argument)."""
   return nnx.remat(fn) if flag else fn
@@ -283,6 +299,7 @@ class TransformerLayer(nnx.Module):
     dtype, param_dtype = as_dtype(c.dtype), as_dtype(c.param_dtype)
     D = c.model_dim
     self.remat_mlp, self.remat_seq_block = c.remat_mlp, c.remat_seq_block
+    self.sequence_parallel_axis = c.sequence_parallel_axis
     self.pre_seq_layernorm = _layer_norm(D, c.layer_norm_eps, dtype, param_dtype, rngs)
     self.pre_seq_adaLN_modulation = nnx.Linear(c.time_embed_dim, 6 * D, dtype=dtype, param_dtype=param_dtype,
                                                rngs=rngs)
@@ -304,6 +321,7 @@ class TransformerLayer(nnx.Module):
     s2v, c2v, g2v, s2t, c2t, g2t = jnp.split(self.pre_mlp_adaLN_modulation(e), 6, axis=-1)
     m = jnp.concatenate([modulate(self.pre_mlp_layernorm(x_t), s2t, c2t),
                          modulate(self.pre_mlp_layernorm(x_v), s2v, c2v)], axis=1)  # [B, L, D]
+    m = sequence_parallel(m, self.sequence_parallel_axis)
     o = _maybe_remat(self.remat_mlp, lambda mlp, a: mlp(a))(self.mlp, m)
     Lt = x_t.shape[1]
     return x_v + g2v[:, None] * o[:, Lt:], x_t + g2t[:, None] * o[:, :Lt]
