@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -22,15 +21,6 @@ from converters import cogvideox  # noqa: E402
 from ttt_dit.model import loading  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@pytest.fixture
-def x64():
-  """Enables float64 in JAX for one test and restores the previous setting."""
-  old = jax.config.jax_enable_x64
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", old)
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,6 @@ from ttt_dit.model.rope import apply_rope_interleaved, apply_rope_reference, att
 from ttt_dit.ttt.multiscene import SequenceMetadata
 
 
-@pytest.fixture
-def x64():
-  old = jax.config.jax_enable_x64
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", old)
-
-
 def test_patchify_is_the_conv():
   """Dense patch embedding over (c, dy, dx)-flattened patches == the official 2x2 stride-2 Conv2d."""
   rng = np.random.default_rng(0)

@@ -16,14 +16,6 @@ SENTENCES = ["a cat sits on the mat", "tom chases jerry through the kitchen", "t
              "jerry eats cheese quietly", "a bright sunny day over the house"] * 4
 
 
-@pytest.fixture
-def x64():
-  old = jax.config.jax_enable_x64
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", old)
-
-
 @pytest.fixture(scope="module")
 def snapshot(tmp_path_factory):
   root = tmp_path_factory.mktemp("snap")

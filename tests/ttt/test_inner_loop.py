@@ -11,12 +11,6 @@ from jax.test_util import check_grads
 from ttt_dit.ttt import inner_loop as il
 
 
-@pytest.fixture
-def x64():
-  with jax.enable_x64(True):
-    yield
-
-
 def make_inputs(seed, kind, B=2, H=3, NC=4, CS=5, F=8, dtype=np.float64, eta_scale=0.2):
   """Random inputs with L2-normalised-ish scale; eta positive."""
   r = np.random.default_rng(seed)

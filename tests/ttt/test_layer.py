@@ -1,6 +1,5 @@
 """The TTT layer and the bidirectional gated pass vs a plain float64 NumPy/reference pipeline."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -9,12 +8,6 @@ from flax import nnx
 from ttt_dit.ttt import Gate, SequenceMetadata, TTTLayer, bidirectional_ttt
 from ttt_dit.ttt import inner_loop as il
 from ttt_dit.ttt import multiscene as ms
-
-
-@pytest.fixture
-def x64():
-  with jax.enable_x64(True):
-    yield
 
 
 def layer_and_input(kind, n, eta_mode="official", dtype=jnp.float64, seed=0, C=8):

@@ -1,5 +1,4 @@
 """CogVideoX VAE + converter against diffusers.AutoencoderKLCogVideoX (tiny, random weights, float64)."""
-import jax
 import numpy as np
 import pytest
 import torch
@@ -7,14 +6,6 @@ from diffusers import AutoencoderKLCogVideoX
 
 from converters.cogvideox_vae import convert_vae
 from ttt_dit.vae.cogvideox_vae import load_vae, windows
-
-
-@pytest.fixture
-def x64():
-  old = jax.config.jax_enable_x64
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", old)
 
 
 @pytest.fixture(scope="module")
