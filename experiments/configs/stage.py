@@ -72,7 +72,9 @@ def _stage_config(stage: str, sequence_layer: str, tiny: bool) -> ml_collections
   c.init_checkpoint = ""          # previous stage's `<workdir>/checkpoints` (3s: converted CogVideoX-5B)
   c.previous_stage = PREVIOUS.get(stage, "")
   c.data = ml_collections.ConfigDict()
+  c.data.source = "official"      # "official" (JSONL index) | "tfds" (experiments/precompute.py output)
   c.data.index = ""               # official-format JSONL (spec §8.4)
+  c.data.tfds_dir = ""            # tfds: <output_dir>/storyboard_latents/<stage>/1.0.0
   c.data.seed = 0
   c.data.on_error = "fail"        # "fail" | "skip" (skipped samples counted and logged)
   c.debug = ml_collections.ConfigDict()

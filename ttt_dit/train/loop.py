@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from ttt_dit.data.latents import LatentDataset
+from ttt_dit.data import open_training_data
 from ttt_dit.model import configs as model_configs
 from ttt_dit.model.dit import DiT
 from ttt_dit.train import metrics as metrics_lib
@@ -157,8 +157,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if config.init_checkpoint:
     params = load_params_from(config.init_checkpoint, params)
     logging.info("initialised params from %s", config.init_checkpoint)
-  data = LatentDataset(config.data.index, tr.model_config.num_frames, tr.model_config.num_scenes,
-                       on_error=config.data.on_error)
+  data = open_training_data(config.data, tr.model_config.num_frames, tr.model_config.num_scenes)
   scheds = optim.group_schedules(config.optimizer)
 
   mngr = _checkpoint_manager(workdir, config)

@@ -1,0 +1,100 @@
+"""Precompute training data: VAE-encode storyboard samples and T5-encode their texts into the TFDS format.
+
+The project's own JAX models (converted checkpoint dirs): `vae.encode` over the sample's 49-then-48-frame
+windows with conv caches carried between them (§7.5; the window = one 3-second segment), stored as
+mean || logvar, unscaled; each segment's text (scene tokens per §5.5) T5-encoded at the stage's L_t.
+Output is atomic: every stage is built under `<output_dir>.tmp-<pid>`, which is renamed to `<output_dir>`
+only when all stages are complete (with `skipped.json`: {stage: {sample id: reason}}).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from ttt_dit.data import episodes, tfds_builder
+
+
+def make_encode(vae: Any, text_encoder: Callable, clips: Sequence[episodes.Clip], text_len: int,
+                segment_frames: int = episodes.SEGMENT_FRAMES,
+                reader: Callable[[str], np.ndarray] = episodes.read_video) -> tfds_builder.Encode:
+  """sample -> (moments [T, h, w, 2C], text [n, L_t, D]) float32; T5 outputs cached per distinct text."""
+  text_cache: dict[str, np.ndarray] = {}
+
+  def encode(sample: episodes.Sample) -> tuple[np.ndarray, np.ndarray]:
+    video = episodes.sample_video(sample, clips, reader, segment_frames)          # [F, H, W, 3] in [-1, 1]
+    mean, logvar = vae.encode(video[None])                                         # [1, T, h, w, C] each
+    moments = np.concatenate([np.asarray(mean, np.float32), np.asarray(logvar, np.float32)], -1)[0]
+    new = [t for t in dict.fromkeys(sample.texts) if t not in text_cache]
+    if new:
+      emb = np.asarray(text_encoder(text_encoder.tokenize(new, text_len)), np.float32)  # [k, L_t, D]
+      text_cache.update(zip(new, emb))
+    return moments, np.stack([text_cache[t] for t in sample.texts])              # [n, L_t, D]
+
+  return encode
+
+
+def _first_frame_size(clips: Sequence[episodes.Clip], reader: Callable[[str], np.ndarray]) -> tuple[int, int]:
+  """(H, W) of the first readable clip (to declare the feature shapes before encoding)."""
+  for clip in clips:
+    try:
+      return tuple(reader(clip.video).shape[1:3])
+    except (OSError, ValueError):
+      continue
+  raise ValueError("no readable video among the annotated clips")
+
+
+def precompute(annotations: str, output_dir: str, vae: Any, text_encoder: Callable, stages: Sequence[str],
+               text_lens: dict[str, int], video_root: str | None = None, dtype: str = "bfloat16",
+               on_error: str = "fail", segment_frames: int = episodes.SEGMENT_FRAMES, overwrite: bool = False,
+               reader: Callable[[str], np.ndarray] = episodes.read_video) -> dict[str, dict[str, str]]:
+  """Builds `<output_dir>/storyboard_latents/<stage>/1.0.0` for each stage; returns the skipped samples."""
+  output_dir = os.path.abspath(output_dir)
+  if os.path.exists(output_dir) and not overwrite:
+    raise ValueError(f"{output_dir} exists (pass overwrite=True / --overwrite to replace it)")
+  clips = episodes.load_annotations(annotations, video_root)
+  H, W = _first_frame_size(clips, reader)
+  scale = getattr(vae, "spatial_scale", 8)
+  if H % scale or W % scale:
+    raise ValueError(f"frames {H}x{W} not divisible by the VAE's spatial factor {scale}")
+  channels = 2 * int(vae.cfg["latent_channels"])
+  t_per_seg = segment_frames // 4                                    # temporal compression 4
+  tmp = f"{output_dir}.tmp-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  skipped: dict[str, dict[str, str]] = {}
+  try:
+    for stage in stages:
+      n = tfds_builder.STAGE_SEGMENTS[stage]
+      samples = episodes.plan_samples(clips, n)
+      if not samples:
+        raise ValueError(f"stage {stage}: no episode has {n} segments")
+      L = text_lens[stage]
+      encode = make_encode(vae, text_encoder, clips, L, segment_frames, reader)
+      D = int(np.asarray(text_encoder(text_encoder.tokenize([""], L))).shape[-1])
+      with tqdm(total=len(samples), desc=f"precompute {stage}") as bar:
+        b = tfds_builder.build(tmp, stage, samples, encode, moments_shape=(t_per_seg * n + 1, H // scale,
+                               W // scale, channels), text_shape=(n, L, D), dtype=dtype, on_error=on_error,
+                               progress=bar.update)
+      skipped[stage] = dict(b.skipped)
+      logging.info("stage %s: %d samples written, %d skipped", stage, len(samples) - len(b.skipped),
+                   len(b.skipped))
+    shutil.rmtree(os.path.join(tmp, "downloads"), ignore_errors=True)   # TFDS' (empty) download cache
+    with open(os.path.join(tmp, "skipped.json"), "w") as f:
+      json.dump(skipped, f, indent=1)
+    if os.path.exists(output_dir):
+      old = f"{output_dir}.old-{os.getpid()}"
+      os.rename(output_dir, old)
+      os.rename(tmp, output_dir)
+      shutil.rmtree(old)
+    else:
+      os.rename(tmp, output_dir)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return skipped
