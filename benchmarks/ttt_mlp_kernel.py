@@ -72,7 +72,8 @@ def main(argv=None):
   impl_fns = {
       "xla": jax.jit(lambda *x: inner_loop.ttt_mlp(*x, checkpoint_group_size=G)),
       "pallas": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G)),
-      "pallas_v1": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G, batched=False)),
+      "pallas_v1": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G, variant="v1")),
+      "pallas_v2": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G, variant="v2")),
   }
 
   def loss_fn(impl):

@@ -1,6 +1,8 @@
 """`ttt_mlp_pallas`: the Mosaic GPU forward kernel wrapped in a `jax.custom_vjp`.
 
-Forward: `kernel_mgpu.build_forward` (state on chip, checkpoints every G mini-batches).
+Forward: `kernel_acc_mgpu.build_forward_acc` (variant "v3": float32 state in wgmma accumulators,
+hidden dim over a 2-CTA cluster; cluster 1 in interpret mode) or `kernel_mgpu.build_forward`
+("v1"/"v2": state as bf16 (hi, lo) pairs in SMEM); checkpoints every G mini-batches.
 Backward: for each checkpoint group, in reverse, the XLA dual-form scan (`ttt_dit.ttt.inner_loop`)
 is restarted from the kernel's checkpoint and differentiated with `jax.vjp`; the state cotangent is
 carried from group to group. (No Pallas backward kernel yet.) Unsupported shapes/platforms fall back
@@ -15,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from pallas_kernels.ttt_mlp import kernel_mgpu
+from pallas_kernels.ttt_mlp import kernel_acc_mgpu, kernel_mgpu
 from ttt_dit.ttt import inner_loop
 
 Array = jax.Array
@@ -62,17 +64,30 @@ def _from_kernel_ckpts(ck, B, H):
   return tuple(jnp.moveaxis(a, 2, 0) for a in (w1, b1, w2, b2))
 
 
+VARIANTS = ("v1", "v2", "v3")
+
+
+def _build(BH, NC, group, ln_eps, interpret, variant):
+  """The forward kernel of `variant` (same argument/result layout for all of them)."""
+  if variant not in VARIANTS:
+    raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+  iparams = jax.experimental.pallas.mosaic_gpu.InterpretGPUParams() if interpret else None
+  if variant == "v3":  # the cluster exchange has no interpret rule: cluster 1 there
+    cfg = kernel_acc_mgpu.AccTuningConfig(cluster=1 if interpret else 2)
+    return kernel_acc_mgpu.build_forward_acc(BH, NC, group, ln_eps, config=cfg,
+                                             interpret=iparams)
+  return kernel_mgpu.build_forward(BH, NC, group, ln_eps, interpret=iparams,
+                                   batched=variant == "v2")
+
+
 def _forward(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, group, ln_eps, interpret,
-             batched=True):
+             variant="v3"):
   """Runs the kernel: ([B, H, NC, CS, F] out in XQ's dtype, checkpoint states [NG, B, H, ...])."""
   B, H, NC, CS, F = XQ.shape
   bf = lambda a: a.astype(jnp.bfloat16).reshape(B * H, NC, CS, F)
   st = _to_kernel_state(W1, b1, W2, b2, B)
   gb = lambda a: jnp.broadcast_to(a.astype(jnp.float32)[None], (B, H, F)).reshape(B * H, F)
-  fn = kernel_mgpu.build_forward(
-      B * H, NC, group, float(ln_eps),
-      interpret=jax.experimental.pallas.mosaic_gpu.InterpretGPUParams() if interpret else None,
-      batched=batched)
+  fn = _build(B * H, NC, group, float(ln_eps), interpret, variant)
   res = fn(bf(XQ), bf(XK), bf(XV), eta.astype(jnp.float32).reshape(B * H, NC, CS),
            gb(ln_weight), gb(ln_bias), *st)
   out = res[0].reshape(B, H, NC, CS, F).astype(XQ.dtype)
@@ -90,20 +105,20 @@ def _group_scan(state, xs, gamma, beta, ln_eps):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13))
 def _ttt_mlp_kernel(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, group, ln_eps, interpret,
-                    batched):
+                    variant):
   return _forward(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, group=group,
-                  ln_eps=ln_eps, interpret=interpret, batched=batched)[0]
+                  ln_eps=ln_eps, interpret=interpret, variant=variant)[0]
 
 
-def _fwd(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, group, ln_eps, interpret, batched):
+def _fwd(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, group, ln_eps, interpret, variant):
   out, ckpts = _forward(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, group=group,
-                        ln_eps=ln_eps, interpret=interpret, batched=batched)
+                        ln_eps=ln_eps, interpret=interpret, variant=variant)
   return out, (XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, ckpts)
 
 
-def _bwd(group, ln_eps, interpret, batched, res, dout):
+def _bwd(group, ln_eps, interpret, variant, res, dout):
   """Reverse over checkpoint groups: restart the XLA scan from each checkpoint and `jax.vjp` it."""
-  del interpret, batched
+  del interpret, variant
   XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, ckpts = res
   B, H, NC, CS, F = XQ.shape
   NG = ckpts[0].shape[0]
@@ -150,11 +165,11 @@ _ttt_mlp_kernel.defvjp(_fwd, _bwd)
 
 def ttt_mlp_pallas(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *,
                    checkpoint_group_size: int = 16, ln_eps: float = 1e-6, interpret: bool = False,
-                   batched: bool = True):
+                   variant: str = "v3"):
   """TTT-MLP with the fused forward kernel; same contract as `ttt_dit.ttt.inner_loop.ttt_mlp`.
 
   Returns [B, H, NC, CS, F] in XQ's dtype. `interpret=True` runs the kernel in Mosaic GPU interpret
-  mode (CPU tests); `batched=False` selects kernel variant v1. Unsupported shapes or devices log
+  mode (CPU tests); `variant` picks the forward kernel (VARIANTS; "v3" default). Unsupported shapes or devices log
   one line and use the XLA scan.
   """
   why = kernel_supported(XQ, W1, interpret=interpret)
@@ -165,4 +180,4 @@ def ttt_mlp_pallas(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *,
                               implementation="xla")
   group = max(1, min(int(checkpoint_group_size), XQ.shape[2]))
   return _ttt_mlp_kernel(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, group,
-                         float(ln_eps), bool(interpret), bool(batched))
+                         float(ln_eps), bool(interpret), str(variant))

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels.ttt_mlp import kernel_mgpu, ttt_mlp_pallas
+from pallas_kernels.ttt_mlp import kernel_acc_mgpu, kernel_mgpu, ttt_mlp_pallas
 from ttt_dit.ttt import inner_loop
 
 B, H, NC, CS, F = 1, 1, 3, 64, 64
@@ -48,12 +48,17 @@ def _reset_interpret_state():
     reset()
 
 
-def test_forward_matches_xla_scan_interpret():
-  """Kernel (interpret mode) outputs vs the float32 XLA scan: bf16 matmuls, so rel L2 < 1e-2."""
+@pytest.mark.parametrize("variant", ["v2", "v3"])
+def test_forward_matches_xla_scan_interpret(variant):
+  """Kernel (interpret mode) outputs vs the float32 XLA scan: bf16 matmuls, so rel L2 < 1e-2.
+
+  v3 runs at cluster 1 here (the whole hidden dim in one CTA, no exchange).
+  """
   args = _inputs(0)
   ref = inner_loop.ttt_mlp(*args, checkpoint_group_size=GROUP)
   XQ16 = args[0].astype(jnp.bfloat16)
-  out = ttt_mlp_pallas(XQ16, *args[1:], checkpoint_group_size=GROUP, interpret=True)
+  out = ttt_mlp_pallas(XQ16, *args[1:], checkpoint_group_size=GROUP, interpret=True,
+                       variant=variant)
   assert out.shape == ref.shape and out.dtype == jnp.bfloat16
   delta, delta_ref = out.astype(jnp.float32) - args[0], ref - args[0]
   err = _rel(delta, delta_ref)
@@ -102,10 +107,19 @@ def test_gradients_match_xla_scan_interpret():
     assert err < 2e-2, (name, err)
 
 
-def test_kernel_lowers_for_cuda():
-  """The compiled (non-interpret) kernel lowers to a Mosaic GPU module for CUDA on this CPU box."""
+@pytest.mark.parametrize("variant", ["v2", "v3_cluster2"])
+def test_kernel_lowers_for_cuda(variant):
+  """The compiled (non-interpret) kernel lowers to a Mosaic GPU module for CUDA on this CPU box.
+
+  v3 at cluster 2 (DSMEM exchange, state accumulated in place) cannot run in interpret mode: this
+  lowering, and the GPU benchmark run, are all it gets before the device.
+  """
   bh, nc, g = 4, 40, 16
-  fn = kernel_mgpu.build_forward(bh, nc, g, 1e-6)
+  if variant == "v2":
+    fn = kernel_mgpu.build_forward(bh, nc, g, 1e-6)
+  else:
+    fn = kernel_acc_mgpu.build_forward_acc(bh, nc, g, 1e-6,
+                                           config=kernel_acc_mgpu.AccTuningConfig(cluster=2))
   S = jax.ShapeDtypeStruct
   bf, f32 = jnp.bfloat16, jnp.float32
   args = (S((bh, nc, 64, 64), bf),) * 3 + (S((bh, nc, 64), f32), S((bh, 64), f32),

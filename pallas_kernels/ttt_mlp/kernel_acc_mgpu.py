@@ -1,0 +1,261 @@
+"""TTT-MLP forward scan, v3: the float32 state lives in wgmma accumulators (registers).
+
+Differences from v1/v2 (`kernel_mgpu.py`, state as bf16 (hi, lo) pairs in SMEM):
+- W1 = [W1_c] and W2 = [W2_c] (hidden chunks of 64) are float32 [64, 64] values carried through
+  the mini-batch `fori_loop`; the update W_c += (-diag(eta) X)^T G is one wgmma accumulating into
+  the carried accumulator (`pl.run_state(...)(plgpu.ACC.init(W_c))`), the sign folded into the
+  SMEM operand. A bf16 copy of the new state is stored to SMEM as the next matmuls' operand.
+  No (hi, lo) read-modify-write per mini-batch: (hi, lo) is formed only for the checkpoints.
+- The hidden dimension is sharded over a thread-block cluster of `cluster` CTAs (hidden 256 /
+  cluster per CTA): the state does not fit one warpgroup's registers (8 x 32 registers per thread
+  at cluster 1). Z2 (keys) and Z2_bar (queries) are partial sums over the hidden shards, all-reduced
+  by pushing the [64, 64] float32 partial into the peer's SMEM (`async_store_smem`) and adding
+  locally (a + b in the same order on both CTAs: both get bitwise equal sums, so the replicated
+  LayerNorm/G2/b2 math stays identical). cluster=1 is the same arithmetic without the exchange:
+  the variant the CPU interpret-mode tests run (registers are no constraint there).
+Checkpoints keep v1/v2's layout: (hi, lo) bf16 pairs per chunk, b1/b2 float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.ttt_mlp.kernel_mgpu import (CS, F, NH, _col_bcast, _gelu, _gelu_and_grad,
+                                                _ln_stats, _row_bcast)
+
+
+@dataclasses.dataclass(frozen=True)
+class AccTuningConfig:
+  """Frozen v3 configuration (validated for F = CS = 64, hidden 256)."""
+
+  cluster: int = 2  # CTAs per head; hidden 256 / cluster per CTA
+
+  def __post_init__(self):
+    if self.cluster not in (1, 2):
+      raise ValueError(f"cluster must be 1 or 2 (the exchange is a pairwise push), got "
+                       f"{self.cluster}")
+
+
+def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
+                      config: AccTuningConfig = AccTuningConfig(), interpret=None):
+  """Returns f(q, k, v, eta, gamma, beta, w1h, w1l, b1, w2h, w2l, b2) -> (out, ckpts).
+
+  Same argument/result layout as `kernel_mgpu.build_forward` (see there): q, k, v [BH, NC, 64, 64]
+  bf16, eta [BH, NC, 64] f32, state chunks [BH, 4, 64, 64] bf16 (hi, lo), b1 [BH, 4, 64],
+  b2 [BH, 64]; checkpoints with an [NG] axis after BH.
+  """
+  C = config.cluster
+  NL = NH // C  # hidden chunks of 64 per CTA
+  NG = -(-NC // group)
+  bf16, f32 = jnp.bfloat16, jnp.float32
+  shp = (64, 64)
+  tr = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+  tr32 = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
+  tile = lambda *lead: plgpu.SMEM(lead + shp, bf16, transforms=tr)
+  red0 = plgpu.Layout.WGMMA.reduce(0)
+  red1 = plgpu.Layout.WGMMA.reduce(1)
+
+  def on_rank0(r, fn):
+    """fn() on the cluster's first CTA only (always at cluster 1)."""
+    if C == 1:
+      fn()
+    else:
+      pl.when(r == 0)(fn)
+
+  def body(q_ref, k_ref, v_ref, eta_ref, g_ref, bt_ref, w1h_ref, w1l_ref, b1_ref, w2h_ref,
+           w2l_ref, b2_ref, o_ref, cw1h, cw1l, cb1, cw2h, cw2l, cb2,
+           q_s, k_s, v_s, ek_s, g2_s, g1_s, ex2_s, x_s, w1h, w2h, lo_s,
+           eta_s, b1_s, b2_s, gam_s, bet_s, bars, *xch):
+    bh = lax.axis_index("bh")
+    r = lax.axis_index("c") if C > 1 else 0
+    c0 = r * NL  # first global hidden chunk of this CTA
+
+    # ---- initial state: hi into w1h/w2h, lo into lo_s (W1 chunks 0..NL-1, W2 chunks NL..2NL-1)
+    plgpu.copy_gmem_to_smem(w1h_ref.at[bh, pl.ds(c0, NL)], w1h, bars.at[0])
+    plgpu.copy_gmem_to_smem(w1l_ref.at[bh, pl.ds(c0, NL)], lo_s.at[pl.ds(0, NL)], bars.at[1])
+    plgpu.copy_gmem_to_smem(w2h_ref.at[bh, pl.ds(c0, NL)], w2h, bars.at[2])
+    plgpu.copy_gmem_to_smem(w2l_ref.at[bh, pl.ds(c0, NL)], lo_s.at[pl.ds(NL, NL)], bars.at[3])
+    plgpu.copy_gmem_to_smem(b1_ref.at[bh, pl.ds(c0, NL)], b1_s, bars.at[4])
+    plgpu.copy_gmem_to_smem(b2_ref.at[bh], b2_s, bars.at[5])
+    plgpu.copy_gmem_to_smem(g_ref.at[bh], gam_s, bars.at[6])
+    plgpu.copy_gmem_to_smem(bt_ref.at[bh], bet_s, bars.at[7])
+    for i in range(8):
+      plgpu.barrier_wait(bars.at[i])
+    as_f32 = lambda hi, lo: plgpu.layout_cast(hi[...].astype(f32) + lo[...].astype(f32),
+                                              plgpu.Layout.WGMMA)
+    w1_0 = tuple(as_f32(w1h.at[c], lo_s.at[c]) for c in range(NL))
+    w2_0 = tuple(as_f32(w2h.at[c], lo_s.at[NL + c]) for c in range(NL))
+
+    if C > 1:
+      recv0, recv1, rbar0, rbar1, cbar = xch
+      plgpu.barrier_arrive(cbar.at[0])  # every CTA's barriers initialised before any push
+      plgpu.barrier_wait(cbar.at[0])
+
+    def allreduce(x, slot):
+      """Sum of the [64, 64] f32 partials over the cluster (identity at cluster 1)."""
+      if C == 1:
+        return x
+      recv, rbar = (recv0, rbar0) if slot == 0 else (recv1, rbar1)
+      plgpu.async_store_smem(x, recv, rbar.at[0], cluster_idx=1 - r, cluster_dim="c")
+      plgpu.barrier_wait(rbar.at[0])
+      return x + recv[...]
+
+    def mm_multi(pairs):
+      """Independent a @ b products issued together, one wait: tuple of [64, 64] f32."""
+      def fn(*accs):
+        for acc, (a, b) in zip(accs, pairs):
+          plgpu.wgmma(acc, a, b)
+        return tuple(acc[...] for acc in accs)
+      return pl.run_scoped(fn, *[plgpu.ACC(shp, f32) for _ in pairs])
+
+    def mm_chain(pairs):
+      """sum_i a_i @ b_i accumulated on the tensor cores, one wait."""
+      def fn(acc):
+        for a, b in pairs:
+          plgpu.wgmma(acc, a, b)
+        return acc[...]
+      return pl.run_scoped(fn, plgpu.ACC(shp, f32))
+
+    def update_state(w1, w2):
+      """W1_c += (-eta K)^T G1_c, W2_c += (-eta X2_c)^T G2 (operands in SMEM), one wait.
+
+      Compiled: accumulated into the carried state (`ACC.init`). Interpret mode has no rule for
+      wgmma under `run_state`, so there the products go to fresh accumulators and are added.
+      """
+      # The (transformed) operand refs are made inside the traced functions: made outside,
+      # `run_state` hoists their static indices as constants that the lowering rejects.
+      pairs = lambda: ([(ek_s.T, g1_s.at[c]) for c in range(NL)]
+                       + [(ex2_s.at[c].T, g2_s) for c in range(NL)])
+      if interpret is not None:
+        d = mm_multi(pairs())
+        return (tuple(w + x for w, x in zip(w1, d[:NL])),
+                tuple(w + x for w, x in zip(w2, d[NL:])))
+
+      def fn(accs):
+        for acc, (a, b) in zip(accs[0] + accs[1], pairs()):
+          plgpu.wgmma(acc, a, b)
+      return pl.run_state(fn)((tuple(plgpu.ACC.init(w) for w in w1),
+                               tuple(plgpu.ACC.init(w) for w in w2)))
+
+    def mlp_fwd_partial(xs):
+      """This CTA's hidden shard of gelu(xs W1 + b1) W2: [64, 64] f32 partial (no b2)."""
+      z1s = mm_multi([(xs, w1h.at[c]) for c in range(NL)])
+      for c in range(NL):
+        b1c = plgpu.load(b1_s.at[c], layout=red0)
+        x_s[c] = _gelu(z1s[c] + _row_bcast(b1c, shp)).astype(bf16)
+      plgpu.commit_smem()
+      return mm_chain([(x_s.at[c], w2h.at[c]) for c in range(NL)])
+
+    def write_checkpoint(gi, w1, w2):
+      """(hi, lo) bf16 of this CTA's chunks + biases to HBM (state before mini-batch gi*group)."""
+      for c in range(NL):
+        lo_s[c] = (w1[c] - w1h[c].astype(f32)).astype(bf16)
+        lo_s[NL + c] = (w2[c] - w2h[c].astype(f32)).astype(bf16)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(w1h, cw1h.at[bh, gi, pl.ds(c0, NL)])
+      plgpu.copy_smem_to_gmem(lo_s.at[pl.ds(0, NL)], cw1l.at[bh, gi, pl.ds(c0, NL)])
+      plgpu.copy_smem_to_gmem(w2h, cw2h.at[bh, gi, pl.ds(c0, NL)])
+      plgpu.copy_smem_to_gmem(lo_s.at[pl.ds(NL, NL)], cw2l.at[bh, gi, pl.ds(c0, NL)])
+      plgpu.copy_smem_to_gmem(b1_s, cb1.at[bh, gi, pl.ds(c0, NL)])
+      on_rank0(r, lambda: plgpu.copy_smem_to_gmem(b2_s, cb2.at[bh, gi]))
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    def step(m, carry):
+      w1, w2 = carry  # NL x [64, 64] f32 each: W1[:, chunk], W2[chunk, :]
+
+      @pl.when(m % group == 0)
+      def _():
+        write_checkpoint(m // group, w1, w2)
+
+      plgpu.copy_gmem_to_smem(q_ref.at[bh, m], q_s, bars.at[0])
+      plgpu.copy_gmem_to_smem(k_ref.at[bh, m], k_s, bars.at[1])
+      plgpu.copy_gmem_to_smem(v_ref.at[bh, m], v_s, bars.at[2])
+      plgpu.copy_gmem_to_smem(eta_ref.at[bh, m], eta_s, bars.at[3])
+      for i in range(4):
+        plgpu.barrier_wait(bars.at[i])
+
+      eta_c = plgpu.load(eta_s, layout=red1)  # [64] over rows j
+      gam = plgpu.load(gam_s, layout=red0)  # [64] over columns f
+      bet = plgpu.load(bet_s, layout=red0)
+      kf = k_s[...].astype(f32)
+      ek_s[...] = (-_col_bcast(eta_c, shp) * kf).astype(bf16)  # -diag(eta) K
+
+      # ---- (1)-(3): Z2 = gelu(K W1 + b1) W2 + b2, all-reduced over the hidden shards
+      b2v = plgpu.load(b2_s, layout=red0)
+      z2 = allreduce(mlp_fwd_partial(k_s), 0) + _row_bcast(b2v, shp)
+      # ---- (4)-(6): fused LayerNorm + L2 backward (replicated on every CTA)
+      target = v_s[...].astype(f32) - kf
+      xh, rstd = _ln_stats(z2, ln_eps)
+      gg = _row_bcast(gam, shp) * (_row_bcast(gam, shp) * xh + _row_bcast(bet, shp) - target)
+      s1 = jnp.sum(gg, axis=1)
+      s2 = jnp.sum(gg * xh, axis=1)
+      g2 = (F * gg - _col_bcast(s1, shp) - xh * _col_bcast(s2, shp)) * _col_bcast(rstd / F, shp)
+      g2_s[...] = g2.astype(bf16)
+      db2 = jnp.sum(_col_bcast(eta_c, shp) * g2, axis=0)
+      plgpu.commit_smem()
+      # ---- (7): G1 = (G2 W2^T) * gelu'(Z1) per local chunk, with the old state
+      for c in range(NL):
+        b1c = plgpu.load(b1_s.at[c], layout=red0)
+        z1, gw = mm_multi([(k_s, w1h.at[c]), (g2_s, w2h.at[c].T)])
+        x2, gp = _gelu_and_grad(z1 + _row_bcast(b1c, shp))
+        g1 = gw * gp
+        g1_s[c] = g1.astype(bf16)
+        ex2_s[c] = (-_col_bcast(eta_c, shp) * x2).astype(bf16)  # -diag(eta) X2
+        b1_s[c] = b1c - jnp.sum(_col_bcast(eta_c, shp) * g1, axis=0)
+      plgpu.commit_smem()
+
+      # ---- (8): W1_c += (-eta K)^T G1_c, W2_c += (-eta X2_c)^T G2 into the state accumulators
+      w1, w2 = update_state(w1, w2)
+      for c in range(NL):
+        w1h[c] = w1[c].astype(bf16)
+        w2h[c] = w2[c].astype(bf16)
+      b2_s[...] = b2v - db2
+      plgpu.commit_smem()
+      # ---- (9)-(10): apply the new state to the queries
+      b2n = plgpu.load(b2_s, layout=red0)
+      z2b = allreduce(mlp_fwd_partial(q_s), 1) + _row_bcast(b2n, shp)
+      xhb, _ = _ln_stats(z2b, ln_eps)
+      out = q_s[...].astype(f32) + _row_bcast(gam, shp) * xhb + _row_bcast(bet, shp)
+
+      def write_out():
+        q_s[...] = out.astype(bf16)  # q_s doubles as the output tile
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_s, o_ref.at[bh, m])
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      on_rank0(r, write_out)
+      return w1, w2
+
+    lax.fori_loop(0, NC, step, (w1_0, w2_0))
+    plgpu.wait_smem_to_gmem(0)
+    if C > 1:
+      plgpu.barrier_arrive(cbar.at[0])  # no CTA exits while its peer may still push into it
+      plgpu.barrier_wait(cbar.at[0])
+
+  st = lambda *s: jax.ShapeDtypeStruct(s, bf16)
+  sf = lambda *s: jax.ShapeDtypeStruct(s, f32)
+  out_type = (st(BH, NC, CS, F), st(BH, NG, NH, 64, 64), st(BH, NG, NH, 64, 64),
+              sf(BH, NG, NH, 64), st(BH, NG, NH, 64, 64), st(BH, NG, NH, 64, 64), sf(BH, NG, 64))
+  scratch = [tile(), tile(), tile(), tile(), tile(),  # q, k, v, -eta K, G2
+             tile(NL), tile(NL), tile(NL),  # G1_c, -eta X2_c, X2 (forward)
+             tile(NL), tile(NL), tile(2 * NL),  # W1 bf16, W2 bf16, lo (checkpoints / init)
+             plgpu.SMEM((64,), f32), plgpu.SMEM((NL, 64), f32), plgpu.SMEM((64,), f32),
+             plgpu.SMEM((64,), f32), plgpu.SMEM((64,), f32),
+             plgpu.Barrier(num_barriers=8)]
+  kwargs = {}
+  if C > 1:
+    scratch += [plgpu.SMEM(shp, f32, transforms=tr32), plgpu.SMEM(shp, f32, transforms=tr32),
+                plgpu.Barrier(num_arrivals=C - 1, num_barriers=1),
+                plgpu.Barrier(num_arrivals=C - 1, num_barriers=1),
+                plgpu.ClusterBarrier(collective_axes=("c",), num_barriers=1)]
+    kwargs.update(cluster=(C,), cluster_names=("c",))
+  if interpret is not None:
+    kwargs["interpret"] = interpret
+  return plgpu.kernel(
+      body, out_type=out_type, scratch_types=scratch, grid=(BH,), grid_names=("bh",),
+      compiler_params=plgpu.CompilerParams(approx_math=True), **kwargs)
