@@ -3,7 +3,9 @@
 
 VAE-encodes the annotated episode clips (49-then-48-frame windows, §7.5) and T5-encodes each 3-second
 segment's text with scene tokens (§5.5) with the project's JAX models (converted checkpoint dirs), into the
-TFDS ArrayRecord format read by `--config.data.source=tfds --config.data.tfds_dir=OUT/storyboard_latents/<stage>/1.0.0`.
+TFDS ArrayRecord format, read by `--config.data.source=tfds
+--config.data.tfds_dir=OUT/storyboard_latents/<stage>/1.0.0` (and, with --official_format, the official
+JSONL layout OUT/official/<stage>/index.jsonl, read by `--config.data.index=...`).
 Annotation format: `ttt_dit/data/episodes.py`. All logic: `ttt_dit.data.precompute`.
 """
 
@@ -23,6 +25,8 @@ _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Stored
 _COMPUTE = flags.DEFINE_enum("compute_dtype", "float32", ["bfloat16", "float32"], "VAE / T5 compute dtype.")
 _ON_ERROR = flags.DEFINE_enum("on_error", "fail", ["fail", "skip"], "Bad sample: stop, or skip and count.")
 _SEGMENT_FRAMES = flags.DEFINE_integer("segment_frames", 48, "Frames per segment (48 = 3 s at 16 fps).")
+_OFFICIAL = flags.DEFINE_bool("official_format", False, "Also write the official JSONL + tensor-file layout "
+                                "(OUT/official/<stage>/index.jsonl, for --config.data.index).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing output_dir.")
 
 
@@ -44,7 +48,8 @@ def main(argv):
   enc = ttt_dit.load_text_encoder(_TEXT.value, dtype=dtype)
   skipped = precompute.precompute(_ANNOTATIONS.value, _OUT.value, vae, enc, _STAGES.value, text_lens,
                                   video_root=_VIDEO_ROOT.value, dtype=_DTYPE.value, on_error=_ON_ERROR.value,
-                                  segment_frames=_SEGMENT_FRAMES.value, overwrite=_OVERWRITE.value)
+                                  segment_frames=_SEGMENT_FRAMES.value, overwrite=_OVERWRITE.value,
+                                  official=_OFFICIAL.value)
   logging.info("wrote %s; skipped per stage: %s", _OUT.value, {s: len(v) for s, v in skipped.items()})
 
 

@@ -130,7 +130,7 @@ def precomputed(tmp_path_factory):
   out = str(root / "out")
   r = subprocess.run([sys.executable, "-m", "experiments.precompute", f"--annotations={ann}", f"--vae={vae_dir}",
                       f"--text_encoder={t5_dir}", f"--output_dir={out}", "--stages=3s,9s", "--preset=tiny",
-                      f"--segment_frames={te.SEGMENT_FRAMES}", "--dtype=float32"],
+                      f"--segment_frames={te.SEGMENT_FRAMES}", "--dtype=float32", "--official_format"],
                      cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-4000:]
   return root, ann, vae_dir, t5_dir, out
@@ -161,6 +161,15 @@ def test_precompute_equals_direct_encode(precomputed):
       np.testing.assert_allclose(rec["text"], enc(enc.tokenize(list(s.texts), LT if n == 1 else 10)),
                                  rtol=1e-5, atol=1e-5)
       assert [t.decode() for t in rec["texts"]] == list(s.texts)
+  # the official-layout export holds the same samples (LatentDataset: the official-format reader)
+  from ttt_dit.data.latents import LatentDataset
+  for stage, n in (("3s", 1), ("9s", 3)):
+    off = LatentDataset(os.path.join(out, "official", stage, "index.jsonl"), 2 * n + 1, n)
+    src = tfds_builder.data_source(tfds_builder.dataset_dir(out, stage))
+    assert [e["id"] for e in off.entries] == [src[i]["id"].decode() for i in range(len(src))]
+    for i in range(len(src)):
+      np.testing.assert_array_equal(off.samples[i][0], src[i]["moments"])
+      np.testing.assert_array_equal(off.samples[i][1], src[i]["text"])
   # the 9 s sample of ep0 crosses the annotated scene cut inside clip c0
   nine = {src9["id"].decode(): src9 for src9 in tfds_builder.data_source(tfds_builder.dataset_dir(out, "9s"))}
   assert [t.decode() for t in nine["ep0/00000"]["texts"]] == [

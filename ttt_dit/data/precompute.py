@@ -51,11 +51,38 @@ def _first_frame_size(clips: Sequence[episodes.Clip], reader: Callable[[str], np
   raise ValueError("no readable video among the annotated clips")
 
 
+def export_official(dataset_dir: str, out_dir: str) -> str:
+  """A built TFDS stage dataset -> the official precomputed layout (§8.4) read by `latents.LatentDataset`:
+  `index.jsonl` of {"id", "vid_emb": "vid/<k>.npy" [T, 2C, h, w], "text_chunk_emb": ["txt/<k>_<i>.npy" [L_t, D]]}
+  (float32 .npy; the official files are bf16 torch tensors of the same shapes). Returns the index path."""
+  src = tfds_builder.data_source(dataset_dir)
+  os.makedirs(os.path.join(out_dir, "vid"), exist_ok=True)
+  os.makedirs(os.path.join(out_dir, "txt"), exist_ok=True)
+  lines = []
+  for k in range(len(src)):
+    rec = src[k]
+    sid = rec["id"].decode()
+    vid = f"vid/{k:06d}.npy"
+    np.save(os.path.join(out_dir, vid), np.transpose(np.asarray(rec["moments"], np.float32), (0, 3, 1, 2)))
+    txt = []
+    for i, t in enumerate(np.asarray(rec["text"], np.float32)):
+      txt.append(f"txt/{k:06d}_{i}.npy")
+      np.save(os.path.join(out_dir, txt[-1]), t)
+    lines.append({"id": sid, "vid_emb": vid, "text_chunk_emb": txt})
+  index = os.path.join(out_dir, "index.jsonl")
+  with open(index, "w") as f:
+    f.write("".join(json.dumps(l) + "\n" for l in lines))
+  return index
+
+
 def precompute(annotations: str, output_dir: str, vae: Any, text_encoder: Callable, stages: Sequence[str],
                text_lens: dict[str, int], video_root: str | None = None, dtype: str = "bfloat16",
                on_error: str = "fail", segment_frames: int = episodes.SEGMENT_FRAMES, overwrite: bool = False,
-               reader: Callable[[str], np.ndarray] = episodes.read_video) -> dict[str, dict[str, str]]:
-  """Builds `<output_dir>/storyboard_latents/<stage>/1.0.0` for each stage; returns the skipped samples."""
+               official: bool = False, reader: Callable[[str], np.ndarray] = episodes.read_video
+               ) -> dict[str, dict[str, str]]:
+  """Builds `<output_dir>/storyboard_latents/<stage>/1.0.0` for each stage (and, with `official`, the same
+  samples in the official layout under `<output_dir>/official/<stage>/index.jsonl`); returns the skipped
+  samples {stage: {id: reason}}."""
   output_dir = os.path.abspath(output_dir)
   if os.path.exists(output_dir) and not overwrite:
     raise ValueError(f"{output_dir} exists (pass overwrite=True / --overwrite to replace it)")
@@ -83,6 +110,8 @@ def precompute(annotations: str, output_dir: str, vae: Any, text_encoder: Callab
                                W // scale, channels), text_shape=(n, L, D), dtype=dtype, on_error=on_error,
                                progress=bar.update)
       skipped[stage] = dict(b.skipped)
+      if official:
+        export_official(tfds_builder.dataset_dir(tmp, stage), os.path.join(tmp, "official", stage))
       logging.info("stage %s: %d samples written, %d skipped", stage, len(samples) - len(b.skipped),
                    len(b.skipped))
     shutil.rmtree(os.path.join(tmp, "downloads"), ignore_errors=True)   # TFDS' (empty) download cache
