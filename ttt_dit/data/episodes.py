@@ -116,7 +116,7 @@ def read_video(path: str) -> np.ndarray:
     raise FileNotFoundError(f"missing video file {path}")
   import imageio.v3 as iio  # the `video` extra
   try:
-    frames = iio.imread(path, plugin="pyav") if path.endswith(".mkv") else iio.imread(path)
+    frames = iio.imread(path)
   except Exception as err:  # decoder errors of every plugin mean an unreadable file
     raise ValueError(f"cannot decode video {path}: {type(err).__name__}: {err}") from err
   if frames.ndim != 4 or frames.shape[-1] != 3:

@@ -9,6 +9,7 @@ only when all stages are complete (with `skipped.json`: {stage: {sample id: reas
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import shutil
@@ -21,12 +22,15 @@ from tqdm import tqdm
 
 from ttt_dit.data import episodes, tfds_builder
 
+_TEXT_CACHE = 64
+
 
 def make_encode(vae: Any, text_encoder: Callable, clips: Sequence[episodes.Clip], text_len: int,
                 segment_frames: int = episodes.SEGMENT_FRAMES,
                 reader: Callable[[str], np.ndarray] = episodes.read_video) -> tfds_builder.Encode:
-  """sample -> (moments [T, h, w, 2C], text [n, L_t, D]) float32; T5 outputs cached per distinct text."""
-  text_cache: dict[str, np.ndarray] = {}
+  """sample -> (moments [T, h, w, 2C], text [n, L_t, D]) float32; T5 outputs of the last `_TEXT_CACHE` distinct
+  texts kept (a 5B-size embedding is 8 MB: consecutive samples of an episode share few texts)."""
+  text_cache: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
 
   def encode(sample: episodes.Sample) -> tuple[np.ndarray, np.ndarray]:
     video = episodes.sample_video(sample, clips, reader, segment_frames)          # [F, H, W, 3] in [-1, 1]
@@ -36,7 +40,12 @@ def make_encode(vae: Any, text_encoder: Callable, clips: Sequence[episodes.Clip]
     if new:
       emb = np.asarray(text_encoder(text_encoder.tokenize(new, text_len)), np.float32)  # [k, L_t, D]
       text_cache.update(zip(new, emb))
-    return moments, np.stack([text_cache[t] for t in sample.texts])              # [n, L_t, D]
+    text = np.stack([text_cache[t] for t in sample.texts])                       # [n, L_t, D]
+    for t in sample.texts:
+      text_cache.move_to_end(t)
+    while len(text_cache) > _TEXT_CACHE:
+      text_cache.popitem(last=False)
+    return moments, text
 
   return encode
 
