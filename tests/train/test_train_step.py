@@ -85,3 +85,16 @@ def test_qkvo_step_moves_only_trainable_params_with_accumulation():
   for mv, trainable in zip(jax.tree_util.tree_leaves(moved), jax.tree_util.tree_leaves(optim.trainable_mask(tr.labels))):
     assert mv == trainable
   assert 0 < sum(jax.tree_util.tree_leaves(moved)) < len(jax.tree_util.tree_leaves(moved))
+  # One process holds every row: the per-host path builds the same global arrays as the global one.
+  for a, b in zip(tr.put_local_batch(np.asarray(moments), np.asarray(text)), (moments, text)):
+    assert a.sharding == b.sharding and np.array_equal(np.asarray(a), np.asarray(b))
+
+  class Data:  # read_batch on one process reads the global batch (`batch`), poisoned at debug.nan_step
+    def batch(self, step, b, seed):
+      return np.asarray(moments), np.asarray(text)
+
+    def local_batch(self, step, b, seed):
+      raise AssertionError("local_batch is only for several processes")
+  tr.config.debug.nan_step = 5
+  assert np.array_equal(np.asarray(loop.read_batch(tr, Data(), 4)[0]), np.asarray(moments))
+  assert np.isnan(np.asarray(loop.read_batch(tr, Data(), 5)[0])).all()

@@ -72,6 +72,27 @@ class Trainer:
     return (sharding.global_array(np.asarray(moments, np.float32), self.batch_sharding),
             sharding.global_array(np.asarray(text, np.float32), self.batch_sharding))
 
+  def put_local_batch(self, moments: np.ndarray, text: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """This process's rows of the global batch (process after process) -> global sharded arrays."""
+    return tuple(jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(x, np.float32))
+                 for x in (moments, text))
+
+
+def read_batch(tr: Trainer, data: Any, step: int) -> tuple[jax.Array, jax.Array]:
+  """The step's global batch: each host reads only its rows when several processes and the dataset
+  can (`local_batch`), else every host reads the whole batch and keeps its shards."""
+  c = tr.config
+  nan = step == int(c.get("debug", {}).get("nan_step", -1))  # config.debug.nan_step: a poisoned batch
+  if jax.process_count() > 1 and hasattr(data, "local_batch"):
+    moments, text = data.local_batch(step, c.global_batch, c.data.seed)
+    put = tr.put_local_batch
+  else:
+    moments, text = data.batch(step, c.global_batch, c.data.seed)
+    put = tr.put_batch
+  if nan:
+    moments = np.full_like(moments, np.nan)
+  return put(moments, text)
+
 
 def _diagnostics_graphdef(mcfg: ml_collections.ConfigDict) -> nnx.GraphDef:
   """GraphDef of the DiT with TTT diagnostics on and remat off (forward-only pass, same parameters)."""
@@ -174,7 +195,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   writer = metrics_lib.MetricsWriter(workdir, config.log_every)
   total = config.optimizer.total_steps
   diag_every = int(config.get("ttt_diagnostics_every", 0))
-  nan_step = int(config.get("debug", {}).get("nan_step", -1))
   tokens = config.global_batch * tokens_per_sample(tr.model_config)
   logging.info("mesh %s on %d devices (%s), %d data-parallel ranks, %d tokens per step",
                dict(tr.mesh.shape), jax.device_count(), jax.devices()[0].device_kind, tr.ranks, tokens)
@@ -184,10 +204,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     with jax.set_mesh(tr.mesh):
       for step in bar:
         t0 = time.perf_counter()
-        moments, text = data.batch(step, config.global_batch, config.data.seed)
-        if step == nan_step:  # a poisoned batch (config.debug.nan_step), to exercise the stop below
-          moments = np.full_like(moments, np.nan)
-        moments, text = tr.put_batch(moments, text)
+        moments, text = read_batch(tr, data, step)
         step_key = jax.random.fold_in(key, step)
         params, opt_state, m = tr.step(params, opt_state, moments, text, step_key)
         loss, gnorm = float(m["loss"]), float(m["grad_norm"])
