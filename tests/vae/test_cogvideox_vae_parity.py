@@ -1,27 +1,13 @@
-"""CogVideoX VAE + converter against diffusers.AutoencoderKLCogVideoX (tiny, random weights, float64)."""
+"""CogVideoX VAE + converter against diffusers.AutoencoderKLCogVideoX (tiny, random weights, float64).
+
+`vae_dirs` (tests/vae/conftest.py): the diffusers model and its converted directory.
+"""
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKLCogVideoX
 
 from converters.cogvideox_vae import convert_vae
 from ttt_dit.vae.cogvideox_vae import load_vae, windows
-
-
-@pytest.fixture(scope="module")
-def vae_dirs(tmp_path_factory):
-  root = tmp_path_factory.mktemp("vae")
-  torch.manual_seed(0)
-  model = AutoencoderKLCogVideoX(
-      down_block_types=("CogVideoXDownBlock3D",) * 4, up_block_types=("CogVideoXUpBlock3D",) * 4,
-      block_out_channels=(8, 8, 16, 16), latent_channels=4, layers_per_block=1, norm_num_groups=4,
-      temporal_compression_ratio=4, sample_height=16, sample_width=16).eval()
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.05 * torch.randn_like(p))
-  model.save_pretrained(str(root / "src"))
-  convert_vae(str(root / "src"), str(root / "dst"), dtype="float64")
-  return root, model.double()
 
 
 def test_windows_official_rule():

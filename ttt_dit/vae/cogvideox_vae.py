@@ -7,10 +7,15 @@ then 2 (official = diffusers); the first window is jitted alone, the rest run in
 the conv caches. Encode windows: 49 then 48 frames as official (diffusers uses 9 then 8:
 `sample_window`), a jitted loop. Optional spatial tiling of decode (`Tiling`), as diffusers' `tiled_decode`.
 Conv weights are stored channels-last: conv3d [kt, kh, kw, I, O], conv2d [kh, kw, I, O].
+
+The math is pure functions of the flat dict (the conv caches are a pytree carried by the scan);
+`CogVideoXVAE` is the NNX module that owns the parameters (`nnx.Param`s nested as the diffusers names)
+and hands them to the jitted window functions as arguments.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Callable
@@ -18,6 +23,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 Params = dict[str, jax.Array]
 
@@ -241,32 +247,104 @@ def blend_rows(a: jax.Array, b: jax.Array, extent: int, axis: int) -> jax.Array:
   return jax.lax.dynamic_update_slice_in_dim(b, tail * (1 - w) + head * w, 0, axis=axis)
 
 
-class CogVideoXVAE:
-  """Windowed encode/decode with conv caches carried between windows; optional spatial tiling of decode."""
+def nnx_params(flat: Params) -> nnx.Dict:
+  """{diffusers key: array} -> nested `nnx.Dict` / `nnx.List` of `nnx.Param`, one level per key segment.
+
+  Indexed segments ("down_blocks.0") become `nnx.List`s, so an nnx path joined with "." is the diffusers
+  key again (`flat_params` is the inverse).
+  """
+  def nest(items: dict[tuple[str, ...], Any], where: str) -> nnx.Dict | nnx.List:
+    groups: dict[str, dict[tuple[str, ...], Any]] = {}
+    for parts, v in items.items():
+      groups.setdefault(parts[0], {})[parts[1:]] = v
+    children = {}
+    for name, sub in groups.items():
+      key = f"{where}.{name}" if where else name
+      if () in sub:
+        if len(sub) > 1:
+          raise ValueError(f"VAE parameter {key} is both a tensor and a prefix of others")
+        children[name] = nnx.Param(jnp.asarray(sub[()]))
+      else:
+        children[name] = nest(sub, key)
+    if all(n.isdigit() for n in children) and sorted(int(n) for n in children) == list(range(len(children))):
+      return nnx.List([children[str(i)] for i in range(len(children))])
+    return nnx.Dict(children)
+  return nest({tuple(k.split(".")): v for k, v in flat.items()}, "")
+
+
+def flat_params(module: nnx.Module) -> Params:
+  """Inverse of `nnx_params`: every `nnx.Param` under `module` keyed by its path joined with "."."""
+  return {".".join(str(p) for p in path): var[...]
+          for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+
+
+def _freeze(x: Any) -> Any:
+  """Hashable copy of a JSON config (lists -> tuples, dicts -> sorted item tuples): a static jit argument."""
+  if isinstance(x, dict):
+    return tuple(sorted((k, _freeze(v)) for k, v in x.items()))
+  if isinstance(x, (list, tuple)):
+    return tuple(_freeze(v) for v in x)
+  return x
+
+
+class _Progress:
+  """Host-side sink of the decode scan's per-window callback (set for the duration of one `decode`)."""
+  fn: Callable[[int], None] | None = None
+
+
+def _tick() -> None:
+  if _Progress.fn is not None:
+    _Progress.fn(1)
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _decode_first(p: Params, z: jax.Array, cache: dict, cfg: tuple) -> tuple[jax.Array, dict]:
+  """First decode window (3 latents for odd T): (video frames, conv caches)."""
+  return _with_cache(decoder_window, p, dict(cfg), z, cache)
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _decode_scan(p: Params, zs: jax.Array, cache: dict, cfg: tuple) -> tuple[jax.Array, dict]:
+  """Later decode windows zs [N, B, w, h, w_, C] in one scan; `_tick` after each window."""
+  def window_tick(p, cfg, z, c):
+    y = decoder_window(p, cfg, z, c)
+    jax.debug.callback(_tick)
+    return y
+  return _scan_windows(window_tick, p, dict(cfg), zs, cache)
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _encode_window(p: Params, x: jax.Array, cache: dict, cfg: tuple) -> tuple[jax.Array, dict]:
+  """One encode window: (moments, conv caches)."""
+  return _with_cache(encoder_window, p, dict(cfg), x, cache)
+
+
+class CogVideoXVAE(nnx.Module):
+  """CogVideoX 3D causal VAE as an NNX module: windowed encode/decode, optional spatial tiling of decode.
+
+  Parameters are `nnx.Param`s under `self.encoder` / `self.decoder`, nested as the diffusers names
+  (`vae.decoder["conv_in"]["conv"]["weight"]` is "decoder.conv_in.conv.weight"), so `nnx.state`,
+  `nnx.split` / `nnx.merge` and `nnx.grad` see them. `encode` / `decode` read them back as the flat
+  {diffusers key: array} dict (`flat_params`) and pass it as an argument to the jitted window functions.
+  """
 
   def __init__(self, params: Params, config: dict, latent_window: int = 2, sample_window: int = 48,
                tiling: Tiling | None = None):
-    self.p, self.cfg = params, config
+    tree = nnx_params(params)
+    if not isinstance(tree, nnx.Dict) or sorted(tree) != ["decoder", "encoder"]:
+      names = sorted(tree) if isinstance(tree, nnx.Dict) else []
+      raise ValueError(f"VAE parameters must sit under exactly 'encoder' and 'decoder', got top-level {names}")
+    self.encoder, self.decoder = tree["encoder"], tree["decoder"]
+    self.cfg = dict(config)
     self.latent_window, self.sample_window = latent_window, sample_window
     self.tiling = tiling
     self.spatial_scale = 2 ** (len(config.get("block_out_channels", (0,) * 4)) - 1)
-    self.progress: Callable[[int], None] | None = None  # called with 1 after each decoded window (tqdm)
+    self.progress: Callable[[int], None] | None = None  # default of decode's `progress`
 
-    def tick() -> None:
-      if self.progress is not None:
-        self.progress(1)
-
-    self._dec = jax.jit(lambda p, z, cache: _with_cache(decoder_window, p, config, z, cache))
-
-    def scan_with_ticks(fn, p, cfg, zs, cache):
-      def fn_tick(p, cfg, z, c):
-        y = fn(p, cfg, z, c)
-        jax.debug.callback(tick)
-        return y
-      return _scan_windows(fn_tick, p, cfg, zs, cache)
-
-    self._dec_scan = jax.jit(lambda p, zs, cache: scan_with_ticks(decoder_window, p, config, zs, cache))
-    self._enc = jax.jit(lambda p, x, cache: _with_cache(encoder_window, p, config, x, cache))
+  @property
+  def p(self) -> Params:
+    """The parameters as the flat {diffusers key: array} dict the window functions take."""
+    return flat_params(self)
 
   def num_decode_steps(self, latent_shape: tuple[int, ...]) -> int:
     """How many windows (x tiles) `decode` runs for latents of this shape: the `progress` total."""
@@ -293,41 +371,43 @@ class CogVideoXVAE:
     `progress(1)` is called after each decoded window (`num_decode_steps` calls in all), e.g. tqdm.update.
     """
     latents = jnp.asarray(latents)
-    old, self.progress = self.progress, progress if progress is not None else self.progress
+    progress = progress if progress is not None else self.progress
+    p, cfg = self.p, _freeze(self.cfg)
+    old, _Progress.fn = _Progress.fn, progress
     try:
       if self._tiled(latents.shape):
-        out = self._decode_tiled(latents)
+        out = self._decode_tiled(p, cfg, latents, progress)
       else:
-        out = self._decode_windows(latents)
-      if self.progress is not None:
+        out = self._decode_windows(p, cfg, latents, progress)
+      if progress is not None:
         out = jax.block_until_ready(out)
         jax.effects_barrier()  # every window's host callback has run
       return out
     finally:
-      self.progress = old
+      _Progress.fn = old
 
-  def _decode_windows(self, latents: jax.Array) -> jax.Array:
+  def _decode_windows(self, p: Params, cfg: tuple, latents: jax.Array, progress) -> jax.Array:
     """Temporal windows of the official rule over the whole spatial extent."""
     wins = windows(latents.shape[1], self.latent_window)
     a, b = wins[0]
-    y, cache = self._dec(self.p, latents[:, a:b], {})  # first window (3 latents for odd T)
-    if self.progress is not None:
-      self.progress(1)
+    y, cache = _decode_first(p, latents[:, a:b], {}, cfg)  # first window (3 latents for odd T)
+    if progress is not None:
+      progress(1)
     if len(wins) == 1:
       return y
     rest = latents[:, b:]  # [B, N*w, h, w_, C], later windows all `latent_window` long
     n = len(wins) - 1
     zs = jnp.moveaxis(rest.reshape((rest.shape[0], n, self.latent_window) + rest.shape[2:]), 1, 0)
-    ys, _ = self._dec_scan(self.p, zs, cache)  # [N, B, F, H, W, 3]
+    ys, _ = _decode_scan(p, zs, cache, cfg)  # [N, B, F, H, W, 3]
     ys = jnp.moveaxis(ys, 0, 1)
     ys = ys.reshape((ys.shape[0], -1) + ys.shape[3:])
     return jnp.concatenate([y, ys], axis=1)
 
-  def _decode_tiled(self, latents: jax.Array) -> jax.Array:
+  def _decode_tiled(self, p: Params, cfg: tuple, latents: jax.Array, progress) -> jax.Array:
     """diffusers `tiled_decode`: overlapping latent tiles, each blended with its (blended) upper/left tiles."""
     ah, aw = self._plan(latents.shape)
-    rows = [[self._decode_windows(latents[:, :, i:i + ah.tile, j:j + aw.tile]) for j in aw.starts]
-            for i in ah.starts]                                          # tiles [B, F, <=th*s, <=tw*s, 3]
+    rows = [[self._decode_windows(p, cfg, latents[:, :, i:i + ah.tile, j:j + aw.tile], progress)
+             for j in aw.starts] for i in ah.starts]                     # tiles [B, F, <=th*s, <=tw*s, 3]
     out_rows = []
     for r, row in enumerate(rows):
       out = []
@@ -344,10 +424,11 @@ class CogVideoXVAE:
 
   def encode(self, video: jax.Array) -> tuple[jax.Array, jax.Array]:
     """video [B, T, H, W, 3] in [-1, 1] -> (mean, logvar) each [B, t, h, w, C_lat], logvar clamped."""
+    p, cfg = self.p, _freeze(self.cfg)
     cache: dict = {}
     outs = []
     for a, b in windows(video.shape[1], self.sample_window):
-      y, cache = self._enc(self.p, jnp.asarray(video[:, a:b]), cache)
+      y, cache = _encode_window(p, jnp.asarray(video[:, a:b]), cache, cfg)
       outs.append(y)
     m = jnp.concatenate(outs, axis=1)
     mean, logvar = jnp.split(m, 2, axis=-1)
