@@ -115,7 +115,7 @@ def param_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
   """Flat target path -> shape of every parameter of `T5Encoder(config)`."""
   model = nnx.eval_shape(lambda: T5Encoder(config, rngs=nnx.Rngs(0)))
   flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-  return {".".join(str(p) for p in path): tuple(v.value.shape) for path, v in flat}
+  return {".".join(str(p) for p in path): tuple(v.get_value().shape) for path, v in flat}
 
 
 def assign_params(model: nnx.Module, flat: dict[str, Any]) -> None:
@@ -125,9 +125,9 @@ def assign_params(model: nnx.Module, flat: dict[str, Any]) -> None:
     key = ".".join(str(p) for p in path)
     if key not in flat:
       raise ValueError(f"checkpoint lacks parameter {key}")
-    value = jnp.asarray(flat[key], dtype=var.value.dtype)
-    if value.shape != var.value.shape:
-      raise ValueError(f"parameter {key}: expected shape {var.value.shape}, got {value.shape}")
+    value = jnp.asarray(flat[key], dtype=var.get_value().dtype)
+    if value.shape != var.get_value().shape:
+      raise ValueError(f"parameter {key}: expected shape {var.get_value().shape}, got {value.shape}")
     var[...] = value
   nnx.update(model, state)
 

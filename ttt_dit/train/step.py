@@ -136,8 +136,8 @@ def make_diagnostics_fn(graphdef_diag: nnx.GraphDef, abstract_state: nnx.State,
     st = jax.tree_util.tree_map(lambda v: v, abstract_state)
     nnx.replace_by_pure_dict(st, params)
     model = nnx.merge(graphdef_diag, st)
-    v_prediction_loss(model, b["x0"], b["text"], b["t"], b["noise"])
-    inter = nnx.state(model, nnx.Intermediate)
+    _, inter = nnx.capture(lambda m: v_prediction_loss(m, b["x0"], b["text"], b["t"], b["noise"]),
+                           nnx.Intermediate)(model)
     out = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(inter)):
       names = [str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))) for p in path]
