@@ -74,6 +74,10 @@ def main(argv=None):
       "pallas": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G)),
       "pallas_v1": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G, variant="v1")),
       "pallas_v2": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G, variant="v2")),
+      "pallas_v3p": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G,
+                                                      variant="v3_precise")),
+      "pallas_v3x": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G,
+                                                      variant="v3_exact")),
   }
 
   def loss_fn(impl):

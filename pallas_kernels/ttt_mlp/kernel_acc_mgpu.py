@@ -35,6 +35,11 @@ class AccTuningConfig:
   """Frozen v3 configuration (validated for F = CS = 64, hidden 256)."""
 
   cluster: int = 2  # CTAs per head; hidden 256 / cluster per CTA
+  prefetch: bool = False  # double-buffer Q/K/V/eta (measured 4% slower on H100: off)
+  # Update operands as bf16 (hi, lo) pairs: W1_c += K^T (eG1_hi + eG1_lo), W2_c += X2_hi^T eG2_hi
+  # + X2_lo^T eG2_hi + X2_hi^T eG2_lo (eG = -diag(eta) G), instead of one bf16 x bf16 product.
+  precise_update: bool = False
+  approx_math: bool = True  # tanh.approx etc. in GELU / LayerNorm (Mosaic GPU approx_math)
 
   def __post_init__(self):
     if self.cluster not in (1, 2):
@@ -52,6 +57,7 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
   """
   C = config.cluster
   NL = NH // C  # hidden chunks of 64 per CTA
+  NB = 2 if config.prefetch else 1  # Q/K/V/eta buffers
   NG = -(-NC // group)
   bf16, f32 = jnp.bfloat16, jnp.float32
   shp = (64, 64)
@@ -70,8 +76,10 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
 
   def body(q_ref, k_ref, v_ref, eta_ref, g_ref, bt_ref, w1h_ref, w1l_ref, b1_ref, w2h_ref,
            w2l_ref, b2_ref, o_ref, cw1h, cw1l, cb1, cw2h, cw2l, cb2,
-           q_s, k_s, v_s, ek_s, g2_s, g1_s, ex2_s, x_s, w1h, w2h, lo_s,
-           eta_s, b1_s, b2_s, gam_s, bet_s, bars, *xch):
+           q_sb, k_sb, v_sb, ek_s, g2_s, g1_s, ex2_s, x_s, w1h, w2h, lo_s,
+           eta_sb, b1_s, b2_s, gam_s, bet_s, bars, *rest):
+    eg2_s = rest[0] if config.precise_update else None  # [2, 64, 64]: -eta G2 (hi, lo)
+    xch = rest[1:] if config.precise_update else rest
     bh = lax.axis_index("bh")
     r = lax.axis_index("c") if C > 1 else 0
     c0 = r * NL  # first global hidden chunk of this CTA
@@ -122,7 +130,13 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
         return acc[...]
       return pl.run_scoped(fn, plgpu.ACC(shp, f32))
 
-    def update_state(w1, w2):
+    def split_store(x, hi_ref, lo_ref):
+      """[64, 64] f32 -> bf16 hi, lo with hi + lo ~ x to ~16 mantissa bits."""
+      hi = x.astype(bf16)
+      hi_ref[...] = hi
+      lo_ref[...] = (x - hi.astype(f32)).astype(bf16)
+
+    def update_state(w1, w2, slot):
       """W1_c += (-eta K)^T G1_c, W2_c += (-eta X2_c)^T G2 (operands in SMEM), one wait.
 
       Compiled: accumulated into the carried state (`ACC.init`). Interpret mode has no rule for
@@ -130,16 +144,24 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
       """
       # The (transformed) operand refs are made inside the traced functions: made outside,
       # `run_state` hoists their static indices as constants that the lowering rejects.
-      pairs = lambda: ([(ek_s.T, g1_s.at[c]) for c in range(NL)]
-                       + [(ex2_s.at[c].T, g2_s) for c in range(NL)])
+      def pairs():  # per accumulator (W1_0.., W2_0..): the products summed into it
+        if not config.precise_update:
+          return ([[(ek_s.T, g1_s.at[c])] for c in range(NL)]
+                  + [[(ex2_s.at[c].T, g2_s)] for c in range(NL)])
+        k_s = k_sb.at[slot]
+        x2h, x2l = (lambda c: ex2_s.at[c]), (lambda c: lo_s.at[NL + c])
+        return ([[(k_s.T, g1_s.at[c]), (k_s.T, lo_s.at[c])] for c in range(NL)]
+                + [[(x2h(c).T, eg2_s.at[0]), (x2l(c).T, eg2_s.at[0]), (x2h(c).T, eg2_s.at[1])]
+                   for c in range(NL)])
       if interpret is not None:
-        d = mm_multi(pairs())
+        d = [mm_chain(ps) for ps in pairs()]
         return (tuple(w + x for w, x in zip(w1, d[:NL])),
                 tuple(w + x for w, x in zip(w2, d[NL:])))
 
       def fn(accs):
-        for acc, (a, b) in zip(accs[0] + accs[1], pairs()):
-          plgpu.wgmma(acc, a, b)
+        for acc, ps in zip(accs[0] + accs[1], pairs()):
+          for a, b in ps:
+            plgpu.wgmma(acc, a, b)
       return pl.run_state(fn)((tuple(plgpu.ACC.init(w) for w in w1),
                                tuple(plgpu.ACC.init(w) for w in w2)))
 
@@ -166,25 +188,36 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
       on_rank0(r, lambda: plgpu.copy_smem_to_gmem(b2_s, cb2.at[bh, gi]))
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
+    def issue_loads(m, slot):
+      """TMA of mini-batch m's Q, K, V, eta into buffer `slot` (barriers 4 slot .. 4 slot + 3)."""
+      for i, (src, dst) in enumerate(((q_ref, q_sb), (k_ref, k_sb), (v_ref, v_sb),
+                                      (eta_ref, eta_sb))):
+        plgpu.copy_gmem_to_smem(src.at[bh, m], dst.at[slot], bars.at[4 * slot + i])
+
     def step(m, carry):
       w1, w2 = carry  # NL x [64, 64] f32 each: W1[:, chunk], W2[chunk, :]
+      slot = m % NB if NB > 1 else 0
+      q_s, k_s, v_s, eta_s = (b.at[slot] for b in (q_sb, k_sb, v_sb, eta_sb))
 
       @pl.when(m % group == 0)
       def _():
         write_checkpoint(m // group, w1, w2)
 
-      plgpu.copy_gmem_to_smem(q_ref.at[bh, m], q_s, bars.at[0])
-      plgpu.copy_gmem_to_smem(k_ref.at[bh, m], k_s, bars.at[1])
-      plgpu.copy_gmem_to_smem(v_ref.at[bh, m], v_s, bars.at[2])
-      plgpu.copy_gmem_to_smem(eta_ref.at[bh, m], eta_s, bars.at[3])
+      if NB == 1:
+        issue_loads(m, 0)
+      else:  # the other buffer was last read by step m-1 (its output TMA already waited)
+        @pl.when(m + 1 < NC)
+        def _():
+          issue_loads(m + 1, 1 - slot)
       for i in range(4):
-        plgpu.barrier_wait(bars.at[i])
+        plgpu.barrier_wait(bars.at[4 * slot + i])
 
       eta_c = plgpu.load(eta_s, layout=red1)  # [64] over rows j
       gam = plgpu.load(gam_s, layout=red0)  # [64] over columns f
       bet = plgpu.load(bet_s, layout=red0)
       kf = k_s[...].astype(f32)
-      ek_s[...] = (-_col_bcast(eta_c, shp) * kf).astype(bf16)  # -diag(eta) K
+      if not config.precise_update:
+        ek_s[...] = (-_col_bcast(eta_c, shp) * kf).astype(bf16)  # -diag(eta) K
 
       # ---- (1)-(3): Z2 = gelu(K W1 + b1) W2 + b2, all-reduced over the hidden shards
       b2v = plgpu.load(b2_s, layout=red0)
@@ -197,6 +230,8 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
       s2 = jnp.sum(gg * xh, axis=1)
       g2 = (F * gg - _col_bcast(s1, shp) - xh * _col_bcast(s2, shp)) * _col_bcast(rstd / F, shp)
       g2_s[...] = g2.astype(bf16)
+      if config.precise_update:
+        split_store(-_col_bcast(eta_c, shp) * g2, eg2_s.at[0], eg2_s.at[1])
       db2 = jnp.sum(_col_bcast(eta_c, shp) * g2, axis=0)
       plgpu.commit_smem()
       # ---- (7): G1 = (G2 W2^T) * gelu'(Z1) per local chunk, with the old state
@@ -205,13 +240,17 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
         z1, gw = mm_multi([(k_s, w1h.at[c]), (g2_s, w2h.at[c].T)])
         x2, gp = _gelu_and_grad(z1 + _row_bcast(b1c, shp))
         g1 = gw * gp
-        g1_s[c] = g1.astype(bf16)
-        ex2_s[c] = (-_col_bcast(eta_c, shp) * x2).astype(bf16)  # -diag(eta) X2
+        if config.precise_update:  # lo_s is free between checkpoints
+          split_store(-_col_bcast(eta_c, shp) * g1, g1_s.at[c], lo_s.at[c])
+          split_store(x2, ex2_s.at[c], lo_s.at[NL + c])
+        else:
+          g1_s[c] = g1.astype(bf16)
+          ex2_s[c] = (-_col_bcast(eta_c, shp) * x2).astype(bf16)  # -diag(eta) X2
         b1_s[c] = b1c - jnp.sum(_col_bcast(eta_c, shp) * g1, axis=0)
       plgpu.commit_smem()
 
       # ---- (8): W1_c += (-eta K)^T G1_c, W2_c += (-eta X2_c)^T G2 into the state accumulators
-      w1, w2 = update_state(w1, w2)
+      w1, w2 = update_state(w1, w2, slot)
       for c in range(NL):
         w1h[c] = w1[c].astype(bf16)
         w2h[c] = w2[c].astype(bf16)
@@ -231,6 +270,8 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
       on_rank0(r, write_out)
       return w1, w2
 
+    if NB > 1:
+      issue_loads(0, 0)
     lax.fori_loop(0, NC, step, (w1_0, w2_0))
     plgpu.wait_smem_to_gmem(0)
     if C > 1:
@@ -241,12 +282,14 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
   sf = lambda *s: jax.ShapeDtypeStruct(s, f32)
   out_type = (st(BH, NC, CS, F), st(BH, NG, NH, 64, 64), st(BH, NG, NH, 64, 64),
               sf(BH, NG, NH, 64), st(BH, NG, NH, 64, 64), st(BH, NG, NH, 64, 64), sf(BH, NG, 64))
-  scratch = [tile(), tile(), tile(), tile(), tile(),  # q, k, v, -eta K, G2
+  scratch = [tile(NB), tile(NB), tile(NB), tile(), tile(),  # q, k, v, -eta K, G2
              tile(NL), tile(NL), tile(NL),  # G1_c, -eta X2_c, X2 (forward)
              tile(NL), tile(NL), tile(2 * NL),  # W1 bf16, W2 bf16, lo (checkpoints / init)
-             plgpu.SMEM((64,), f32), plgpu.SMEM((NL, 64), f32), plgpu.SMEM((64,), f32),
+             plgpu.SMEM((NB, 64), f32), plgpu.SMEM((NL, 64), f32), plgpu.SMEM((64,), f32),
              plgpu.SMEM((64,), f32), plgpu.SMEM((64,), f32),
              plgpu.Barrier(num_barriers=8)]
+  if config.precise_update:
+    scratch.append(tile(2))
   kwargs = {}
   if C > 1:
     scratch += [plgpu.SMEM(shp, f32, transforms=tr32), plgpu.SMEM(shp, f32, transforms=tr32),
@@ -258,4 +301,4 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
     kwargs["interpret"] = interpret
   return plgpu.kernel(
       body, out_type=out_type, scratch_types=scratch, grid=(BH,), grid_names=("bh",),
-      compiler_params=plgpu.CompilerParams(approx_math=True), **kwargs)
+      compiler_params=plgpu.CompilerParams(approx_math=config.approx_math), **kwargs)

@@ -64,7 +64,10 @@ def _from_kernel_ckpts(ck, B, H):
   return tuple(jnp.moveaxis(a, 2, 0) for a in (w1, b1, w2, b2))
 
 
-VARIANTS = ("v1", "v2", "v3")
+# v1/v2: state as bf16 (hi, lo) in SMEM (v1 waits every wgmma). v3: float32 state in wgmma
+# accumulators, 2-CTA cluster (default). v3_precise: v3 with (hi, lo) update operands.
+# v3_exact: v3 without approximate math. (H100 timings: benchmarks/NOTES-ttt-mlp.md.)
+VARIANTS = ("v1", "v2", "v3", "v3_precise", "v3_exact")
 
 
 def _build(BH, NC, group, ln_eps, interpret, variant):
@@ -72,8 +75,10 @@ def _build(BH, NC, group, ln_eps, interpret, variant):
   if variant not in VARIANTS:
     raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
   iparams = jax.experimental.pallas.mosaic_gpu.InterpretGPUParams() if interpret else None
-  if variant == "v3":  # the cluster exchange has no interpret rule: cluster 1 there
-    cfg = kernel_acc_mgpu.AccTuningConfig(cluster=1 if interpret else 2)
+  if variant.startswith("v3"):  # the cluster exchange has no interpret rule: cluster 1 there
+    cfg = kernel_acc_mgpu.AccTuningConfig(cluster=1 if interpret else 2,
+                                          precise_update=variant == "v3_precise",
+                                          approx_math=variant != "v3_exact")
     return kernel_acc_mgpu.build_forward_acc(BH, NC, group, ln_eps, config=cfg,
                                              interpret=iparams)
   return kernel_mgpu.build_forward(BH, NC, group, ln_eps, interpret=iparams,

@@ -48,7 +48,7 @@ def _reset_interpret_state():
     reset()
 
 
-@pytest.mark.parametrize("variant", ["v2", "v3"])
+@pytest.mark.parametrize("variant", ["v2", "v3", "v3_precise"])
 def test_forward_matches_xla_scan_interpret(variant):
   """Kernel (interpret mode) outputs vs the float32 XLA scan: bf16 matmuls, so rel L2 < 1e-2.
 
