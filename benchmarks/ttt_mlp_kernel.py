@@ -78,6 +78,8 @@ def main(argv=None):
                                                       variant="v3_precise")),
       "pallas_v3x": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G,
                                                       variant="v3_exact")),
+      "pallas_refbwd": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G,
+                                                         backward="reference")),
   }
 
   def loss_fn(impl):

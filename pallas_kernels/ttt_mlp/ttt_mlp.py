@@ -5,7 +5,8 @@ hidden dim over a 2-CTA cluster; cluster 1 in interpret mode) or `kernel_mgpu.bu
 ("v1"/"v2": state as bf16 (hi, lo) pairs in SMEM); checkpoints every G mini-batches.
 Backward: for each checkpoint group, in reverse, the XLA dual-form scan (`ttt_dit.ttt.inner_loop`)
 is restarted from the kernel's checkpoint and differentiated with `jax.vjp`; the state cotangent is
-carried from group to group. (No Pallas backward kernel yet.) Unsupported shapes/platforms fall back
+carried from group to group (`backward="reference"`: the hand-derived recompute-then-reverse of
+`backward_reference.group_vjp` instead). No Pallas backward kernel yet. Unsupported shapes/platforms fall back
 to the XLA scan with one log line.
 """
 
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from pallas_kernels.ttt_mlp import kernel_acc_mgpu, kernel_mgpu
+from pallas_kernels.ttt_mlp import backward_reference, kernel_acc_mgpu, kernel_mgpu
 from ttt_dit.ttt import inner_loop
 
 Array = jax.Array
@@ -108,21 +109,29 @@ def _group_scan(state, xs, gamma, beta, ln_eps):
   return jax.lax.scan(step, state, xs)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13))
+BACKWARDS = ("xla_vjp", "reference")  # jax.vjp of the dual-form scan | hand-derived primal steps
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13, 14))
 def _ttt_mlp_kernel(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, group, ln_eps, interpret,
-                    variant):
+                    variant, backward):
   return _forward(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, group=group,
                   ln_eps=ln_eps, interpret=interpret, variant=variant)[0]
 
 
-def _fwd(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, group, ln_eps, interpret, variant):
+def _fwd(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, group, ln_eps, interpret, variant,
+         backward):
   out, ckpts = _forward(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, group=group,
                         ln_eps=ln_eps, interpret=interpret, variant=variant)
   return out, (XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, ckpts)
 
 
-def _bwd(group, ln_eps, interpret, variant, res, dout):
-  """Reverse over checkpoint groups: restart the XLA scan from each checkpoint and `jax.vjp` it."""
+def _bwd(group, ln_eps, interpret, variant, backward, res, dout):
+  """Reverse over checkpoint groups, restarting from each kernel checkpoint.
+
+  backward="xla_vjp": `jax.vjp` of the XLA dual-form group scan; "reference": the hand-derived
+  recompute-then-reverse of `backward_reference.group_vjp` (what a backward kernel will run).
+  """
   del interpret, variant
   XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, ckpts = res
   B, H, NC, CS, F = XQ.shape
@@ -144,8 +153,13 @@ def _bwd(group, ln_eps, interpret, variant, res, dout):
   def body(carry, inp):
     dstate, dgamma, dbeta = carry
     state_g, xs_g, dy_g = inp
-    _, vjp = jax.vjp(lambda s, x, g, b: _group_scan(s, x, g, b, ln_eps), state_g, xs_g, gamma, beta)
-    ds, dx, dg, db = vjp((dstate, dy_g))
+    if backward == "reference":
+      ds, dx, dg, db = backward_reference.group_vjp(state_g, xs_g, gamma, beta, ln_eps, dstate,
+                                                    dy_g)
+    else:
+      _, vjp = jax.vjp(lambda s, x, g, b: _group_scan(s, x, g, b, ln_eps), state_g, xs_g, gamma,
+                       beta)
+      ds, dx, dg, db = vjp((dstate, dy_g))
     return (ds, dgamma + dg, dbeta + db), dx
 
   zeros_state = tuple(jnp.zeros_like(s[0]) for s in ckpts)
@@ -170,13 +184,15 @@ _ttt_mlp_kernel.defvjp(_fwd, _bwd)
 
 def ttt_mlp_pallas(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *,
                    checkpoint_group_size: int = 16, ln_eps: float = 1e-6, interpret: bool = False,
-                   variant: str = "v3"):
+                   variant: str = "v3", backward: str = "xla_vjp"):
   """TTT-MLP with the fused forward kernel; same contract as `ttt_dit.ttt.inner_loop.ttt_mlp`.
 
   Returns [B, H, NC, CS, F] in XQ's dtype. `interpret=True` runs the kernel in Mosaic GPU interpret
   mode (CPU tests); `variant` picks the forward kernel (VARIANTS; "v3" default). Unsupported shapes or devices log
   one line and use the XLA scan.
   """
+  if backward not in BACKWARDS:
+    raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
   why = kernel_supported(XQ, W1, interpret=interpret)
   if why is not None:
     logging.info("ttt_mlp_pallas: falling back to the XLA scan: %s", why)
@@ -185,4 +201,4 @@ def ttt_mlp_pallas(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *,
                               implementation="xla")
   group = max(1, min(int(checkpoint_group_size), XQ.shape[2]))
   return _ttt_mlp_kernel(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, group,
-                         float(ln_eps), bool(interpret), str(variant))
+                         float(ln_eps), bool(interpret), str(variant), str(backward))

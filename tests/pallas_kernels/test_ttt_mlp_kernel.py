@@ -86,14 +86,15 @@ def test_checkpoints_match_xla_states_interpret():
       assert _rel(got[g], w) < 1e-2, (g, _rel(got[g], w))
 
 
-def test_gradients_match_xla_scan_interpret():
-  """custom_vjp gradients (kernel forward + XLA backward from checkpoints) vs jax.grad of the scan."""
+@pytest.mark.parametrize("backward", ["xla_vjp", "reference"])
+def test_gradients_match_xla_scan_interpret(backward):
+  """custom_vjp gradients (kernel forward + backward from checkpoints) vs jax.grad of the scan."""
   args = _inputs(2)
   cot = jax.random.normal(jax.random.PRNGKey(9), (B, H, NC, CS, F))
 
   def loss(impl, a):
     if impl == "pallas":
-      o = ttt_mlp_pallas(*a, checkpoint_group_size=GROUP, interpret=True)
+      o = ttt_mlp_pallas(*a, checkpoint_group_size=GROUP, interpret=True, backward=backward)
     else:
       o = inner_loop.ttt_mlp(*a, checkpoint_group_size=GROUP)
     return jnp.sum(o.astype(jnp.float32) * cot)
