@@ -14,6 +14,11 @@ Differences from v1/v2 (`kernel_mgpu.py`, state as bf16 (hi, lo) pairs in SMEM):
   LayerNorm/G2/b2 math stays identical). cluster=1 is the same arithmetic without the exchange:
   the variant the CPU interpret-mode tests run (registers are no constraint there).
 Checkpoints keep v1/v2's layout: (hi, lo) bf16 pairs per chunk, b1/b2 float32.
+
+Covered only by the GPU run (benchmarks/ttt_mlp_kernel.py): cluster=2 (the DSMEM exchange and its
+barriers) and the in-place accumulation into the carried state (interpret mode has no rule for
+wgmma under `run_state`, so there the update goes to a fresh accumulator and is added). On CPU,
+cluster=1 runs in interpret mode and cluster=2 is lowered for CUDA (tests/pallas_kernels).
 """
 
 from __future__ import annotations
