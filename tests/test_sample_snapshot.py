@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tiny_tokenizer import train_tiny_t5_tokenizer
 from ttt_dit import video_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,20 +39,12 @@ TEXT_LEN = 9                            # 2 * 9 + 5 * 6 = 48 tokens: 6 TTT mini-
 
 def build_snapshot(root: str) -> str:
   """Writes ROOT/{transformer,vae,text_encoder,tokenizer} as a CogVideoX snapshot (random weights)."""
-  import sentencepiece as spm
   import torch
   import transformers
   from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
 
   os.makedirs(root)
-  corpus = os.path.join(root, "corpus.txt")
-  with open(corpus, "w") as f:
-    f.write("\n".join(SENTENCES))
-  spm.SentencePieceTrainer.train(input=corpus, model_prefix=os.path.join(root, "spiece"), vocab_size=48,
-                                 model_type="bpe", hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-                                 minloglevel=2)
-  tok = transformers.T5Tokenizer(vocab_file=os.path.join(root, "spiece.model"), extra_ids=10)
-  tok.save_pretrained(os.path.join(root, "tokenizer"))
+  tok = train_tiny_t5_tokenizer(root, SENTENCES, vocab_size=48)
   os.replace(os.path.join(root, "spiece.model"), os.path.join(root, "tokenizer", "spiece.model"))  # as published
   for name in ("corpus.txt", "spiece.vocab"):
     os.remove(os.path.join(root, name))

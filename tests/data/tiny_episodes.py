@@ -8,6 +8,7 @@ import json
 import os
 
 import numpy as np
+from tiny_tokenizer import train_tiny_t5_tokenizer
 
 SEGMENT_FRAMES = 8
 H, W = 32, 48
@@ -55,7 +56,6 @@ def write_episodes(root: str, clips=CLIPS, frames: dict | None = None) -> str:
 
 def write_models(root: str) -> tuple[str, str]:
   """Tiny random diffusers VAE (16 latent channels, logvar ~ -12) and T5 (d_model 32), converted."""
-  import sentencepiece as spm
   import torch
   import transformers
   from diffusers import AutoencoderKLCogVideoX
@@ -73,14 +73,7 @@ def write_models(root: str) -> tuple[str, str]:
     out.bias[16:] = -12.0
   vae.save_pretrained(os.path.join(root, "vae_src"))
   convert_vae(os.path.join(root, "vae_src"), os.path.join(root, "vae"))
-  corpus = os.path.join(root, "corpus.txt")
-  with open(corpus, "w") as f:
-    f.write("\n".join(SENTENCES))
-  spm.SentencePieceTrainer.train(input=corpus, model_prefix=os.path.join(root, "spiece"), vocab_size=40,
-                                 model_type="bpe", hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-                                 minloglevel=2)
-  tok = transformers.T5Tokenizer(vocab_file=os.path.join(root, "spiece.model"), extra_ids=10)
-  tok.save_pretrained(os.path.join(root, "tokenizer"))
+  train_tiny_t5_tokenizer(root, SENTENCES, vocab_size=40)
   cfg = transformers.T5Config(vocab_size=90, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
                               relative_attention_num_buckets=8, relative_attention_max_distance=20,
                               feed_forward_proj="gated-gelu", is_encoder_decoder=False)

@@ -4,11 +4,11 @@ import os
 import jax
 import numpy as np
 import pytest
-import sentencepiece as spm
 import torch
 import transformers
 
 from converters.t5 import convert_text_encoder
+from tiny_tokenizer import train_tiny_t5_tokenizer
 from ttt_dit.text import t5
 from ttt_dit.text.tokenizer import tokenize, tokenize_with_counts
 
@@ -19,13 +19,7 @@ SENTENCES = ["a cat sits on the mat", "tom chases jerry through the kitchen", "t
 @pytest.fixture(scope="module")
 def snapshot(tmp_path_factory):
   root = tmp_path_factory.mktemp("snap")
-  corpus = root / "corpus.txt"
-  corpus.write_text("\n".join(SENTENCES))
-  spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(root / "spiece"), vocab_size=40,
-                                 model_type="bpe", hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-                                 minloglevel=2)
-  tok = transformers.T5Tokenizer(vocab_file=str(root / "spiece.model"), extra_ids=10)
-  tok.save_pretrained(str(root / "tokenizer"))
+  train_tiny_t5_tokenizer(str(root), SENTENCES, vocab_size=40)
   torch.manual_seed(0)
   cfg = transformers.T5Config(vocab_size=90, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                               relative_attention_num_buckets=8, relative_attention_max_distance=20,
