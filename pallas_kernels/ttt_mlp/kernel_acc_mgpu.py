@@ -24,6 +24,7 @@ cluster=1 runs in interpret mode and cluster=2 is lowered for CUDA (tests/pallas
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.ttt_mlp.kernel_mgpu import (CS, F, NH, _col_bcast, _gelu, _gelu_and_grad,
-                                                _ln_stats, _row_bcast)
+                                                _ln_stats, _row_bcast, wgmma_chain, wgmma_multi)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,21 +120,8 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
       plgpu.barrier_wait(rbar.at[0])
       return x + recv[...]
 
-    def mm_multi(pairs):
-      """Independent a @ b products issued together, one wait: tuple of [64, 64] f32."""
-      def fn(*accs):
-        for acc, (a, b) in zip(accs, pairs):
-          plgpu.wgmma(acc, a, b)
-        return tuple(acc[...] for acc in accs)
-      return pl.run_scoped(fn, *[plgpu.ACC(shp, f32) for _ in pairs])
-
-    def mm_chain(pairs):
-      """sum_i a_i @ b_i accumulated on the tensor cores, one wait."""
-      def fn(acc):
-        for a, b in pairs:
-          plgpu.wgmma(acc, a, b)
-        return acc[...]
-      return pl.run_scoped(fn, plgpu.ACC(shp, f32))
+    mm_multi = functools.partial(wgmma_multi, shape=shp)
+    mm_chain = functools.partial(wgmma_chain, shape=shp)
 
     def split_store(x, hi_ref, lo_ref):
       """[64, 64] f32 -> bf16 hi, lo with hi + lo ~ x to ~16 mantissa bits."""

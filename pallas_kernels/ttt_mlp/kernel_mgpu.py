@@ -64,6 +64,24 @@ def _ln_stats(z, eps):
   return d * _col_bcast(rstd, z.shape), rstd
 
 
+def wgmma_multi(pairs, shape=(64, 64)):
+  """Independent a @ b products issued together, one wait: tuple of `shape` f32 (inside a kernel)."""
+  def fn(*accs):
+    for acc, (a, b) in zip(accs, pairs):
+      plgpu.wgmma(acc, a, b)
+    return tuple(acc[...] for acc in accs)
+  return pl.run_scoped(fn, *[plgpu.ACC(shape, jnp.float32) for _ in pairs])
+
+
+def wgmma_chain(pairs, shape=(64, 64)):
+  """sum_i a_i @ b_i accumulated on the tensor cores, one wait (inside a kernel)."""
+  def fn(acc):
+    for a, b in pairs:
+      plgpu.wgmma(acc, a, b)
+    return acc[...]
+  return pl.run_scoped(fn, plgpu.ACC(shape, jnp.float32))
+
+
 def build_forward(BH: int, NC: int, group: int, ln_eps: float, interpret=None,
                   batched: bool = True, ablate: frozenset = frozenset()):
   """Returns f(q, k, v, eta, gamma, beta, w1h, w1l, b1, w2h, w2l, b2) -> (out, ckpts).
@@ -113,21 +131,8 @@ def build_forward(BH: int, NC: int, group: int, ln_eps: float, interpret=None,
       r = pl.run_scoped(fn, plgpu.ACC(shp, f32))
       return r if init is None else init + r
 
-    def mm_multi(pairs):
-      """Independent a @ b products issued together, one wait: tuple of [64, 64] f32."""
-      def fn(*accs):
-        for acc, (a, b) in zip(accs, pairs):
-          plgpu.wgmma(acc, a, b)
-        return tuple(acc[...] for acc in accs)
-      return pl.run_scoped(fn, *[plgpu.ACC(shp, f32) for _ in pairs])
-
-    def mm_chain(pairs):
-      """sum_i a_i @ b_i accumulated on the tensor cores, one wait."""
-      def fn(acc):
-        for a, b in pairs:
-          plgpu.wgmma(acc, a, b)
-        return acc[...]
-      return pl.run_scoped(fn, plgpu.ACC(shp, f32))
+    mm_multi = functools.partial(wgmma_multi, shape=shp)
+    mm_chain = functools.partial(wgmma_chain, shape=shp)
 
     def mlp_fwd(xs):
       """gelu(xs W1 + b1) W2 (no b2), batched: 2 waits. X2 chunks left in x_s."""
