@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from flax import nnx
 from tqdm import tqdm
 
@@ -214,10 +214,7 @@ def convert_transformer(src_transformer: str, dst_transformer: str, *, sequence_
   plan = common.plan_conversion(snapshot, RULES, {p: s for p, s in expected.items() if p not in new},
                                 errors=errors)
   errors.raise_if_any()
-  spill = common.SpillStore(dst_transformer + ".spill") if spill_to_disk else None
-  keep = spill.put if spill is not None else (lambda a: a)
-  flat: dict[str, np.ndarray] = {}
-  try:
+  with common.staged_tensors(dst_transformer, spill_to_disk) as (flat, keep):
     for path, x in common.iterate_converted(snapshot, plan, dtype, desc="transformer"):
       flat[path] = keep(x)
     for path, x in tqdm(init_new_params(config, seed, dtype), desc="new TTT params", unit="tensor",
@@ -226,10 +223,6 @@ def convert_transformer(src_transformer: str, dst_transformer: str, *, sequence_
         raise ValueError(f"internal: initialised {path} has shape {x.shape}, model expects {expected[path]}")
       flat[path] = keep(x)
     loading.write_dit_checkpoint(dst_transformer, flat, config)
-  finally:
-    del flat
-    if spill is not None:
-      spill.close()
   return config
 
 

@@ -99,6 +99,19 @@ class ConversionErrors:
 # ----------------------------------------------------------------------------------------------------
 
 
+def check_stored(context: str, stored: Mapping[str, Shape], expected: Mapping[str, Shape]) -> None:
+  """One ValueError naming every unknown, missing and mis-shaped entry of `stored` (path -> shape)."""
+  errors = ConversionErrors(context)
+  for p in sorted(set(stored) - set(expected)):
+    errors.add_unknown(p)
+  for p in sorted(set(expected) - set(stored)):
+    errors.add_missing(p)
+  for p in sorted(set(stored) & set(expected)):
+    if tuple(stored[p]) != tuple(expected[p]):
+      errors.add_shape(p, p, tuple(expected[p]), tuple(stored[p]))
+  errors.raise_if_any()
+
+
 def _safetensors_header(path: str) -> dict[str, Any]:
   """Reads and validates a safetensors header; checks that every tensor's bytes lie inside the file."""
   size = os.path.getsize(path)
@@ -444,6 +457,20 @@ class SpillStore:
   def close(self) -> None:
     """Removes the spill files."""
     shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_tensors(dst: str, spill_to_disk: bool = True) -> Iterator[tuple[dict[str, np.ndarray], Any]]:
+  """(flat, keep): gather converted tensors as `flat[path] = keep(x)`; with `spill_to_disk` each is kept as
+  a memory map under `dst + ".spill"` (a 5B conversion holds ~one tensor in RAM). Spill removed on exit."""
+  spill = SpillStore(dst + ".spill") if spill_to_disk else None
+  flat: dict[str, np.ndarray] = {}
+  try:
+    yield flat, (spill.put if spill is not None else (lambda a: a))
+  finally:
+    flat.clear()  # drop the memory maps before their files
+    if spill is not None:
+      spill.close()
 
 
 @contextlib.contextmanager

@@ -101,15 +101,7 @@ def convert(src: str, dst: str, *, dtype: str | None = None, overwrite: bool = F
   config = loading.load_config(src)
   flat = loading.load_orbax_flat(src)
   expected = loading.expected_shapes(config)
-  errors = common.ConversionErrors(src)
-  for p in sorted(set(flat) - set(expected)):
-    errors.add_unknown(p)
-  for p in sorted(set(expected) - set(flat)):
-    errors.add_missing(p)
-  for p in sorted(set(flat) & set(expected)):
-    if tuple(flat[p].shape) != tuple(expected[p]):
-      errors.add_shape(p, p, expected[p], flat[p].shape)
-  errors.raise_if_any()
+  common.check_stored(src, {p: x.shape for p, x in flat.items()}, expected)
   for field in ("layer_norm_eps", "qk_norm_eps", "ttt_post_norm_eps"):
     if float(config[field]) != 1e-6:
       logging.warning("%s = %g, but the official model uses 1e-6: outputs will differ slightly", field, config[field])

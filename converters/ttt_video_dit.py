@@ -18,7 +18,6 @@ Defaults reproduce the official runs: all LayerNorm eps 1e-6, ttt_ln_eps 1e-6, e
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -238,11 +237,8 @@ def convert_transformer(src: str, dst_transformer: str, *, ttt_ln_eps: float = 1
   config = model_config(arch, ttt_ln_eps=ttt_ln_eps, eta_mode=eta_mode, mini_batch_size=mini_batch_size)
   expected = loading.expected_shapes(config)
   plan = common.plan_conversion(source, official_names.rules(), expected)
-  spill = common.SpillStore(dst_transformer + ".spill") if spill_to_disk else None
-  keep = spill.put if spill is not None else (lambda a: a)
   np_dtype = None if dtype is None else common.parse_dtype(dtype)
-  flat: dict[str, np.ndarray] = {}
-  try:
+  with common.staged_tensors(dst_transformer, spill_to_disk) as (flat, keep):
     from tqdm import tqdm
     for key in tqdm(list(plan.items), desc="official -> flax", unit="tensor"):
       target, transform = plan.items[key]
@@ -251,10 +247,6 @@ def convert_transformer(src: str, dst_transformer: str, *, ttt_ln_eps: float = 1
         raise ValueError(f"{src}: tensor {key} has shape {x.shape} on read, expected {expected[target]}")
       flat[target] = keep(x if np_dtype is None else x.astype(np_dtype, copy=False))
     loading.write_dit_checkpoint(dst_transformer, flat, config)
-  finally:
-    del flat
-    if spill is not None:
-      spill.close()
   return config
 
 

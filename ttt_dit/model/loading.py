@@ -111,15 +111,8 @@ def load_dit_model(path: str, *, dtype: Any = None, param_dtype: Any = None,
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   stored = load_orbax_flat(tdir)
   expected = flat_paths(params)
-  errors = common.ConversionErrors(tdir)
-  for p in sorted(set(stored) - set(expected)):
-    errors.add_unknown(p)
-  for p in sorted(set(expected) - set(stored)):
-    errors.add_missing(p)
-  for p in sorted(set(stored) & set(expected)):
-    if tuple(stored[p].shape) != tuple(expected[p].shape):
-      errors.add_shape(p, p, expected[p].shape, stored[p].shape)
-  errors.raise_if_any()
+  common.check_stored(tdir, {p: x.shape for p, x in stored.items()},
+                      {p: x.shape for p, x in expected.items()})
   pdt = as_dtype(config.param_dtype)
   # Pop each stored array as it is converted: at most one extra tensor is alive at a time.
   params = jax.tree_util.tree_map_with_path(lambda kp, _: jnp.asarray(stored.pop(path_str(kp)), pdt), params)
