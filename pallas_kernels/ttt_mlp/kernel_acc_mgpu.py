@@ -32,8 +32,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.ttt_mlp.kernel_mgpu import (CS, F, NH, _col_bcast, _gelu, _gelu_and_grad,
-                                                _ln_stats, _row_bcast, wgmma_chain, wgmma_multi)
+from pallas_kernels.ttt_mlp.kernel_mgpu import (CS, F, NH, _col_bcast, _gelu_and_grad,
+                                                _ln_stats, _row_bcast, mlp_forward, wgmma_chain,
+                                                wgmma_multi)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,14 +159,8 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
       return pl.run_state(fn)((tuple(plgpu.ACC.init(w) for w in w1),
                                tuple(plgpu.ACC.init(w) for w in w2)))
 
-    def mlp_fwd_partial(xs):
-      """This CTA's hidden shard of gelu(xs W1 + b1) W2: [64, 64] f32 partial (no b2)."""
-      z1s = mm_multi([(xs, w1h.at[c]) for c in range(NL)])
-      for c in range(NL):
-        b1c = plgpu.load(b1_s.at[c], layout=red0)
-        x_s[c] = _gelu(z1s[c] + _row_bcast(b1c, shp)).astype(bf16)
-      plgpu.commit_smem()
-      return mm_chain([(x_s.at[c], w2h.at[c]) for c in range(NL)])
+    # This CTA's hidden shard of gelu(xs W1 + b1) W2: [64, 64] f32 partial (no b2).
+    mlp_fwd_partial = functools.partial(mlp_forward, w1h=w1h, w2h=w2h, b1_s=b1_s, x_s=x_s, chunks=NL)
 
     def write_checkpoint(gi, w1, w2):
       """(hi, lo) bf16 of this CTA's chunks + biases to HBM (state before mini-batch gi*group)."""

@@ -82,6 +82,19 @@ def wgmma_chain(pairs, shape=(64, 64)):
   return pl.run_scoped(fn, plgpu.ACC(shape, jnp.float32))
 
 
+def mlp_forward(xs, *, w1h, w2h, b1_s, x_s, chunks: int, shape=(64, 64)):
+  """gelu(xs W1 + b1) W2 (no b2) over `chunks` hidden chunks of 64 held in SMEM (inside a kernel).
+
+  Two waited wgmma groups; the bf16 X2 chunks are left in `x_s` for the update phase.
+  """
+  z1s = wgmma_multi([(xs, w1h.at[c]) for c in range(chunks)], shape)
+  for c in range(chunks):
+    b1c = plgpu.load(b1_s.at[c], layout=plgpu.Layout.WGMMA.reduce(0))
+    x_s[c] = _gelu(z1s[c] + _row_bcast(b1c, shape)).astype(jnp.bfloat16)
+  plgpu.commit_smem()
+  return wgmma_chain([(x_s.at[c], w2h.at[c]) for c in range(chunks)], shape)
+
+
 def build_forward(BH: int, NC: int, group: int, ln_eps: float, interpret=None,
                   batched: bool = True, ablate: frozenset = frozenset()):
   """Returns f(q, k, v, eta, gamma, beta, w1h, w1l, b1, w2h, w2l, b2) -> (out, ckpts).
@@ -132,16 +145,8 @@ def build_forward(BH: int, NC: int, group: int, ln_eps: float, interpret=None,
       return r if init is None else init + r
 
     mm_multi = functools.partial(wgmma_multi, shape=shp)
-    mm_chain = functools.partial(wgmma_chain, shape=shp)
 
-    def mlp_fwd(xs):
-      """gelu(xs W1 + b1) W2 (no b2), batched: 2 waits. X2 chunks left in x_s."""
-      z1s = mm_multi([(xs, w1h.at[c]) for c in range(NH)])
-      for c in range(NH):
-        b1c = plgpu.load(b1_s.at[c], layout=red0)
-        x_s[c] = _gelu(z1s[c] + _row_bcast(b1c, shp)).astype(bf16)
-      plgpu.commit_smem()
-      return mm_chain([(x_s.at[c], w2h.at[c]) for c in range(NH)])
+    mlp_fwd = functools.partial(mlp_forward, w1h=w1h, w2h=w2h, b1_s=b1_s, x_s=x_s, chunks=NH)
 
     @pl.loop(0, NC)
     def step(m):
