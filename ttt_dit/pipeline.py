@@ -88,6 +88,9 @@ def load_components(config: ml_collections.ConfigDict) -> Components:
     if not os.path.isdir(d):
       raise ValueError(f"sample config: {field} directory {d!r} does not exist")
   overrides = {"mini_batch_size": config.mini_batch_size} if config.mini_batch_size else {}
+  for field in ("scan_layers", "ttt_implementation"):
+    if config.get(field, "") != "":
+      overrides[field] = config[field]
   dt = _dtype(config.dtype)
   model, model_config = load_dit_model(config.checkpoint, dtype=dt, param_dtype=dt, **overrides)
   graphdef, state = nnx.split(model)

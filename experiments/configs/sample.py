@@ -57,6 +57,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.text_len = -1              # -1: the stage's L_t for the checkpoint's preset
   c.mini_batch_size = 0        # TTT mini-batch at sampling; 0 = the checkpoint's value (spec §1.5)
   c.dtype = "float32" if tiny else "bfloat16"
+  c.scan_layers = True         # DiT layers as one lax.scan: one layer compiled instead of 42
+  c.ttt_implementation = "pallas"  # Hopper kernel; elsewhere the XLA scan (one log line says so)
   c.vae_dtype = "float32" if tiny else "bfloat16"
   c.vae_tiling = False         # spatially tiled VAE decode (diffusers' tiled_decode: less memory, blended seams)
   c.vae_tile_height = 240      # tile size in pixels (diffusers' CogVideoX default: half of 480x720)

@@ -164,6 +164,34 @@ def _maybe_remat(flag: bool, fn: Callable) -> Callable:
 # ----------------------------------------------------------------------------------------------------
 
 
+def scan_over_layers(layers: list[nnx.Module], x_v: Array, x_t: Array, e: Array, meta: SequenceMetadata, *,
+                remat: bool = False) -> tuple[Array, Array]:
+  """Identical layers applied in order as one `lax.scan` over their stacked states (same math as a loop).
+
+  One layer body is traced and compiled instead of len(layers). The stacked parameters are built inside
+  the traced program (a copy of the layer weights). `remat` checkpoints each layer (remat group size 1).
+  """
+  splits = [nnx.split(layer) for layer in layers]
+  graphdef = splits[0][0]
+  for i, (gd, _) in enumerate(splits):
+    if gd != graphdef:
+      raise ValueError(f"scan_layers: layer {i} has a different structure from layer 0")
+  for path, module in nnx.iter_graph(layers[0]):
+    if getattr(module, "collect_diagnostics", False):
+      raise ValueError(f"scan_layers: layer module {path} collects diagnostics (nnx.sow), which cannot leave "
+                       f"a lax.scan; set scan_layers=False to collect them")
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[st for _, st in splits])  # [num_layers, ...] leaves
+
+  def body(carry, state):
+    a, b = carry
+    return nnx.merge(graphdef, state)(a, b, e, meta), None
+
+  if remat:
+    body = jax.checkpoint(body)
+  (x_v, x_t), _ = jax.lax.scan(body, (x_v, x_t), stacked)
+  return x_v, x_t
+
+
 class TimeEmbedding(nnx.Module):
   """Linear(D -> E) -> SiLU -> Linear(E -> E) on the sinusoid (official `time_embed.0` / `.2`)."""
 
@@ -355,6 +383,7 @@ class DiT(nnx.Module):
     self.model_dim, self.patch_size, self.text_dim = c.model_dim, c.patch_size, c.text_dim
     self.in_channels, self.attn_length, self.prefix = c.in_channels, c.attn_length, c.prefix_temporal_length
     self.remat_layer_group_size = c.remat_layer_group_size
+    self.scan_layers = bool(c.scan_layers)
     self.time_embed = TimeEmbedding(c.model_dim, c.time_embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.patch_embedding = PatchEmbedding(c.in_channels, c.patch_size, c.model_dim, c.text_dim, dtype=dtype,
                                           param_dtype=param_dtype, rngs=rngs)
@@ -393,7 +422,9 @@ class DiT(nnx.Module):
     x_v, x_t = self.patch_embedding(latents.astype(dt), text.astype(dt))
     layers = list(self.layers)
     g = self.remat_layer_group_size
-    if g:
+    if self.scan_layers:
+      x_v, x_t = scan_over_layers(layers, x_v, x_t, e, meta, remat=bool(g))
+    elif g:
       group = nnx.remat(lambda mods, a, b, ee: DiT._run_layers(mods, a, b, ee, meta))
       for i in range(0, len(layers), g):
         x_v, x_t = group(nnx.List(layers[i:i + g]), x_v, x_t, e)
