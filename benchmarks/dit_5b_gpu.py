@@ -22,6 +22,7 @@ from flax import nnx
 from ttt_dit.diffusion import sampler as sampler_lib
 from ttt_dit.model import configs as model_configs
 from ttt_dit.model.dit import DiT
+from ttt_dit.model.loading import random_state
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("stages", ["3s", "9s"], "Context stages to time.")
@@ -31,7 +32,8 @@ flags.DEFINE_integer("sample_steps", 3, "Sampler steps timed (of a 50-step table
 flags.DEFINE_integer("repeats", 3, "Timed repeats per variant (after one compile/warm-up call).")
 flags.DEFINE_string("sequence_layer", "ttt_mlp", "ttt_mlp | ttt_linear | none")
 flags.DEFINE_string("preset", "5B", "Model preset (tiny for a CPU check of this script).")
-flags.DEFINE_integer("num_layers", 0, "Override the number of layers (0: the preset's); compile time grows with it.")
+flags.DEFINE_integer("num_layers", 0, "Override the number of layers (0: the preset's).")
+flags.DEFINE_bool("scan_layers", True, "Layers as one lax.scan (compile one layer); False unrolls them.")
 
 
 def peak_gib() -> float:
@@ -54,17 +56,8 @@ def median_ms(fn, *args) -> tuple[float, float]:
 
 
 def build_state(config):
-  """(graphdef, state) of a DiT with N(0, 0.02^2) parameters made leaf by leaf on the device.
-
-  (Jitting the model's own initialiser compiles one program for all layers: minutes at 5B.)
-  """
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: DiT(config, rngs=nnx.Rngs(0))))
-  leaves, treedef = jax.tree.flatten(state)
-  keys = jax.random.split(jax.random.key(0), len(leaves))
-  made = [jax.random.normal(k, l.shape, l.dtype) * jnp.asarray(0.02, l.dtype)
-          if jnp.issubdtype(l.dtype, jnp.floating) else jnp.zeros(l.shape, l.dtype)
-          for k, l in zip(keys, leaves)]
-  return graphdef, jax.tree.unflatten(treedef, made)
+  """(graphdef, state) of a DiT with N(0, 0.02^2) parameters made leaf by leaf on the device."""
+  return random_state(nnx.eval_shape(lambda: DiT(config, rngs=nnx.Rngs(0))), jax.random.key(0))
 
 
 def graphdef_of(config):
@@ -89,6 +82,7 @@ def main(argv):
     base = model_configs.get_config(FLAGS.preset, FLAGS.sequence_layer, stage)
     base.dtype = base.param_dtype = "bfloat16"
     base.scan_checkpoint_group_size = 10**6  # inference: no scan checkpoints
+    base.scan_layers = FLAGS.scan_layers
     if FLAGS.num_layers:
       base.num_layers = FLAGS.num_layers
     graphdef, state = build_state(base)
@@ -104,7 +98,7 @@ def main(argv):
         fwd = jax.jit(lambda s, a, b, c, gd=gd: nnx.merge(gd, s)(a, b, c))
         try:
           first, ms = median_ms(fwd, state, lat, text, t)
-          print(f"| {dev} | {FLAGS.preset} ({base.num_layers} layers) {FLAGS.sequence_layer} {stage} fwd B=1 | {tokens} tokens | attention={attn} "
+          print(f"| {dev} | {FLAGS.preset} ({base.num_layers} layers{', scanned' if base.scan_layers else ''}) {FLAGS.sequence_layer} {stage} fwd B=1 | {tokens} tokens | attention={attn} "
                 f"ttt={ttt} | {ms:.1f} ms | peak {peak_gib():.1f} GiB | first call {first:.0f} s |", flush=True)
         except Exception as e:  # a variant that does not compile here is reported, not fatal
           print(f"| {dev} | {FLAGS.preset} {stage} fwd attention={attn} ttt={ttt} | FAILED: {type(e).__name__}: "

@@ -37,6 +37,21 @@ def transformer_dir(path: str) -> str:
   raise ValueError(f"{path}: not a converted DiT checkpoint (no {TRANSFORMER}/{CONFIG_FILE})")
 
 
+def random_state(abstract: nnx.Module, key: jax.Array, std: float = 0.02) -> tuple[Any, Any]:
+  """(graphdef, state) of a shape-only module (`nnx.eval_shape`) with N(0, std^2) floats, made leaf by leaf.
+
+  For benchmarks with random weights at full size: one small program per distinct leaf shape instead of
+  one initialiser program for the whole model (minutes to compile at 5B). Integer leaves are zeros.
+  """
+  graphdef, state = nnx.split(abstract)
+  leaves, treedef = jax.tree.flatten(state)
+  keys = jax.random.split(key, len(leaves))
+  made = [jax.random.normal(k, l.shape, l.dtype) * jnp.asarray(std, l.dtype)
+          if jnp.issubdtype(l.dtype, jnp.floating) else jnp.zeros(l.shape, l.dtype)
+          for k, l in zip(keys, leaves)]
+  return graphdef, jax.tree.unflatten(treedef, made)
+
+
 def config_from_dict(d: Mapping[str, Any]) -> ml_collections.ConfigDict:
   """Rebuilds a model config from JSON, refusing keys unknown to the current presets."""
   c = get_config("tiny", "none")
