@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import os
 import re
@@ -411,10 +412,15 @@ def save_orbax(path: str, tree: Mapping[str, Any]) -> None:
   import orbax.checkpoint as ocp
   from orbax.checkpoint import type_handlers
   from orbax.checkpoint._src.serialization import type_handler_registry as registry_lib
-  handlers = dict(registry_lib._DEFAULT_TYPE_HANDLERS)  # noqa: SLF001 (no public copy of the defaults)
-  handlers[np.ndarray] = type_handlers.NumpyHandler(deepcopy_host_arrays=False)
-  registry = registry_lib.create_type_handler_registry(*handlers.items())
-  handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=ORBAX_CONCURRENT_GB, type_handler_registry=registry)
+  kwargs = {}
+  if "deepcopy_host_arrays" in inspect.signature(type_handlers.NumpyHandler).parameters:  # orbax 0.12.8 (pinned)
+    handlers = dict(registry_lib._DEFAULT_TYPE_HANDLERS)  # noqa: SLF001 (no public copy of the defaults)
+    handlers[np.ndarray] = type_handlers.NumpyHandler(deepcopy_host_arrays=False)
+    kwargs["type_handler_registry"] = registry_lib.create_type_handler_registry(*handlers.items())
+  else:  # other orbax versions: their default numpy handler (may copy host arrays first)
+    logging.info("save_orbax: orbax %s has no deepcopy_host_arrays; host arrays may be copied before writing",
+                 getattr(ocp, "__version__", "?"))
+  handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=ORBAX_CONCURRENT_GB, **kwargs)
   path = os.path.abspath(path)
   with ocp.Checkpointer(handler) as ckptr:
     ckptr.save(path, args=ocp.args.PyTreeSave(dict(tree)))
