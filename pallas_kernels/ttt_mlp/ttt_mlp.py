@@ -6,8 +6,9 @@ hidden dim over a 2-CTA cluster; cluster 1 in interpret mode) or `kernel_mgpu.bu
 Backward: for each checkpoint group, in reverse, the XLA dual-form scan (`ttt_dit.ttt.inner_loop`)
 is restarted from the kernel's checkpoint and differentiated with `jax.vjp`; the state cotangent is
 carried from group to group (`backward="reference"`: the hand-derived recompute-then-reverse of
-`backward_reference.group_vjp` instead). No Pallas backward kernel yet. Unsupported shapes/platforms fall back
-to the XLA scan with one log line.
+`backward_reference.group_vjp` instead; `backward="pallas"`: per group the forward kernel restarted
+from the checkpoint with a checkpoint every step, then the backward kernel `kernel_bwd_mgpu`).
+Unsupported shapes/platforms fall back to the XLA scan with one log line.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from pallas_kernels.ttt_mlp import backward_reference, kernel_acc_mgpu, kernel_mgpu
+from pallas_kernels.ttt_mlp import backward_reference, kernel_acc_mgpu, kernel_bwd_mgpu, kernel_mgpu
 from ttt_dit.ttt import inner_loop
 
 Array = jax.Array
@@ -86,18 +87,30 @@ def _build(BH, NC, group, ln_eps, interpret, variant):
                                    batched=variant == "v2")
 
 
-def _forward(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, group, ln_eps, interpret,
-             variant="v3"):
-  """Runs the kernel: ([B, H, NC, CS, F] out in XQ's dtype, checkpoint states [NG, B, H, ...])."""
+def _forward_raw(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, group, ln_eps,
+                 interpret, variant="v3"):
+  """Runs the kernel: ([B, H, NC, CS, F] out in XQ's dtype, kernel-layout checkpoints [BH, NG, ...])."""
   B, H, NC, CS, F = XQ.shape
   bf = lambda a: a.astype(jnp.bfloat16).reshape(B * H, NC, CS, F)
   st = _to_kernel_state(W1, b1, W2, b2, B)
-  gb = lambda a: jnp.broadcast_to(a.astype(jnp.float32)[None], (B, H, F)).reshape(B * H, F)
   fn = _build(B * H, NC, group, float(ln_eps), interpret, variant)
   res = fn(bf(XQ), bf(XK), bf(XV), eta.astype(jnp.float32).reshape(B * H, NC, CS),
-           gb(ln_weight), gb(ln_bias), *st)
-  out = res[0].reshape(B, H, NC, CS, F).astype(XQ.dtype)
-  return out, _from_kernel_ckpts(res[1:], B, H)
+           _per_head(ln_weight, B), _per_head(ln_bias, B), *st)
+  return res[0].reshape(B, H, NC, CS, F).astype(XQ.dtype), tuple(res[1:])
+
+
+def _per_head(a, B):
+  """[H, F] -> [B * H, F] float32."""
+  H, F = a.shape
+  return jnp.broadcast_to(a.astype(jnp.float32)[None], (B, H, F)).reshape(B * H, F)
+
+
+def _forward(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, group, ln_eps, interpret,
+             variant="v3"):
+  """Runs the kernel: ([B, H, NC, CS, F] out in XQ's dtype, checkpoint states [NG, B, H, ...])."""
+  out, ck = _forward_raw(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, group=group,
+                         ln_eps=ln_eps, interpret=interpret, variant=variant)
+  return out, _from_kernel_ckpts(ck, XQ.shape[0], XQ.shape[1])
 
 
 def _group_scan(state, xs, gamma, beta, ln_eps):
@@ -109,7 +122,8 @@ def _group_scan(state, xs, gamma, beta, ln_eps):
   return jax.lax.scan(step, state, xs)
 
 
-BACKWARDS = ("xla_vjp", "reference")  # jax.vjp of the dual-form scan | hand-derived primal steps
+# jax.vjp of the dual-form scan | hand-derived primal steps (XLA) | the Mosaic GPU backward kernel
+BACKWARDS = ("xla_vjp", "reference", "pallas")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13, 14))
@@ -121,6 +135,10 @@ def _ttt_mlp_kernel(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, group, 
 
 def _fwd(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, group, ln_eps, interpret, variant,
          backward):
+  if backward == "pallas":  # the backward kernel restarts the forward kernel: keep its layout
+    out, ckpts = _forward_raw(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, group=group,
+                              ln_eps=ln_eps, interpret=interpret, variant=variant)
+    return out, (XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, ckpts)
   out, ckpts = _forward(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, group=group,
                         ln_eps=ln_eps, interpret=interpret, variant=variant)
   return out, (XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, ckpts)
@@ -132,6 +150,8 @@ def _bwd(group, ln_eps, interpret, variant, backward, res, dout):
   backward="xla_vjp": `jax.vjp` of the XLA dual-form group scan; "reference": the hand-derived
   recompute-then-reverse of `backward_reference.group_vjp` (what a backward kernel will run).
   """
+  if backward == "pallas":
+    return _bwd_pallas(group, ln_eps, interpret, variant, res, dout)
   del interpret, variant
   XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, ckpts = res
   B, H, NC, CS, F = XQ.shape
@@ -179,6 +199,64 @@ def _bwd(group, ln_eps, interpret, variant, backward, res, dout):
           dW1, db1, dW2, db2)
 
 
+def _bwd_pallas(group, ln_eps, interpret, variant, res, dout):
+  """backward="pallas": per checkpoint group, last to first, (1) the forward kernel restarted
+  from the group's checkpoint with a checkpoint every mini-batch (the per-step states), (2) the
+  backward kernel (`kernel_bwd_mgpu`) over the group's steps in reverse, carrying the state
+  cotangent from group to group. Inputs are padded to NG * G + 1 mini-batches (eta = 0: no-op
+  steps, zero cotangents), so every group has the same shape and its G + 1-th state.
+  """
+  XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, ck = res
+  B, H, NC, CS, F = XQ.shape
+  BH, G = B * H, group
+  NG = ck[0].shape[1]
+  NP = NG * G + 1
+  f32, bf16 = jnp.float32, jnp.bfloat16
+  padded = lambda a, dt: jnp.pad(a.astype(dt).reshape((BH, NC) + a.shape[3:]),
+                                 [(0, 0), (0, NP - NC)] + [(0, 0)] * (a.ndim - 3))
+  q, k, v, do = (padded(a, bf16) for a in (XQ, XK, XV, dout))
+  e = padded(eta, f32)
+  gam, bet = _per_head(ln_weight, B), _per_head(ln_bias, B)
+  C = 1 if interpret else 2
+  fwd = _build(BH, G + 1, 1, float(ln_eps), interpret, variant)
+  bwd = kernel_bwd_mgpu.build_backward(
+      BH, G, float(ln_eps), config=kernel_bwd_mgpu.BwdTuningConfig(cluster=C),
+      interpret=jax.experimental.pallas.mosaic_gpu.InterpretGPUParams() if interpret else None)
+
+  def body(carry, g):
+    dw1, db1, dw2, db2, dgam, dbet = carry
+    sl = lambda a, n: jax.lax.dynamic_slice_in_dim(a, g * G, n, axis=1)
+    qg, kg, vg, eg = (sl(a, G + 1) for a in (q, k, v, e))
+    st0 = tuple(jax.lax.dynamic_index_in_dim(a, g, axis=1, keepdims=False) for a in ck)
+    _, sw1, _, sb1, sw2, _, sb2 = fwd(qg, kg, vg, eg, gam, bet, *st0)  # states [BH, G+1, ...]
+    dq, dk, dv, de, dgam_g, dbet_g, dw1, db1, dw2, db2 = bwd(
+        qg, kg, vg, eg, sl(do, G), gam, bet, sw1, sb1, sw2, sb2, dw1, db1, dw2, db2)
+    return (dw1, db1, dw2, db2, dgam + dgam_g, dbet + dbet_g), (dq, dk, dv, de)
+
+  z = lambda *s: jnp.zeros(s, f32)
+  init = (z(BH, 4, 64, 64), z(BH, 4, 64), z(BH, 4, 64, 64), z(BH, 64), z(BH, 64), z(BH, 64))
+  (dw1, db1, dw2, db2, dgam, dbet), (dq, dk, dv, de) = jax.lax.scan(
+      body, init, jnp.arange(NG), reverse=True)
+
+  def steps(a):  # [NG, BH, G, ...] -> [B, H, NC, ...] float32
+    a = jnp.moveaxis(a.astype(f32), 0, 1).reshape((BH, NG * G) + a.shape[3:])[:, :NC]
+    return a.reshape((B, H, NC) + a.shape[2:])
+
+  dv = steps(dv)
+  dq = steps(jnp.sum(dq.astype(f32), axis=2)) + dout.astype(f32)
+  dk = steps(jnp.sum(dk.astype(f32), axis=2)) - dv
+  de = steps(jnp.sum(de, axis=2))
+  per_h = lambda a: jnp.sum(a.reshape((B, H) + a.shape[1:]), axis=0)
+  dW1 = per_h(dw1.transpose(0, 2, 1, 3).reshape(BH, F, 4 * F))
+  dW2 = per_h(dw2.reshape(BH, 4 * F, F))
+  db1 = per_h(db1.reshape(BH, 1, 4 * F))
+  db2 = per_h(db2.reshape(BH, 1, F))
+  cast = lambda a, like: a.astype(like.dtype)
+  return (cast(dq, XQ), cast(dk, XK), cast(dv, XV), cast(de, eta),
+          cast(per_h(dgam), ln_weight), cast(per_h(dbet), ln_bias), cast(dW1, W1), cast(db1, b1),
+          cast(dW2, W2), cast(db2, b2))
+
+
 _ttt_mlp_kernel.defvjp(_fwd, _bwd)
 
 
@@ -188,7 +266,8 @@ def ttt_mlp_pallas(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *,
   """TTT-MLP with the fused forward kernel; same contract as `ttt_dit.ttt.inner_loop.ttt_mlp`.
 
   Returns [B, H, NC, CS, F] in XQ's dtype. `interpret=True` runs the kernel in Mosaic GPU interpret
-  mode (CPU tests); `variant` picks the forward kernel (VARIANTS; "v3" default). Unsupported shapes or devices log
+  mode (CPU tests); `variant` picks the forward kernel (VARIANTS; "v3" default); `backward` picks
+  the VJP (BACKWARDS; "pallas" = the backward kernel, needs an even checkpoint group). Unsupported shapes or devices log
   one line and use the XLA scan.
   """
   if backward not in BACKWARDS:
@@ -200,5 +279,8 @@ def ttt_mlp_pallas(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *,
                               checkpoint_group_size=checkpoint_group_size, ln_eps=ln_eps,
                               implementation="xla")
   group = max(1, min(int(checkpoint_group_size), XQ.shape[2]))
+  if backward == "pallas" and group % 2:
+    logging.info("ttt_mlp_pallas: odd checkpoint group %d: backward='xla_vjp'", group)
+    backward = "xla_vjp"
   return _ttt_mlp_kernel(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, group,
                          float(ln_eps), bool(interpret), str(variant), str(backward))

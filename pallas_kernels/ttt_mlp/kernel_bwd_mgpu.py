@@ -1,0 +1,357 @@
+"""TTT-MLP backward over one checkpoint group as a Mosaic GPU kernel (the reverse of the scan).
+
+The math is `backward_reference.step_reverse` (hand-derived VJP of one primal-form step), run for
+the group's mini-batches in reverse. The group's per-step states are NOT recomputed here: the
+caller (`ttt_mlp._bwd_pallas`) first runs the forward kernel over the group with checkpoints every
+mini-batch, which gives the bf16 operand copy of the state before each step m (W_m) and after it
+(W_{m+1}), plus the float32 biases. Per step this kernel then
+  R  re-runs the step's forward from those states: Z1 = K W1 + b1, X2 = gelu(Z1), Z2 = X2 W2 + b2
+     (all-reduced over the hidden shards), LayerNorm/L2 gradient G2; the query path with the new
+     state: Z1b = Q W1' + b1', X2b, Z2b (all-reduced), xhb, rstdb;
+  A  reverses the query path (out = Q + LN(Z2b)): dZ2b, dW2 += X2b^T dZ2b, dZ1b, dW1 += Q^T dZ1b,
+     dQ partial = dZ1b W1'^T;
+  U  reverses the update W1' = W1 - K^T(e G1), W2' = W2 - X2^T(e G2) (+ biases): K dW1, X2 dW2,
+     dG1, dP, dG2 (all-reduced), the LayerNorm-L2 gradient's own VJP (dg, dxh, dstd), dZ2, dX2,
+     dZ1, dW2 += dP^T G2 + X2^T dZ2, dW1 += K^T dZ1, dK partial = (-e G1) dW1^T + dZ1 W1^T.
+The state cotangents dW1, dW2 (float32, this CTA's hidden shard) are wgmma accumulators carried
+through the step loop; db1, db2, dgamma, dbeta are float32 vectors in SMEM.
+
+Hidden dim 256 is split over a cluster of `cluster` CTAs (as the v3 forward, `kernel_acc_mgpu`).
+Only three [64, 64] float32 all-reduces per step (Z2, Z2b, dG2: DSMEM push + local add,
+two receive slots alternating; the step loop is unrolled by 2, so G must be even); the
+other products that sum over the hidden dim (dQ, dK, deta) are written out per CTA as partials
+and summed by the caller (outputs with a [cluster] axis). cluster=1 (everything in one CTA) is
+what CPU interpret mode runs; cluster=2 is the GPU kernel (lowered for CUDA in the CPU tests).
+Matmul operands are bf16 (as in the forward kernel); accumulation and all elementwise math f32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.ttt_mlp.kernel_mgpu import (F, GELU_C, GELU_C3, NH, _col_bcast, _ln_stats,
+                                                _row_bcast, mlp_forward, wgmma_chain,
+                                                wgmma_multi)
+
+
+@dataclasses.dataclass(frozen=True)
+class BwdTuningConfig:
+  """Frozen backward-kernel configuration (validated for F = CS = 64, hidden 256)."""
+
+  cluster: int = 2  # CTAs per head; hidden 256 / cluster per CTA
+  approx_math: bool = True  # tanh.approx / rsqrt.approx in GELU and LayerNorm
+
+  def __post_init__(self):
+    if self.cluster not in (1, 2):
+      raise ValueError(f"cluster must be 1 or 2 (the exchange is a pairwise push), got "
+                       f"{self.cluster}")
+
+
+def _gelu_grads(z):
+  """(gelu'(z), gelu''(z)) of the tanh-GELU with the official constants ([64, 64] f32)."""
+  tau = jnp.tanh(GELU_C * z * (1.0 + 0.044715 * z * z))
+  du = GELU_C + GELU_C3 * z * z
+  sech2 = 1.0 - tau * tau
+  gp = 0.5 * (1.0 + tau) + 0.5 * z * sech2 * du
+  gpp = sech2 * (du - z * tau * du * du + GELU_C3 * z * z)
+  return gp, gpp
+
+
+def _gelu_grad(z):
+  tau = jnp.tanh(GELU_C * z * (1.0 + 0.044715 * z * z))
+  return 0.5 * (1.0 + tau) + 0.5 * z * (1.0 - tau * tau) * (GELU_C + GELU_C3 * z * z)
+
+
+def wgmma_chains(pair_lists, shape=(64, 64)):
+  """One accumulator per list, sum_i a_i @ b_i in each, all issued before one wait."""
+  def fn(*accs):
+    for acc, pairs in zip(accs, pair_lists):
+      for a, b in pairs:
+        plgpu.wgmma(acc, a, b)
+    return tuple(acc[...] for acc in accs)
+  return pl.run_scoped(fn, *[plgpu.ACC(shape, jnp.float32) for _ in pair_lists])
+
+
+def build_backward(BH: int, G: int, ln_eps: float, *,
+                   config: BwdTuningConfig = BwdTuningConfig(), interpret=None):
+  """Returns the group-backward kernel f(...) (G mini-batches, walked from the last to the first).
+
+  Arguments (NS >= G steps of inputs are passed; the first G are used):
+    q, k, v    [BH, NS, 64, 64] bf16     eta [BH, NS, 64] f32     dout [BH, G, 64, 64] bf16
+    gamma, beta [BH, 64] f32
+    sw1, sw2   [BH, G + 1, 4, 64, 64] bf16: state before step m (m = 0..G), W1[:, chunk] /
+               W2[chunk, :] (the forward kernel's per-step checkpoint hi parts)
+    sb1 [BH, G + 1, 4, 64] f32, sb2 [BH, G + 1, 64] f32: biases before step m
+    dw1, dw2   [BH, 4, 64, 64] f32, db1 [BH, 4, 64] f32, db2 [BH, 64] f32: cotangent of the
+               state after the group
+  Results:
+    dq_part, dk_part [BH, C, G, 64, 64] bf16: per-CTA partials; dQ = sum_C dq_part + dout,
+                      dK = sum_C dk_part - dV
+    dv [BH, G, 64, 64] bf16; deta_part [BH, C, G, 64] f32 (deta = sum over C)
+    dgamma, dbeta [BH, 64] f32 (this group's contribution)
+    dw1, db1, dw2, db2: cotangent of the state before the group (same layout as the inputs)
+  """
+  if G % 2:
+    raise ValueError(f"the group size must be even (two steps per loop iteration), got {G}")
+  C = config.cluster
+  NL = NH // C  # hidden chunks of 64 per CTA
+  bf16, f32 = jnp.bfloat16, jnp.float32
+  shp = (64, 64)
+  tr = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+  tr32 = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
+  tile = lambda *lead: plgpu.SMEM(lead + shp, bf16, transforms=tr)
+  red0 = plgpu.Layout.WGMMA.reduce(0)  # [64] over columns (a row sum's result)
+  red1 = plgpu.Layout.WGMMA.reduce(1)  # [64] over rows
+  row = lambda v: _row_bcast(v, shp)
+  col = lambda v: _col_bcast(v, shp)
+  mean_f = lambda x: jnp.mean(x, axis=1)
+  sum_c = lambda x: jnp.sum(x, axis=0)
+
+  def body(q_ref, k_ref, v_ref, eta_ref, do_ref, g_ref, bt_ref, sw1_ref, sb1_ref, sw2_ref,
+           sb2_ref, dw1_in, db1_in, dw2_in, db2_in,
+           dq_ref, dk_ref, dv_ref, de_ref, dgam_ref, dbet_ref, dw1_out, db1_out, dw2_out,
+           db2_out,
+           q_s, k_s, v_s, do_s, w1_s, w2_s, nw1_s, nw2_s, x_s, xb_s, g1_s, g2_s, dz_s, xh_s,
+           eta_s, b1_s, nb1_s, b2_s, nb2_s, gam_s, bet_s, de_s, db1_a, db2_a, dgam_a, dbet_a,
+           xb0, xb1, bars, *rest):
+    bh = lax.axis_index("bh")
+    r = lax.axis_index("c") if C > 1 else 0
+    c0 = r * NL
+    xbuf = (xb0, xb1)  # exchange slots (one allocation each) / f32 staging
+    if C > 1:
+      rb0, rb1, cbar = rest
+      rbars = (rb0, rb1)
+      zp = [q_s, do_s]  # dZ1 (partial, then full) per chunk: tiles dead by then
+    else:
+      zp = [q_s, do_s, rest[0].at[0], rest[0].at[1]]
+
+    def on_rank0(fn):
+      if C == 1:
+        fn()
+      else:
+        pl.when(r == 0)(fn)
+
+    # ---- initial cotangents (state after the group) and gamma, beta
+    for ref, src in ((db1_a, db1_in.at[bh, pl.ds(c0, NL)]), (db2_a, db2_in.at[bh]),
+                     (gam_s, g_ref.at[bh]), (bet_s, bt_ref.at[bh])):
+      plgpu.copy_gmem_to_smem(src, ref, bars.at[0])
+      plgpu.barrier_wait(bars.at[0])
+
+    def load_f32_tile(src):
+      plgpu.copy_gmem_to_smem(src, xb0, bars.at[0])
+      plgpu.barrier_wait(bars.at[0])
+      return plgpu.layout_cast(xb0[...], plgpu.Layout.WGMMA)
+
+    dw1_0 = tuple(load_f32_tile(dw1_in.at[bh, c0 + c]) for c in range(NL))
+    dw2_0 = tuple(load_f32_tile(dw2_in.at[bh, c0 + c]) for c in range(NL))
+    zero = plgpu.load(gam_s, layout=red0) * 0.0  # (a splat-layout zero cannot be stored)
+    dgam_a[...] = zero
+    dbet_a[...] = zero
+
+    if C > 1:
+      plgpu.barrier_arrive(cbar.at[0])  # peers' barriers set up, xbuf read, before any push
+      plgpu.barrier_wait(cbar.at[0])
+
+    def allreduce(x, slot):
+      """Sum of the [64, 64] f32 partials over the cluster (identity at cluster 1)."""
+      if C == 1:
+        return x
+      plgpu.async_store_smem(x, xbuf[slot], rbars[slot].at[0], cluster_idx=1 - r,
+                             cluster_dim="c")
+      plgpu.barrier_wait(rbars[slot].at[0])
+      return x + xbuf[slot][...]
+
+    def acc_add(vals, make_pairs):
+      """vals[i] + sum of the products make_pairs()[i] (wgmma; in place when compiled)."""
+      if interpret is not None:  # no interpret rule for wgmma under run_state
+        return tuple(v + d for v, d in zip(vals, wgmma_chains(make_pairs())))
+
+      def fn(accs):
+        for acc, pairs in zip(accs, make_pairs()):
+          for a, b in pairs:
+            plgpu.wgmma(acc, a, b)
+      return pl.run_state(fn)(tuple(plgpu.ACC.init(v) for v in vals))
+
+    def issue_loads(m):
+      copies = ((q_ref.at[bh, m], q_s), (k_ref.at[bh, m], k_s), (v_ref.at[bh, m], v_s),
+                (do_ref.at[bh, m], do_s), (eta_ref.at[bh, m], eta_s),
+                (sw1_ref.at[bh, m, pl.ds(c0, NL)], w1_s), (sw2_ref.at[bh, m, pl.ds(c0, NL)], w2_s),
+                (sw1_ref.at[bh, m + 1, pl.ds(c0, NL)], nw1_s),
+                (sw2_ref.at[bh, m + 1, pl.ds(c0, NL)], nw2_s),
+                (sb1_ref.at[bh, m, pl.ds(c0, NL)], b1_s), (sb1_ref.at[bh, m + 1, pl.ds(c0, NL)], nb1_s),
+                (sb2_ref.at[bh, m], b2_s), (sb2_ref.at[bh, m + 1], nb2_s))
+      for i, (src, dst) in enumerate(copies):
+        plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
+      for i in range(len(copies)):
+        plgpu.barrier_wait(bars.at[i])
+
+    def step(m, parity, carry):
+      """Mini-batch m. Exchanges k = 0, 1, 2 use slot (k + parity) % 2: two steps alternate, so
+      consecutive exchanges never share a slot (a peer may push the next one before this CTA has
+      read the last one)."""
+      dW1, dW2 = carry  # NL x [64, 64] f32: cotangents of W1[:, chunk], W2[chunk, :]
+      issue_loads(m)
+      E = col(plgpu.load(eta_s, layout=red1))  # eta per row
+      gam = row(plgpu.load(gam_s, layout=red0))
+      bet = row(plgpu.load(bet_s, layout=red0))
+
+      # ---- R: the step's forward from W_m (keys) and W_{m+1} (queries)
+      z2 = allreduce(mlp_forward(k_s, w1h=w1_s, w2h=w2_s, b1_s=b1_s, x_s=x_s, chunks=NL), parity)
+      z2 = z2 + row(plgpu.load(b2_s, layout=red0))
+      kf = k_s[...].astype(f32)
+      xh, rstd = _ln_stats(z2, ln_eps)
+      h = gam * xh + bet - (v_s[...].astype(f32) - kf)  # g = gamma h
+      gg = gam * h
+      g2 = (F * gg - col(jnp.sum(gg, axis=1)) - xh * col(jnp.sum(gg * xh, axis=1))) * col(rstd / F)
+      g2_s[...] = g2.astype(bf16)
+      xh_s[...] = xh.astype(bf16)
+      v_s[...] = h.astype(bf16)  # V is not needed again
+      plgpu.commit_smem()
+      z2b = allreduce(mlp_forward(q_s, w1h=nw1_s, w2h=nw2_s, b1_s=nb1_s, x_s=xb_s, chunks=NL),
+                      1 - parity)
+      z2b = z2b + row(plgpu.load(nb2_s, layout=red0))
+      xhb, rstdb = _ln_stats(z2b, ln_eps)
+
+      # ---- A: out = Q + gamma xhb + beta
+      dof = do_s[...].astype(f32)
+      dgam_a[...] = plgpu.load(dgam_a, layout=red0) + sum_c(dof * xhb)
+      dbet_a[...] = plgpu.load(dbet_a, layout=red0) + sum_c(dof)
+      dxhb = gam * dof
+      dz2b = col(rstdb) * (dxhb - col(mean_f(dxhb)) - xhb * col(mean_f(dxhb * xhb)))
+      db2_a[...] = plgpu.load(db2_a, layout=red0) + sum_c(dz2b)
+      dz_s[...] = dz2b.astype(bf16)
+      plgpu.commit_smem()
+      dW2 = acc_add(dW2, lambda: [[(xb_s.at[c].T, dz_s)] for c in range(NL)])
+      for c in range(NL):  # X2b is consumed: its tiles take dZ1b
+        z1b, pre = wgmma_multi([(q_s, nw1_s.at[c]), (dz_s, nw2_s.at[c].T)], shp)
+        dz1b = pre * _gelu_grad(z1b + row(plgpu.load(nb1_s.at[c], layout=red0)))
+        db1_a[c] = plgpu.load(db1_a.at[c], layout=red0) + sum_c(dz1b)
+        xb_s[c] = dz1b.astype(bf16)
+      plgpu.commit_smem()
+      dW1 = acc_add(dW1, lambda: [[(q_s.T, xb_s.at[c])] for c in range(NL)])
+      dq = wgmma_chain([(xb_s.at[c], nw1_s.at[c].T) for c in range(NL)], shp)
+      q_s[...] = dq.astype(bf16)  # dQ partial (the caller adds dout)
+      for c in range(NL):  # W_{m+1} is consumed: its tiles take the bf16 cotangents
+        nw1_s[c] = dW1[c].astype(bf16)
+        nw2_s[c] = dW2[c].astype(bf16)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_s, dq_ref.at[bh, r, m])
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # q_s is reused below
+
+      # ---- U: W1' = W1 - K^T (e G1), W2' = W2 - X2^T (e G2), b' likewise (dW*, db* now final)
+      db2v = plgpu.load(db2_a, layout=red0)
+      de = None
+      for c in range(NL):
+        kdw1, z1, p = wgmma_multi([(k_s, nw1_s.at[c]), (k_s, w1_s.at[c]), (g2_s, w2_s.at[c].T)],
+                                  shp)
+        gp, gpp = _gelu_grads(z1 + row(plgpu.load(b1_s.at[c], layout=red0)))
+        g1 = p * gp
+        a1 = kdw1 + row(plgpu.load(db1_a.at[c], layout=red0))
+        dec = jnp.sum(g1 * a1, axis=1)
+        de = dec if de is None else de + dec
+        dg1 = -E * a1
+        xb_s[c] = (dg1 * gp).astype(bf16)  # dP
+        zp[c][...] = (dg1 * p * gpp).astype(bf16)  # first part of dZ1
+        g1_s[c] = (-E * g1).astype(bf16)
+      plgpu.commit_smem()
+      t1, t2 = wgmma_chains([[(x_s.at[c], nw2_s.at[c]) for c in range(NL)],
+                             [(xb_s.at[c], w2_s.at[c]) for c in range(NL)]], shp)
+      g2f = g2_s[...].astype(f32)
+      # deta: -sum G1 (K dW1 + db1) - sum G2 (X2 dW2 + db2); the replicated db2 term split over C
+      de = de + jnp.sum(g2f * (t1 + row(db2v * (1.0 / C))), axis=1)
+      de_s[...] = -de
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(de_s, de_ref.at[bh, r, m])
+      dg2 = allreduce(t2 - E * t1, parity) - E * row(db2v)
+      # ---- LayerNorm-L2 gradient G2 = rstd (g - mean g - xh mean(g xh)), g = gamma h: its VJP
+      u = dg2 * col(rstd)
+      dstd = -jnp.sum(u * g2f, axis=1)
+      xh = xh_s[...].astype(f32)
+      s_ux = mean_f(u * xh)
+      dg = u - col(mean_f(u)) - xh * col(s_ux)
+      hh = v_s[...].astype(f32)
+      gg = gam * hh
+      dxh = gam * gam * dg - (col(s_ux) * gg + col(mean_f(gg * xh)) * u)
+      dgam_a[...] = plgpu.load(dgam_a, layout=red0) + sum_c(dg * (gam * xh + hh))
+      dbet_a[...] = plgpu.load(dbet_a, layout=red0) + sum_c(dg * gam)
+      v_s[...] = (-gam * dg).astype(bf16)  # dV = dT (the caller subtracts it from dK)
+      dz2 = (col(rstd) * (dxh - col(mean_f(dxh)) - xh * col(mean_f(dxh * xh)))
+             + col(dstd * (1.0 / F)) * xh)
+      db2_a[...] = db2v + sum_c(dz2)
+      dz_s[...] = dz2.astype(bf16)
+      plgpu.commit_smem()
+      on_rank0(lambda: plgpu.copy_smem_to_gmem(v_s, dv_ref.at[bh, m]))
+      for c in range(NL):
+        dx2a, dx2b, z1 = wgmma_multi([(g2_s, nw2_s.at[c].T), (dz_s, w2_s.at[c].T),
+                                      (k_s, w1_s.at[c])], shp)
+        gp = _gelu_grad(z1 + row(plgpu.load(b1_s.at[c], layout=red0)))
+        dz1 = zp[c][...].astype(f32) + (dx2b - E * dx2a) * gp
+        db1_a[c] = plgpu.load(db1_a.at[c], layout=red0) + sum_c(dz1)
+        zp[c][...] = dz1.astype(bf16)
+      plgpu.commit_smem()
+      dW2 = acc_add(dW2, lambda: [[(xb_s.at[c].T, g2_s), (x_s.at[c].T, dz_s)]
+                                  for c in range(NL)])
+      dW1 = acc_add(dW1, lambda: [[(k_s.T, zp[c])] for c in range(NL)])
+      dk = wgmma_chain([p for c in range(NL)
+                        for p in ((g1_s.at[c], nw1_s.at[c].T), (zp[c], w1_s.at[c].T))], shp)
+      k_s[...] = dk.astype(bf16)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(k_s, dk_ref.at[bh, r, m])
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the next step's loads overwrite tiles
+      return dW1, dW2
+
+    def two_steps(j, carry):  # mini-batches G-1-2j, G-2-2j
+      return step(G - 2 - 2 * j, 1, step(G - 1 - 2 * j, 0, carry))
+
+    dW1, dW2 = lax.fori_loop(0, G // 2, two_steps, (dw1_0, dw2_0))
+    plgpu.wait_smem_to_gmem(0)
+    if C > 1:
+      plgpu.barrier_arrive(cbar.at[0])  # every push into xbuf has landed and been read
+      plgpu.barrier_wait(cbar.at[0])
+    for dst, vals in ((dw1_out, dW1), (dw2_out, dW2)):
+      for c in range(NL):
+        xb0[...] = vals[c]
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(xb0, dst.at[bh, c0 + c])
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    plgpu.copy_smem_to_gmem(db1_a, db1_out.at[bh, pl.ds(c0, NL)])
+
+    def rank0_vectors():
+      plgpu.copy_smem_to_gmem(db2_a, db2_out.at[bh])
+      plgpu.copy_smem_to_gmem(dgam_a, dgam_ref.at[bh])
+      plgpu.copy_smem_to_gmem(dbet_a, dbet_ref.at[bh])
+    on_rank0(rank0_vectors)
+    plgpu.wait_smem_to_gmem(0)
+
+  st = lambda *s: jax.ShapeDtypeStruct(s, bf16)
+  sf = lambda *s: jax.ShapeDtypeStruct(s, f32)
+  out_type = (st(BH, C, G, 64, 64), st(BH, C, G, 64, 64), st(BH, G, 64, 64), sf(BH, C, G, 64),
+              sf(BH, 64), sf(BH, 64), sf(BH, NH, 64, 64), sf(BH, NH, 64), sf(BH, NH, 64, 64),
+              sf(BH, 64))
+  vec = lambda *lead: plgpu.SMEM(lead + (64,), f32)
+  scratch = [tile(), tile(), tile(), tile(),  # q, k, v, dout (later dQ, dK, h / dV, dZ1 parts)
+             tile(NL), tile(NL), tile(NL), tile(NL),  # W1_m, W2_m, W1_{m+1} / dW1, W2_{m+1} / dW2
+             tile(NL), tile(NL), tile(NL),  # X2, X2b / dZ1b / dP, -e G1
+             tile(), tile(), tile(),  # G2, dZ2b / dZ2, xh
+             vec(), vec(NL), vec(NL), vec(), vec(), vec(), vec(), vec(),  # eta b1 nb1 b2 nb2 g b de
+             vec(NL), vec(), vec(), vec(),  # db1, db2, dgamma, dbeta accumulators
+             *[plgpu.SMEM(shp, f32, transforms=tr32) for _ in range(2)],  # exchange / staging
+             plgpu.Barrier(num_barriers=13)]
+  kwargs = {}
+  if C > 1:
+    scratch += [*[plgpu.Barrier(num_arrivals=C - 1, num_barriers=1) for _ in range(2)],
+                plgpu.ClusterBarrier(collective_axes=("c",), num_barriers=1)]
+    kwargs.update(cluster=(C,), cluster_names=("c",))
+  else:
+    scratch += [tile(NL - 2)]
+  if interpret is not None:
+    kwargs["interpret"] = interpret
+  return plgpu.kernel(
+      body, out_type=out_type, scratch_types=scratch, grid=(BH,), grid_names=("bh",),
+      compiler_params=plgpu.CompilerParams(approx_math=config.approx_math), **kwargs)
