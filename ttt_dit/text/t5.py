@@ -128,7 +128,7 @@ def assign_params(model: nnx.Module, flat: dict[str, Any]) -> None:
     value = jnp.asarray(flat[key], dtype=var.get_value().dtype)
     if value.shape != var.get_value().shape:
       raise ValueError(f"parameter {key}: expected shape {var.get_value().shape}, got {value.shape}")
-    var[...] = value
+    var.set_value(value)  # also fills a shape-only (nnx.eval_shape) model
   nnx.update(model, state)
 
 
@@ -144,10 +144,8 @@ def load_text_encoder(path: str, dtype: Any = jnp.bfloat16) -> Callable[[jax.Arr
     raise ValueError(f"{path}: no {CONFIG_NAME} (not a converted T5 text encoder)")
   with open(cfg_path) as f:
     config = json.load(f)
-  model = nnx.eval_shape(lambda: T5Encoder(config, dtype, rngs=nnx.Rngs(0)))
-  flat = flatten(load_orbax(os.path.join(path, PARAMS_DIR)))
-  model = T5Encoder(config, dtype, rngs=nnx.Rngs(0))
-  assign_params(model, flat)
+  model = nnx.eval_shape(lambda: T5Encoder(config, dtype, rngs=nnx.Rngs(0)))  # no random init of 4.7B params
+  assign_params(model, flatten(load_orbax(os.path.join(path, PARAMS_DIR))))
   graph, state = nnx.split(model)
 
   @jax.jit
