@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from ttt_dit.model import configs, partition
-from ttt_dit.model.dit import DiT, TransformerLayer
+from ttt_dit.model.dit import TransformerLayer
 from ttt_dit.model.loading import abstract_model
 
 STAGES_5B = {  # stage: (T, n, L_t, L, L/64) from spec §1.3

@@ -4,24 +4,16 @@ from __future__ import annotations
 
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 import ttt_dit
+from dit_testing import tiny_inputs
 from converters import common
 from ttt_dit.model import configs, loading
 from ttt_dit.model.dit import DiT
-
-
-def _inputs(c, scenes):
-  T = configs.num_latent_frames(scenes, c.attn_length, c.prefix_temporal_length)
-  Lt = configs.text_len_for(scenes, T, c.latent_height * c.latent_width, c.mini_batch_size, c.max_text_len)
-  k1, k2 = jax.random.split(jax.random.key(0))
-  return (jax.random.normal(k1, (1, T, 4, 6, 16)), jax.random.normal(k2, (1, scenes, Lt, c.text_dim)),
-          jnp.array([500]))
 
 
 def test_save_load_round_trip(tmp_path):
@@ -29,7 +21,7 @@ def test_save_load_round_trip(tmp_path):
   model = DiT(c, rngs=nnx.Rngs(0))
   loading.save_dit(str(tmp_path / "ckpt"), model, c)
   assert os.path.isfile(tmp_path / "ckpt" / "transformer" / loading.CONFIG_FILE)
-  lat, txt, t = _inputs(c, 1)
+  lat, txt, t = tiny_inputs(c, 1)
   ref = nnx.jit(lambda m, *a: m(*a))(model, lat, txt, t)
   dit = ttt_dit.load_dit(str(tmp_path / "ckpt"), dtype=jnp.float32)
   np.testing.assert_allclose(np.asarray(dit(lat, txt, t)), np.asarray(ref), rtol=1e-5, atol=1e-5)

@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 from flax import nnx
 
+from dit_testing import assert_same_loss_and_grads, tiny_inputs
 from ttt_dit.model import configs
 from ttt_dit.model.dit import DiT
-
-
-def _inputs(c, scenes):
-  T = configs.num_latent_frames(scenes, c.attn_length, c.prefix_temporal_length)
-  Lt = configs.text_len_for(scenes, T, c.latent_height * c.latent_width, c.mini_batch_size, c.max_text_len)
-  k1, k2 = jax.random.split(jax.random.key(1))
-  return (jax.random.normal(k1, (1, T, 4, 6, 16)), jax.random.normal(k2, (1, scenes, Lt, c.text_dim)),
-          jnp.array([321]))
 
 
 def _models(sequence_layer, remat):
@@ -34,15 +24,7 @@ def test_scan_layers_equals_loop(sequence_layer, remat):
   """Same loss and parameter gradients as the unrolled loop (gates at their 0.1 init: TTT contributes)."""
   m, ms, c = _models(sequence_layer, remat)
   assert c.num_layers >= 2
-  lat, txt, t = _inputs(c, 3)
-  loss = lambda mm: jnp.mean(mm(lat, txt, t) ** 2)
-  (l0, g0) = nnx.jit(lambda mm: nnx.value_and_grad(loss)(mm))(m)
-  (l1, g1) = nnx.jit(lambda mm: nnx.value_and_grad(loss)(mm))(ms)
-  np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
-  g0, g1 = jax.tree.leaves(nnx.state(g0)), jax.tree.leaves(nnx.state(g1))
-  assert len(g0) == len(g1) and any(float(jnp.max(jnp.abs(a))) > 0 for a in g0)
-  for a, b in zip(g0, g1):
-    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-7)
+  assert_same_loss_and_grads(m, ms, tiny_inputs(c, 3, seed=1, t=321))
 
 
 def test_scan_layers_refuses_diagnostics_and_group_remat():
@@ -51,7 +33,7 @@ def test_scan_layers_refuses_diagnostics_and_group_remat():
   for _, mod in nnx.iter_graph(ms):
     if hasattr(mod, "collect_diagnostics"):
       mod.collect_diagnostics = True
-  lat, txt, t = _inputs(c, 3)
+  lat, txt, t = tiny_inputs(c, 3)
   with pytest.raises(ValueError, match="collects diagnostics"):
     ms(lat, txt, t)
   bad = c.copy_and_resolve_references()
