@@ -79,7 +79,8 @@ def wgmma_chains(pair_lists, shape=(64, 64)):
 
 
 def build_backward(BH: int, G: int, ln_eps: float, *,
-                   config: BwdTuningConfig = BwdTuningConfig(), interpret=None):
+                   config: BwdTuningConfig = BwdTuningConfig(), interpret=None,
+                   ablate: frozenset = frozenset()):
   """Returns the group-backward kernel f(...) (G mini-batches, walked from the last to the first).
 
   Arguments (NS >= G steps of inputs are passed; the first G are used):
@@ -90,6 +91,8 @@ def build_backward(BH: int, G: int, ln_eps: float, *,
     sb1 [BH, G + 1, 4, 64] f32, sb2 [BH, G + 1, 64] f32: biases before step m
     dw1, dw2   [BH, 4, 64, 64] f32, db1 [BH, 4, 64] f32, db2 [BH, 64] f32: cotangent of the
                state after the group
+  ablate: for timing attribution only (results are WRONG): "X" (no cluster exchange), "R" (no
+  forward recompute matmuls), "U" (stop each step after dQ: no reverse of the update).
   Results:
     dq_part, dk_part [BH, C, G, 64, 64] bf16: per-CTA partials; dQ = sum_C dq_part + dout,
                       dK = sum_C dk_part - dV
@@ -160,7 +163,7 @@ def build_backward(BH: int, G: int, ln_eps: float, *,
 
     def allreduce(x, slot):
       """Sum of the [64, 64] f32 partials over the cluster (identity at cluster 1)."""
-      if C == 1:
+      if C == 1 or "X" in ablate:
         return x
       plgpu.async_store_smem(x, xbuf[slot], rbars[slot].at[0], cluster_idx=1 - r,
                              cluster_dim="c")
@@ -202,7 +205,8 @@ def build_backward(BH: int, G: int, ln_eps: float, *,
       bet = row(plgpu.load(bet_s, layout=red0))
 
       # ---- R: the step's forward from W_m (keys) and W_{m+1} (queries)
-      z2 = allreduce(mlp_forward(k_s, w1h=w1_s, w2h=w2_s, b1_s=b1_s, x_s=x_s, chunks=NL), parity)
+      mlp = mlp_forward if "R" not in ablate else lambda xs, **_: xs[...].astype(f32)
+      z2 = allreduce(mlp(k_s, w1h=w1_s, w2h=w2_s, b1_s=b1_s, x_s=x_s, chunks=NL), parity)
       z2 = z2 + row(plgpu.load(b2_s, layout=red0))
       kf = k_s[...].astype(f32)
       xh, rstd = _ln_stats(z2, ln_eps)
@@ -213,7 +217,7 @@ def build_backward(BH: int, G: int, ln_eps: float, *,
       xh_s[...] = xh.astype(bf16)
       v_s[...] = h.astype(bf16)  # V is not needed again
       plgpu.commit_smem()
-      z2b = allreduce(mlp_forward(q_s, w1h=nw1_s, w2h=nw2_s, b1_s=nb1_s, x_s=xb_s, chunks=NL),
+      z2b = allreduce(mlp(q_s, w1h=nw1_s, w2h=nw2_s, b1_s=nb1_s, x_s=xb_s, chunks=NL),
                       1 - parity)
       z2b = z2b + row(plgpu.load(nb2_s, layout=red0))
       xhb, rstdb = _ln_stats(z2b, ln_eps)
@@ -243,22 +247,25 @@ def build_backward(BH: int, G: int, ln_eps: float, *,
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(q_s, dq_ref.at[bh, r, m])
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # q_s is reused below
+      if "U" in ablate:
+        return dW1, dW2
 
       # ---- U: W1' = W1 - K^T (e G1), W2' = W2 - X2^T (e G2), b' likewise (dW*, db* now final)
       db2v = plgpu.load(db2_a, layout=red0)
       de = None
-      for c in range(NL):
-        kdw1, z1, p = wgmma_multi([(k_s, nw1_s.at[c]), (k_s, w1_s.at[c]), (g2_s, w2_s.at[c].T)],
-                                  shp)
+      for c in range(NL):  # ordered for few live [64, 64] values (128 registers are the dW)
+        z1, p = wgmma_multi([(k_s, w1_s.at[c]), (g2_s, w2_s.at[c].T)], shp)
         gp, gpp = _gelu_grads(z1 + row(plgpu.load(b1_s.at[c], layout=red0)))
         g1 = p * gp
+        g1_s[c] = (-E * g1).astype(bf16)
+        pg = p * gpp
+        (kdw1,) = wgmma_multi([(k_s, nw1_s.at[c])], shp)
         a1 = kdw1 + row(plgpu.load(db1_a.at[c], layout=red0))
         dec = jnp.sum(g1 * a1, axis=1)
         de = dec if de is None else de + dec
         dg1 = -E * a1
         xb_s[c] = (dg1 * gp).astype(bf16)  # dP
-        zp[c][...] = (dg1 * p * gpp).astype(bf16)  # first part of dZ1
-        g1_s[c] = (-E * g1).astype(bf16)
+        zp[c][...] = (dg1 * pg).astype(bf16)  # first part of dZ1
       plgpu.commit_smem()
       t1, t2 = wgmma_chains([[(x_s.at[c], nw2_s.at[c]) for c in range(NL)],
                              [(xb_s.at[c], w2_s.at[c]) for c in range(NL)]], shp)
@@ -271,27 +278,28 @@ def build_backward(BH: int, G: int, ln_eps: float, *,
       dg2 = allreduce(t2 - E * t1, parity) - E * row(db2v)
       # ---- LayerNorm-L2 gradient G2 = rstd (g - mean g - xh mean(g xh)), g = gamma h: its VJP
       u = dg2 * col(rstd)
-      dstd = -jnp.sum(u * g2f, axis=1)
+      dstd = -jnp.sum(u * g2_s[...].astype(f32), axis=1)
       xh = xh_s[...].astype(f32)
       s_ux = mean_f(u * xh)
       dg = u - col(mean_f(u)) - xh * col(s_ux)
       hh = v_s[...].astype(f32)
-      gg = gam * hh
-      dxh = gam * gam * dg - (col(s_ux) * gg + col(mean_f(gg * xh)) * u)
       dgam_a[...] = plgpu.load(dgam_a, layout=red0) + sum_c(dg * (gam * xh + hh))
       dbet_a[...] = plgpu.load(dbet_a, layout=red0) + sum_c(dg * gam)
+      gg = gam * hh
       v_s[...] = (-gam * dg).astype(bf16)  # dV = dT (the caller subtracts it from dK)
+      dxh = gam * gam * dg - (col(s_ux) * gg + col(mean_f(gg * xh)) * u)
       dz2 = (col(rstd) * (dxh - col(mean_f(dxh)) - xh * col(mean_f(dxh * xh)))
              + col(dstd * (1.0 / F)) * xh)
       db2_a[...] = db2v + sum_c(dz2)
       dz_s[...] = dz2.astype(bf16)
+      xh_s[...] = (-E * g2_s[...].astype(f32)).astype(bf16)  # xh is consumed: -e G2 for dX2
       plgpu.commit_smem()
       on_rank0(lambda: plgpu.copy_smem_to_gmem(v_s, dv_ref.at[bh, m]))
-      for c in range(NL):
-        dx2a, dx2b, z1 = wgmma_multi([(g2_s, nw2_s.at[c].T), (dz_s, w2_s.at[c].T),
-                                      (k_s, w1_s.at[c])], shp)
+      for c in range(NL):  # dX2 = -e G2 dW2^T + dZ2 W2^T; dZ1 += dX2 gelu'(Z1)
+        (z1,) = wgmma_multi([(k_s, w1_s.at[c])], shp)
         gp = _gelu_grad(z1 + row(plgpu.load(b1_s.at[c], layout=red0)))
-        dz1 = zp[c][...].astype(f32) + (dx2b - E * dx2a) * gp
+        dx2 = wgmma_chain([(xh_s, nw2_s.at[c].T), (dz_s, w2_s.at[c].T)], shp)
+        dz1 = zp[c][...].astype(f32) + dx2 * gp
         db1_a[c] = plgpu.load(db1_a.at[c], layout=red0) + sum_c(dz1)
         zp[c][...] = dz1.astype(bf16)
       plgpu.commit_smem()
@@ -338,7 +346,7 @@ def build_backward(BH: int, G: int, ln_eps: float, *,
   scratch = [tile(), tile(), tile(), tile(),  # q, k, v, dout (later dQ, dK, h / dV, dZ1 parts)
              tile(NL), tile(NL), tile(NL), tile(NL),  # W1_m, W2_m, W1_{m+1} / dW1, W2_{m+1} / dW2
              tile(NL), tile(NL), tile(NL),  # X2, X2b / dZ1b / dP, -e G1
-             tile(), tile(), tile(),  # G2, dZ2b / dZ2, xh
+             tile(), tile(), tile(),  # G2, dZ2b / dZ2, xh / -e G2
              vec(), vec(NL), vec(NL), vec(), vec(), vec(), vec(), vec(),  # eta b1 nb1 b2 nb2 g b de
              vec(NL), vec(), vec(), vec(),  # db1, db2, dgamma, dbeta accumulators
              *[plgpu.SMEM(shp, f32, transforms=tr32) for _ in range(2)],  # exchange / staging

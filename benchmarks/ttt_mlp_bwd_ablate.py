@@ -1,0 +1,55 @@
+"""Timing attribution for the TTT-MLP Pallas backward (`backward="pallas"`), one H100.
+
+Per checkpoint group (B=1, H=48, G=16, NC=282 inputs): the forward kernel restarted with a
+checkpoint every mini-batch, the backward kernel (full and with phases removed: WRONG results, for
+attribution only), and the whole backward (the custom_vjp's bwd, jitted) at NC=282.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks.ttt_mlp_kernel import make_inputs, median_ms
+from pallas_kernels.ttt_mlp import kernel_bwd_mgpu
+from pallas_kernels.ttt_mlp import ttt_mlp as T
+
+
+def main(H=48, NC=282, G=16, reps=5):
+  print("device:", jax.devices()[0].device_kind, flush=True)
+  args = make_inputs(jax.random.PRNGKey(0), 1, H, NC)
+  _, ck = jax.jit(functools.partial(T._forward_raw, group=G, ln_eps=1e-6, interpret=False))(*args)
+  bf = lambda a: a.astype(jnp.bfloat16).reshape(H, NC, 64, 64)[:, :G + 1]
+  q, k, v = bf(args[0]), bf(args[1]), bf(args[2])
+  e = args[3].reshape(H, NC, 64)[:, :G + 1]
+  do = jax.random.normal(jax.random.PRNGKey(1), (H, G, 64, 64)).astype(jnp.bfloat16)
+  gam, bet = T._per_head(args[4], 1), T._per_head(args[5], 1)
+  fwd = jax.jit(T._build(H, G + 1, 1, 1e-6, False, "v3"))
+  fargs = (q, k, v, e, gam, bet) + tuple(a[:, 0] for a in ck)
+  t = median_ms(fwd, fargs, reps)
+  print(f"forward restart, {G + 1} steps, ckpt every step: {t:8.3f} ms  {t * 1e3 / (G + 1):7.2f} "
+        "us/step", flush=True)
+  t = median_ms(jax.jit(T._build(H, G + 1, 10**6, 1e-6, False, "v3")), fargs, reps)
+  print(f"forward,         {G + 1} steps, no ckpt:         {t:8.3f} ms  {t * 1e3 / (G + 1):7.2f} "
+        "us/step", flush=True)
+  _, sw1, _, sb1, sw2, _, sb2 = fwd(*fargs)
+  z = lambda *s: 1e-3 * jnp.ones(s, jnp.float32)
+  bargs = (q, k, v, e, do, gam, bet, sw1, sb1, sw2, sb2, z(H, 4, 64, 64), z(H, 4, 64),
+           z(H, 4, 64, 64), z(H, 64))
+  for name, abl in (("full", ""), ("no exchange", "X"), ("no recompute mm", "R"),
+                    ("no update reverse", "U"), ("no R, no U", "RU"), ("no R/U/X", "RUX")):
+    fn = jax.jit(kernel_bwd_mgpu.build_backward(H, G, 1e-6, ablate=frozenset(abl)))
+    t = median_ms(fn, bargs, reps)
+    print(f"backward kernel {name:20s}: {t:8.3f} ms  {t * 1e3 / G:7.2f} us/step", flush=True)
+  f = lambda *a: T.ttt_mlp_pallas(*a, checkpoint_group_size=G, backward="pallas")
+  out, vjp = jax.vjp(f, *args)
+  cot = jax.random.normal(jax.random.PRNGKey(2), out.shape, jnp.float32).astype(out.dtype)
+  t = median_ms(jax.jit(vjp), (cot,), reps)
+  print(f"whole backward (custom_vjp bwd) NC={NC}: {t:8.3f} ms", flush=True)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
