@@ -46,6 +46,7 @@ def _stage_config(stage: str, sequence_layer: str, tiny: bool) -> ml_collections
   c.model.sequence_layer = sequence_layer
   c.model.overrides = ml_collections.ConfigDict()
   c.model.overrides.remat_layer_group_size = remat_group
+  c.model.overrides.scan_layers = True  # one remat group compiled, not 42 layers
   for k in ("attention", "forward_ssm", "reverse_ssm", "mlp", "seq_block"):
     c.model.overrides[f"remat_{k}"] = k in remat_extra
   c.model.overrides.scan_checkpoint_group_size = 4 if linear else 16

@@ -83,8 +83,8 @@ def _base() -> ml_collections.ConfigDict:
   c.sequence_parallel_axis = ""  # mesh axis over which the MLP's [B, L, D] input is split along L (§8.1)
   # Remat knobs (official [remat] section). 0 = no layer-group remat.
   c.remat_layer_group_size = 0
-  # Run the layers as one lax.scan over their stacked parameters: one layer is compiled instead of
-  # num_layers (minutes -> seconds at 5B); the stack is a copy of the layer weights inside the program.
+  # Run the layers as one lax.scan over their stacked parameters: one layer (remat group) is compiled
+  # instead of num_layers (minutes -> seconds at 5B); the stack is a copy of the layer weights in the program.
   c.scan_layers = False
   c.remat_attention = False
   c.remat_forward_ssm = False
@@ -170,9 +170,6 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   if head_dim % 16:
     raise ValueError(f"head dim {head_dim} cannot carry the 3D RoPE split [d/4 | 3d/8 | 3d/8] into pairs "
                      f"(needs d % 16 == 0)")
-  if c.scan_layers and c.remat_layer_group_size > 1:
-    raise ValueError(f"scan_layers remats one layer per scan step: remat_layer_group_size must be 0 or 1, "
-                     f"got {c.remat_layer_group_size}")
   if c.remat_layer_group_size and c.num_layers % c.remat_layer_group_size:
     raise ValueError(f"remat_layer_group_size {c.remat_layer_group_size} does not divide "
                      f"num_layers {c.num_layers}")

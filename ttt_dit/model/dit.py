@@ -165,11 +165,12 @@ def _maybe_remat(flag: bool, fn: Callable) -> Callable:
 
 
 def scan_over_layers(layers: list[nnx.Module], x_v: Array, x_t: Array, e: Array, meta: SequenceMetadata, *,
-                remat: bool = False) -> tuple[Array, Array]:
+                     remat_group: int = 0) -> tuple[Array, Array]:
   """Identical layers applied in order as one `lax.scan` over their stacked states (same math as a loop).
 
-  One layer body is traced and compiled instead of len(layers). The stacked parameters are built inside
-  the traced program (a copy of the layer weights). `remat` checkpoints each layer (remat group size 1).
+  One group of layers is traced and compiled instead of len(layers). The stacked parameters are built
+  inside the traced program (a copy of the layer weights). `remat_group` = g > 0: each scan step runs g
+  consecutive layers under `jax.checkpoint` (the loop's remat groups); 0: one layer per step, no remat.
   """
   splits = [nnx.split(layer) for layer in layers]
   graphdef = splits[0][0]
@@ -180,13 +181,19 @@ def scan_over_layers(layers: list[nnx.Module], x_v: Array, x_t: Array, e: Array,
     if getattr(module, "collect_diagnostics", False):
       raise ValueError(f"scan_layers: layer module {path} collects diagnostics (nnx.sow), which cannot leave "
                        f"a lax.scan; set scan_layers=False to collect them")
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[st for _, st in splits])  # [num_layers, ...] leaves
+  g = max(remat_group, 1)
+  if len(layers) % g:
+    raise ValueError(f"scan_layers: remat group {g} does not divide {len(layers)} layers")
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs).reshape((len(xs) // g, g) + xs[0].shape),
+                         *[st for _, st in splits])  # [num_layers / g, g, ...] leaves
 
-  def body(carry, state):
+  def body(carry, group_state):
     a, b = carry
-    return nnx.merge(graphdef, state)(a, b, e, meta), None
+    for i in range(g):
+      a, b = nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], group_state))(a, b, e, meta)
+    return (a, b), None
 
-  if remat:
+  if remat_group:
     body = jax.checkpoint(body)
   (x_v, x_t), _ = jax.lax.scan(body, (x_v, x_t), stacked)
   return x_v, x_t
@@ -423,7 +430,7 @@ class DiT(nnx.Module):
     layers = list(self.layers)
     g = self.remat_layer_group_size
     if self.scan_layers:
-      x_v, x_t = scan_over_layers(layers, x_v, x_t, e, meta, remat=bool(g))
+      x_v, x_t = scan_over_layers(layers, x_v, x_t, e, meta, remat_group=g)
     elif g:
       group = nnx.remat(lambda mods, a, b, ee: DiT._run_layers(mods, a, b, ee, meta))
       for i in range(0, len(layers), g):

@@ -98,6 +98,7 @@ def _diagnostics_graphdef(mcfg: ml_collections.ConfigDict) -> nnx.GraphDef:
   """GraphDef of the DiT with TTT diagnostics on and remat off (forward-only pass, same parameters)."""
   cfg = ml_collections.ConfigDict(mcfg.to_dict())
   cfg.remat_layer_group_size = 0
+  cfg.scan_layers = False  # sown diagnostics cannot leave a lax.scan
   for k in _REMAT_FIELDS:
     cfg[k] = False
   cfg.ttt_implementation = "xla"
