@@ -18,7 +18,11 @@ from pallas_kernels.ttt_mlp import kernel_bwd_mgpu
 from pallas_kernels.ttt_mlp import ttt_mlp as T
 
 
-def main(H=48, NC=282, G=16, reps=5):
+VARIANTS = (("full", ""), ("no exchange", "X"), ("no recompute mm", "R"),
+            ("no update reverse", "U"), ("no R, no U", "RU"), ("no R/U/X", "RUX"))
+
+
+def main(H=48, NC=282, G=16, reps=5, variants="full,no update reverse,no R, no U"):
   print("device:", jax.devices()[0].device_kind, flush=True)
   args = make_inputs(jax.random.PRNGKey(0), 1, H, NC)
   _, ck = jax.jit(functools.partial(T._forward_raw, group=G, ln_eps=1e-6, interpret=False))(*args)
@@ -39,8 +43,9 @@ def main(H=48, NC=282, G=16, reps=5):
   z = lambda *s: 1e-3 * jnp.ones(s, jnp.float32)
   bargs = (q, k, v, e, do, gam, bet, sw1, sb1, sw2, sb2, z(H, 4, 64, 64), z(H, 4, 64),
            z(H, 4, 64, 64), z(H, 64))
-  for name, abl in (("full", ""), ("no exchange", "X"), ("no recompute mm", "R"),
-                    ("no update reverse", "U"), ("no R, no U", "RU"), ("no R/U/X", "RUX")):
+  for name, abl in VARIANTS:
+    if name not in variants and variants != "all":
+      continue
     fn = jax.jit(kernel_bwd_mgpu.build_backward(H, G, 1e-6, ablate=frozenset(abl)))
     t = median_ms(fn, bargs, reps)
     print(f"backward kernel {name:20s}: {t:8.3f} ms  {t * 1e3 / G:7.2f} us/step", flush=True)
@@ -52,4 +57,4 @@ def main(H=48, NC=282, G=16, reps=5):
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(main(**({"variants": sys.argv[1]} if len(sys.argv) > 1 else {})))

@@ -1,7 +1,8 @@
 """Benchmark + GPU correctness check: TTT-MLP "xla" scan vs the Pallas Mosaic GPU kernel.
 
-impls: xla | pallas (v3 forward, backward = XLA scan from the checkpoints) | pallas_pbwd (v3
-forward + the Mosaic GPU backward kernel) | other variants (see impl_fns).
+impls: xla | pallas (the defaults: v3 forward + the Mosaic GPU backward kernel) | pallas_pbwd (the
+same, named explicitly) | pallas_xlabwd (v3 forward, backward = XLA scan restarted from the kernel's
+checkpoints; "pallas" before the backward kernel became the default) | other variants (impl_fns).
 
 B=1, H=48, F=CS=64, hidden 256, NC in {282, 1000, 2750, 5500}; fresh random inputs per NC,
 L2-normalised Q/K, eta ~1e-5 per token. Prints one table row per (NC, impl) and writes JSON to
@@ -87,6 +88,8 @@ def main(argv=None):
                                                          backward="reference")),
       "pallas_pbwd": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G,
                                                        backward="pallas")),
+      "pallas_xlabwd": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G,
+                                                         backward="xla_vjp")),
   }
 
   def loss_fn(impl):

@@ -262,12 +262,13 @@ _ttt_mlp_kernel.defvjp(_fwd, _bwd)
 
 def ttt_mlp_pallas(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *,
                    checkpoint_group_size: int = 16, ln_eps: float = 1e-6, interpret: bool = False,
-                   variant: str = "v3", backward: str = "xla_vjp"):
+                   variant: str = "v3", backward: str = "pallas"):
   """TTT-MLP with the fused forward kernel; same contract as `ttt_dit.ttt.inner_loop.ttt_mlp`.
 
   Returns [B, H, NC, CS, F] in XQ's dtype. `interpret=True` runs the kernel in Mosaic GPU interpret
   mode (CPU tests); `variant` picks the forward kernel (VARIANTS; "v3" default); `backward` picks
-  the VJP (BACKWARDS; "pallas" = the backward kernel, needs an even checkpoint group). Unsupported shapes or devices log
+  the VJP (BACKWARDS; "pallas", the default = the backward kernel, needs an even checkpoint group,
+  else "xla_vjp" with one log line; H100 NC=282: 41.6 ms fwd+bwd vs 220 ms with "xla_vjp"). Unsupported shapes or devices log
   one line and use the XLA scan.
   """
   if backward not in BACKWARDS:

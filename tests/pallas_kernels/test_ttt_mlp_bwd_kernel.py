@@ -45,10 +45,11 @@ def _rel(a, b) -> float:
 
 
 def test_backward_kernel_gradients_batch_and_groups_interpret():
-  """B = 2 (state cotangents summed over the batch), NC = 5 with G = 2: three groups, the last
-  one short. Every gradient vs jax.grad of the float32 XLA scan, rel L2 < 2e-2 (measured ~5e-3:
-  bf16 matmul operands in forward and backward)."""
-  B, H, NC, G = 2, 1, 5, 2
+  """B = 2 (state cotangents summed over the batch), NC = 3 with G = 2: two groups (the state
+  cotangent carried between them), the last one short. Every gradient vs jax.grad of the float32
+  XLA scan, rel L2 < 2e-2 (measured <= 5.7e-3 at NC = 3..5: bf16 matmul operands in forward and
+  backward; a sign flip in the LN-L2 VJP gives 0.39)."""
+  B, H, NC, G = 2, 1, 3, 2
   args = _inputs(B, H, NC, 5)
   cot = jax.random.normal(jax.random.PRNGKey(11), (B, H, NC, 64, 64))
   f32 = tuple(a.astype(jnp.float32) for a in args)

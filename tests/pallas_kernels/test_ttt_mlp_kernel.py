@@ -86,7 +86,7 @@ def test_checkpoints_match_xla_states_interpret():
       assert _rel(got[g], w) < 1e-2, (g, _rel(got[g], w))
 
 
-@pytest.mark.parametrize("backward", ["xla_vjp", "reference", "pallas"])
+@pytest.mark.parametrize("backward", ["xla_vjp", "reference"])  # "pallas": test_ttt_mlp_bwd_kernel
 def test_gradients_match_xla_scan_interpret(backward):
   """custom_vjp gradients (kernel forward + backward from checkpoints) vs jax.grad of the scan."""
   args = _inputs(2)
