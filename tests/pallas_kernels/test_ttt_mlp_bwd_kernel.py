@@ -91,5 +91,6 @@ def test_backward_kernel_cluster2_lowers_for_cuda():
 
 
 def test_backward_kernel_rejects_odd_group():
+  """The kernel walks steps in pairs; `ttt_mlp_pallas` rounds an odd checkpoint group up."""
   with pytest.raises(ValueError, match="even"):
     kernel_bwd_mgpu.build_backward(2, 3, 1e-6)
