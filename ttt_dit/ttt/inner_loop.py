@@ -297,15 +297,23 @@ def ttt_mlp(XQ: Array, XK: Array, XV: Array, eta: Array, ln_weight: Array, ln_bi
 
 def ttt_linear(XQ: Array, XK: Array, XV: Array, eta: Array, ln_weight: Array, ln_bias: Array,
                W1: Array, b1: Array, *, checkpoint_group_size: int = 16, ln_eps: float = 1e-6,
-               diagnostics: bool = False):
+               diagnostics: bool = False, implementation: Literal["xla", "pallas"] = "xla"):
   """TTT-Linear over a whole sequence of mini-batches (state W1 [H, F, F], b1 [H, 1, F]).
 
-  Same arguments and returns as `ttt_mlp`, with f(x) = x W1 + b1.
+  Same arguments and returns as `ttt_mlp`, with f(x) = x W1 + b1 ("pallas": the fused Hopper
+  kernel, `pallas_kernels.ttt_linear`; with `diagnostics` the XLA scan runs).
   """
   F = XQ.shape[-1] if XQ.ndim == 5 else -1
   H = XQ.shape[1] if XQ.ndim == 5 else -1
   _check_inputs("ttt_linear", XQ, XK, XV, eta, ln_weight, ln_bias, (W1, b1), ("W1", "b1"),
                 ((H, F, F), (H, 1, F)), checkpoint_group_size)
+  if implementation == "pallas" and not diagnostics:
+    from pallas_kernels.ttt_linear import ttt_linear_pallas  # lazy: GPU-only dependency chain
+    return ttt_linear_pallas(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1,
+                             checkpoint_group_size=checkpoint_group_size, ln_eps=ln_eps)
+  if implementation not in ("xla", "pallas"):
+    raise ValueError(f"ttt_linear: implementation must be 'xla' or 'pallas', got "
+                     f"{implementation!r}")
   out, _, diag = _run_scan(_linear_step, XQ, XK, XV, eta, ln_weight, ln_bias, (W1, b1),
                            checkpoint_group_size=checkpoint_group_size, ln_eps=ln_eps,
                            diagnostics=diagnostics)

@@ -163,7 +163,8 @@ class TTTLayer(nnx.Module):
       res = inner_loop.ttt_mlp(XQ, XK, XV, eta, gamma, beta, *state,
                                implementation=self.implementation, **kwargs)
     else:
-      res = inner_loop.ttt_linear(XQ, XK, XV, eta, gamma, beta, *state, **kwargs)
+      res = inner_loop.ttt_linear(XQ, XK, XV, eta, gamma, beta, *state,
+                                  implementation=self.implementation, **kwargs)
     if self.collect_diagnostics:
       res, diag = res
       self.sow(nnx.Intermediate, "ttt_diagnostics", diag)

@@ -1,0 +1,182 @@
+"""`ttt_linear_pallas`: the Mosaic GPU TTT-Linear forward kernel wrapped in a `jax.custom_vjp`.
+
+Forward: `kernel_mgpu.build_forward` (float32 W1 in one wgmma accumulator for the whole scan, one
+CTA per (b, h)), checkpoints of (W1, b1) every `checkpoint_group_size` mini-batches.
+Backward (`backward="xla_vjp"`): for each checkpoint group, last to first, the XLA dual-form scan
+(`ttt_linear_scan_reference`, the same math as `ttt_dit.ttt.inner_loop.ttt_linear`) is restarted
+from the kernel's checkpoint and differentiated with `jax.vjp`; the state cotangent is carried from
+group to group.
+Unsupported shapes/platforms fall back to the XLA scan with one log line.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from pallas_kernels.ttt_linear import kernel_mgpu
+from ttt_dit.ttt import inner_loop
+
+Array = jax.Array
+
+# forward kernel configurations (H100 timings: benchmarks/NOTES-ttt-linear.md)
+VARIANTS = {
+    "primal": kernel_mgpu.LinearTuningConfig(),
+    "dual": kernel_mgpu.LinearTuningConfig(dual_form=True),
+    "primal_prefetch": kernel_mgpu.LinearTuningConfig(prefetch=True),
+    "dual_prefetch": kernel_mgpu.LinearTuningConfig(dual_form=True, prefetch=True),
+}
+DEFAULT_VARIANT = "primal"
+BACKWARDS = ("xla_vjp",)
+
+
+def kernel_supported(XQ: Array, *, interpret: bool = False) -> str | None:
+  """None if the kernel handles these shapes on this backend, else the reason it does not."""
+  B, H, NC, CS, F = XQ.shape
+  if (CS, F) != (kernel_mgpu.CS, kernel_mgpu.F):
+    return f"shape CS={CS}, F={F} (kernel: 64, 64)"
+  if interpret:
+    return None
+  dev = jax.devices()[0]
+  if dev.platform != "gpu" or getattr(dev, "compute_capability", "") not in ("9.0",):
+    return f"device {dev.platform}/{getattr(dev, 'device_kind', '?')} is not a Hopper GPU"
+  return None
+
+
+def ttt_linear_scan_reference(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, *,
+                              checkpoint_group_size: int = 16, ln_eps: float = 1e-6):
+  """The pure-jnp reference the kernel is checked against: the XLA dual-form scan.
+
+  XQ, XK, XV [B, H, NC, CS, F]; eta [B, H, NC, CS]; ln_weight, ln_bias [H, F]; W1 [H, F, F];
+  b1 [H, 1, F]. Returns (out [B, H, NC, CS, F] in XQ's dtype, (W1, b1) final [B, H, ...]).
+  """
+  out, final, _ = inner_loop._run_scan(
+      inner_loop._linear_step, XQ, XK, XV, eta, ln_weight, ln_bias, (W1, b1),
+      checkpoint_group_size=checkpoint_group_size, ln_eps=ln_eps, diagnostics=False)
+  return out, final
+
+
+def _per_head(a, B):
+  """[H, F] -> [B * H, F] float32."""
+  H, F = a.shape
+  return jnp.broadcast_to(a.astype(jnp.float32)[None], (B, H, F)).reshape(B * H, F)
+
+
+def _forward(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, *, group, ln_eps, interpret, variant):
+  """Runs the kernel: (out [B, H, NC, CS, F] in XQ's dtype, (W1 [NG, B, H, F, F],
+  b1 [NG, B, H, 1, F]) float32 checkpoints: the state before mini-batch g * group)."""
+  B, H, NC, CS, F = XQ.shape
+  BH = B * H
+  bf = lambda a: a.astype(jnp.bfloat16).reshape(BH, NC, CS, F)  # [BH, NC, CS, F]
+  tile = lambda a: jnp.broadcast_to(a.astype(jnp.float32)[None], (B,) + a.shape).reshape(
+      (BH,) + a.shape[1:])
+  iparams = jax.experimental.pallas.mosaic_gpu.InterpretGPUParams() if interpret else None
+  fn = kernel_mgpu.build_forward(BH, NC, group, float(ln_eps), config=VARIANTS[variant],
+                                 interpret=iparams)
+  out, cw1, cb1 = fn(bf(XQ), bf(XK), bf(XV), eta.astype(jnp.float32).reshape(BH, NC, CS),
+                     _per_head(ln_weight, B), _per_head(ln_bias, B), tile(W1),  # [BH, F, F]
+                     tile(b1).reshape(BH, F))
+  NG = cw1.shape[1]
+  ck_w1 = jnp.moveaxis(cw1.reshape(B, H, NG, F, F), 2, 0)  # [NG, B, H, F, F]
+  ck_b1 = jnp.moveaxis(cb1.reshape(B, H, NG, 1, F), 2, 0)  # [NG, B, H, 1, F]
+  return out.reshape(B, H, NC, CS, F).astype(XQ.dtype), (ck_w1, ck_b1)
+
+
+def _group_scan(state, xs, gamma, beta, ln_eps):
+  """XLA dual-form scan over one group: state [B, H, ...], xs leaves [G, B, H, ...]."""
+  def step(carry, x):
+    q, k, v, e = x
+    return inner_loop._linear_step(carry, (q, k, v, e, gamma, beta), ln_eps=ln_eps,
+                                   diagnostics=False)
+  return jax.lax.scan(step, state, xs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11, 12))
+def _ttt_linear_kernel(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, group, ln_eps, interpret,
+                       variant, backward):
+  return _forward(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, group=group, ln_eps=ln_eps,
+                  interpret=interpret, variant=variant)[0]
+
+
+def _fwd(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, group, ln_eps, interpret, variant,
+         backward):
+  out, ckpts = _forward(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, group=group, ln_eps=ln_eps,
+                        interpret=interpret, variant=variant)
+  return out, (XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, ckpts)
+
+
+def _bwd(group, ln_eps, interpret, variant, backward, res, dout):
+  """Reverse over checkpoint groups: `jax.vjp` of the XLA group scan from each kernel checkpoint."""
+  del interpret, variant, backward
+  XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, ckpts = res
+  B, H, NC, CS, F = XQ.shape
+  NG = ckpts[0].shape[0]
+  pad = NG * group - NC
+  f32 = jnp.float32
+
+  def groups(a):  # [B, H, NC, ...] -> [NG, G, B, H, ...], zero-padded (eta = 0: no-op steps)
+    a = a.astype(f32)
+    a = jnp.pad(a, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 3))
+    a = a.reshape((B, H, NG, group) + a.shape[3:])
+    return jnp.moveaxis(jnp.moveaxis(a, 2, 0), 3, 1)
+
+  xs = tuple(groups(a) for a in (XQ, XK, XV, eta))
+  dys = groups(dout)
+  gamma = ln_weight.astype(f32)[:, None, :]  # [H, 1, F]
+  beta = ln_bias.astype(f32)[:, None, :]
+
+  def body(carry, inp):
+    dstate, dgamma, dbeta = carry
+    state_g, xs_g, dy_g = inp
+    _, vjp = jax.vjp(lambda s, x, g, b: _group_scan(s, x, g, b, ln_eps), state_g, xs_g, gamma,
+                     beta)
+    ds, dx, dg, db = vjp((dstate, dy_g))
+    return (ds, dgamma + dg, dbeta + db), dx
+
+  zeros_state = tuple(jnp.zeros_like(s[0]) for s in ckpts)
+  (dstate0, dgamma, dbeta), dxs = jax.lax.scan(
+      body, (zeros_state, jnp.zeros_like(gamma), jnp.zeros_like(beta)), (ckpts, xs, dys),
+      reverse=True)
+
+  def ungroup(a, like):  # [NG, G, B, H, ...] -> [B, H, NC, ...]
+    a = jnp.moveaxis(jnp.moveaxis(a, 1, 3), 0, 2)
+    a = a.reshape((B, H, NG * group) + a.shape[4:])[:, :, :NC]
+    return a.astype(like.dtype)
+
+  dq, dk, dv, de = (ungroup(d, x) for d, x in zip(dxs, (XQ, XK, XV, eta)))
+  dW1, db1 = (jnp.sum(d, axis=0).astype(w.dtype) for d, w in zip(dstate0, (W1, b1)))
+  return (dq, dk, dv, de, dgamma[:, 0].astype(ln_weight.dtype),
+          dbeta[:, 0].astype(ln_bias.dtype), dW1, db1)
+
+
+_ttt_linear_kernel.defvjp(_fwd, _bwd)
+
+
+def ttt_linear_pallas(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, *,
+                      checkpoint_group_size: int = 16, ln_eps: float = 1e-6,
+                      interpret: bool = False, variant: str = DEFAULT_VARIANT,
+                      backward: str = "xla_vjp"):
+  """TTT-Linear with the fused forward kernel; same contract as `inner_loop.ttt_linear`.
+
+  XQ, XK, XV [B, H, NC, CS, F] (bf16 or f32; the kernel reads bf16); eta [B, H, NC, CS];
+  ln_weight, ln_bias [H, F]; W1 [H, F, F]; b1 [H, 1, F]. Returns [B, H, NC, CS, F] in XQ's dtype.
+  `interpret=True` runs the kernel in Mosaic GPU interpret mode (CPU tests); `variant` picks the
+  forward configuration (VARIANTS); `backward` the VJP (BACKWARDS). Unsupported shapes or devices
+  log one line and use the XLA scan.
+  """
+  if backward not in BACKWARDS:
+    raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
+  if variant not in VARIANTS:
+    raise ValueError(f"variant must be one of {tuple(VARIANTS)}, got {variant!r}")
+  why = kernel_supported(XQ, interpret=interpret)
+  if why is not None:
+    logging.info("ttt_linear_pallas: falling back to the XLA scan: %s", why)
+    return inner_loop.ttt_linear(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1,
+                                 checkpoint_group_size=checkpoint_group_size, ln_eps=ln_eps,
+                                 implementation="xla")
+  group = max(1, min(int(checkpoint_group_size), XQ.shape[2]))
+  return _ttt_linear_kernel(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, group, float(ln_eps),
+                            bool(interpret), str(variant), str(backward))

@@ -1,0 +1,140 @@
+"""CPU tests of the TTT-Linear Mosaic GPU kernel: interpret mode vs the XLA scan, CUDA lowering,
+fallback.
+
+Interpret mode cannot run the in-place accumulation into the carried state (no rule for wgmma under
+`run_state`: a fresh accumulator is added there instead); that and the real shapes/timings are
+covered by benchmarks/ttt_linear_kernel.py on the GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels.ttt_linear import kernel_mgpu, kernel_supported, ttt_linear_pallas
+from pallas_kernels.ttt_linear import ttt_linear as ttt_linear_mod
+from ttt_dit.ttt import inner_loop
+
+NAMES = ("XQ", "XK", "XV", "eta", "ln_weight", "ln_bias", "W1", "b1")
+
+
+@pytest.fixture(autouse=True)
+def _reset_interpret_state():
+  yield
+  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
+  reset = getattr(ipc, "reset_gpu_interpret_mode_state", None)
+  if reset is not None:
+    reset()
+
+
+def _inputs(B, H, NC, seed):
+  """bf16 Q/K/V (L2-normalised Q/K) and large steps (eta ~ 0.05): the state really moves."""
+  ks = jax.random.split(jax.random.PRNGKey(seed), 8)
+  n = lambda k, s: jax.random.normal(k, s, jnp.float32)
+  l2 = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+  XQ = l2(n(ks[0], (B, H, NC, 64, 64))).astype(jnp.bfloat16)
+  XK = l2(n(ks[1], (B, H, NC, 64, 64))).astype(jnp.bfloat16)
+  XV = n(ks[2], (B, H, NC, 64, 64)).astype(jnp.bfloat16)
+  eta = jax.random.uniform(ks[3], (B, H, NC, 64)) * 0.05
+  return (XQ, XK, XV, eta, 1 + 0.1 * n(ks[4], (H, 64)), 0.1 * n(ks[5], (H, 64)),
+          0.1 * n(ks[6], (H, 64, 64)), 0.1 * n(ks[7], (H, 1, 64)))
+
+
+def _f32(args):
+  return tuple(a.astype(jnp.float32) for a in args)
+
+
+def _rel(a, b) -> float:
+  a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+  return float(jnp.linalg.norm((a - b).ravel()) / jnp.linalg.norm(b.ravel()))
+
+
+@pytest.mark.parametrize("variant", ["primal", "dual_prefetch"])
+def test_forward_and_checkpoints_match_xla_scan_interpret(variant):
+  """B=1, H=2, NC=7, G=3 (last group short). Outputs (rel L2 of out - Q, measured ~2e-3: bf16
+  matmul operands) < 1e-2 and every checkpoint (W1, b1) vs the XLA scan's state < 1e-2; with the
+  state frozen (eta = 0) the outputs are far off, so the update is really checked."""
+  B, H, NC, G = 1, 2, 7, 3
+  args = _inputs(B, H, NC, 0)
+  f = _f32(args)
+  ref = inner_loop.ttt_linear(*f, checkpoint_group_size=G)
+  out, (ck_w1, ck_b1) = jax.jit(lambda *a: ttt_linear_mod._forward(
+      *a, group=G, ln_eps=1e-6, interpret=True, variant=variant))(*args)
+  assert out.shape == ref.shape and out.dtype == jnp.bfloat16
+  err = _rel(out.astype(jnp.float32) - f[0], ref - f[0])
+  assert err < 1e-2, err
+  frozen = inner_loop.ttt_linear(*f[:3], jnp.zeros_like(f[3]), *f[4:], checkpoint_group_size=G)
+  assert _rel(frozen - f[0], ref - f[0]) > 10 * err
+  assert ck_w1.shape == (3, B, H, 64, 64) and ck_b1.shape == (3, B, H, 1, 64)
+  for g in range(3):
+    m = g * G
+    if m == 0:
+      want = tuple(jnp.broadcast_to(s, (B,) + s.shape) for s in f[6:])
+    else:
+      _, want = ttt_linear_mod.ttt_linear_scan_reference(
+          *(a[:, :, :m] for a in f[:4]), *f[4:], checkpoint_group_size=G)
+    assert _rel(ck_w1[g], want[0]) < 1e-2, (g, _rel(ck_w1[g], want[0]))
+    assert _rel(ck_b1[g], want[1]) < 1e-2, (g, _rel(ck_b1[g], want[1]))
+
+
+def test_gradients_match_jax_grad_interpret():
+  """B=2 (state cotangents summed over the batch), H=1, NC=5, G=2 (three groups, last short):
+  every gradient of the custom_vjp (kernel forward, XLA-scan VJP from the kernel's checkpoints)
+  vs jax.grad of the float32 XLA scan, rel L2 < 2e-2 (the checkpoints come from bf16-operand
+  matmuls), and finite, in the inputs' dtypes."""
+  B, H, NC, G = 2, 1, 5, 2
+  args = _inputs(B, H, NC, 5)
+  cot = jax.random.normal(jax.random.PRNGKey(11), (B, H, NC, 64, 64))
+
+  def loss(fn, a):
+    return jnp.sum(fn(*a).astype(jnp.float32) * cot)
+
+  want = jax.grad(lambda a: loss(lambda *x: inner_loop.ttt_linear(*x, checkpoint_group_size=G),
+                                 a))(_f32(args))
+  got = jax.grad(lambda a: loss(lambda *x: ttt_linear_pallas(
+      *x, checkpoint_group_size=G, interpret=True), a))(args)
+  for name, x, y, a in zip(NAMES, got, want, args):
+    assert x.shape == y.shape and x.dtype == a.dtype, name
+    assert bool(jnp.all(jnp.isfinite(x.astype(jnp.float32)))), name
+    err = _rel(x, y)
+    assert err < 2e-2, (name, err)
+
+
+@pytest.mark.parametrize("variant", ["primal", "dual_prefetch"])
+def test_kernel_lowers_for_cuda(variant):
+  """The compiled kernel (state accumulated in place) lowers to a Mosaic GPU module for CUDA."""
+  bh, nc, g = 4, 40, 16
+  fn = kernel_mgpu.build_forward(bh, nc, g, 1e-6, config=ttt_linear_mod.VARIANTS[variant])
+  S = jax.ShapeDtypeStruct
+  bf, f32 = jnp.bfloat16, jnp.float32
+  args = (S((bh, nc, 64, 64), bf),) * 3 + (S((bh, nc, 64), f32), S((bh, 64), f32),
+                                            S((bh, 64), f32), S((bh, 64, 64), f32),
+                                            S((bh, 64), f32))
+  lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text().lower()
+  outs = jax.eval_shape(fn, *args)
+  assert [o.shape for o in outs] == [(bh, nc, 64, 64), (bh, 3, 64, 64), (bh, 3, 64)]
+
+
+def test_unsupported_falls_back_to_xla(caplog):
+  """F = 32 (and, here, a CPU device) is not a kernel case: one log line, the XLA scan's numbers
+  exactly, also through `inner_loop.ttt_linear(implementation="pallas")`."""
+  ks = jax.random.split(jax.random.PRNGKey(3), 5)
+  f, cs, nc = 32, 8, 3
+  x = lambda k: jax.random.normal(k, (1, 2, nc, cs, f))
+  args = (x(ks[0]), x(ks[1]), x(ks[2]), 0.01 * jnp.ones((1, 2, nc, cs)), jnp.ones((2, f)),
+          jnp.zeros((2, f)), 0.05 * jax.random.normal(ks[3], (2, f, f)),
+          0.05 * jax.random.normal(ks[4], (2, 1, f)))
+  assert kernel_supported(args[0]) is not None
+  ref = inner_loop.ttt_linear(*args, checkpoint_group_size=2)
+  with caplog.at_level(logging.INFO):
+    out = ttt_linear_pallas(*args, checkpoint_group_size=2)
+  assert sum("ttt_linear_pallas: falling back" in r.getMessage() for r in caplog.records) == 1
+  assert jnp.array_equal(out, ref)
+  out2 = inner_loop.ttt_linear(*args, checkpoint_group_size=2, implementation="pallas")
+  assert jnp.array_equal(out2, ref)
+  with pytest.raises(ValueError, match="implementation"):
+    inner_loop.ttt_linear(*args, implementation="cuda")
