@@ -1,8 +1,9 @@
 """Benchmark + GPU correctness check: TTT-Linear "xla" scan vs the Pallas Mosaic GPU kernel.
 
 impls: xla | pallas (default forward variant, backward = XLA scan VJP from the kernel's
-checkpoints) | pallas_dual, pallas_pf, pallas_dual_pf (forward variants, see
-`pallas_kernels.ttt_linear.ttt_linear.VARIANTS`).
+checkpoints) | pallas_primal, pallas_dual, pallas_pf, pallas_dual_pf (forward variants, see
+`pallas_kernels.ttt_linear.ttt_linear.VARIANTS`) | pallas_pbwd (default forward + the backward
+kernel, backward="pallas").
 
 B=1, H=48, F=CS=64, NC in {282, 1000, 2750, 5500}; fresh random inputs per NC, L2-normalised Q/K,
 bf16 Q/K/V, eta ~ eta_scale per token (1e-5 timed and checked; --eta_scales adds more, checked
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.ttt_linear import ttt_linear_pallas
+from pallas_kernels.ttt_linear.ttt_linear import DEFAULT_VARIANT
 from ttt_dit.ttt import inner_loop
 
 NAMES = ("XQ", "XK", "XV", "eta", "ln_w", "ln_b", "W1", "b1")
@@ -77,20 +79,24 @@ def main(argv=None):
   p.add_argument("--eta_scales", default="1e-5,1e-6",
                  help="first: timed and checked; the others: errors only")
   p.add_argument("--eta2_nc", default="", help="NCs for the error-only eta scales (default --nc)")
+  p.add_argument("--interpret", action="store_true",
+                 help="kernels in Mosaic GPU interpret mode (a CPU check of this script, tiny sizes)")
   p.add_argument("--out", default="")
   a = p.parse_args(argv)
   dev = jax.devices()[0]
   print("device:", dev.device_kind, "jax", jax.__version__, flush=True)
   G = a.group
   f32 = lambda xs: tuple(x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x for x in xs)
-  pallas = lambda variant: jax.jit(lambda *x: ttt_linear_pallas(
-      *x, checkpoint_group_size=G, variant=variant))
+  pallas = lambda variant, backward="xla_vjp": jax.jit(lambda *x: ttt_linear_pallas(
+      *x, checkpoint_group_size=G, variant=variant, backward=backward, interpret=a.interpret))
   impl_fns = {
       "xla": jax.jit(lambda *x: inner_loop.ttt_linear(*x, checkpoint_group_size=G)),
-      "pallas": pallas("primal"),
+      "pallas": pallas(DEFAULT_VARIANT),
+      "pallas_primal": pallas("primal"),
       "pallas_dual": pallas("dual"),
       "pallas_pf": pallas("primal_prefetch"),
       "pallas_dual_pf": pallas("dual_prefetch"),
+      "pallas_pbwd": pallas(DEFAULT_VARIANT, "pallas"),  # + the backward kernel
   }
 
   def loss_fn(impl):

@@ -6,6 +6,8 @@ Backward (`backward="xla_vjp"`): for each checkpoint group, last to first, the X
 (`ttt_linear_scan_reference`, the same math as `ttt_dit.ttt.inner_loop.ttt_linear`) is restarted
 from the kernel's checkpoint and differentiated with `jax.vjp`; the state cotangent is carried from
 group to group.
+Backward `backward="pallas"`: per group, the forward kernel restarted from the checkpoint with a
+checkpoint every mini-batch, then the backward kernel `kernel_bwd_mgpu` over the group in reverse.
 Unsupported shapes/platforms fall back to the XLA scan with one log line.
 """
 
@@ -17,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from pallas_kernels.ttt_linear import kernel_mgpu
+from pallas_kernels.ttt_linear import kernel_bwd_mgpu, kernel_mgpu
 from ttt_dit.ttt import inner_loop
 
 Array = jax.Array
@@ -29,8 +31,10 @@ VARIANTS = {
     "primal_prefetch": kernel_mgpu.LinearTuningConfig(prefetch=True),
     "dual_prefetch": kernel_mgpu.LinearTuningConfig(dual_form=True, prefetch=True),
 }
-DEFAULT_VARIANT = "primal"
-BACKWARDS = ("xla_vjp",)
+# primal_prefetch: fastest at every NC where both ran on the H100 (7-14% over primal), same outputs
+DEFAULT_VARIANT = "primal_prefetch"
+# jax.vjp of the XLA dual-form scan from the checkpoints | the Mosaic GPU backward kernel
+BACKWARDS = ("xla_vjp", "pallas")
 
 
 def kernel_supported(XQ: Array, *, interpret: bool = False) -> str | None:
@@ -65,24 +69,37 @@ def _per_head(a, B):
   return jnp.broadcast_to(a.astype(jnp.float32)[None], (B, H, F)).reshape(B * H, F)
 
 
-def _forward(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, *, group, ln_eps, interpret, variant):
-  """Runs the kernel: (out [B, H, NC, CS, F] in XQ's dtype, (W1 [NG, B, H, F, F],
-  b1 [NG, B, H, 1, F]) float32 checkpoints: the state before mini-batch g * group)."""
+def _forward_raw(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, *, group, ln_eps, interpret,
+                 variant):
+  """Runs the kernel: (out [B, H, NC, CS, F] in XQ's dtype, kernel-layout float32 checkpoints
+  (W1 [BH, NG, F, F], b1 [BH, NG, F]): the state before mini-batch g * group)."""
   B, H, NC, CS, F = XQ.shape
   BH = B * H
   bf = lambda a: a.astype(jnp.bfloat16).reshape(BH, NC, CS, F)  # [BH, NC, CS, F]
   tile = lambda a: jnp.broadcast_to(a.astype(jnp.float32)[None], (B,) + a.shape).reshape(
       (BH,) + a.shape[1:])
-  iparams = jax.experimental.pallas.mosaic_gpu.InterpretGPUParams() if interpret else None
   fn = kernel_mgpu.build_forward(BH, NC, group, float(ln_eps), config=VARIANTS[variant],
-                                 interpret=iparams)
+                                 interpret=_iparams(interpret))
   out, cw1, cb1 = fn(bf(XQ), bf(XK), bf(XV), eta.astype(jnp.float32).reshape(BH, NC, CS),
                      _per_head(ln_weight, B), _per_head(ln_bias, B), tile(W1),  # [BH, F, F]
                      tile(b1).reshape(BH, F))
+  return out.reshape(B, H, NC, CS, F).astype(XQ.dtype), (cw1, cb1)
+
+
+def _iparams(interpret):
+  return jax.experimental.pallas.mosaic_gpu.InterpretGPUParams() if interpret else None
+
+
+def _forward(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, *, group, ln_eps, interpret, variant):
+  """Runs the kernel: (out [B, H, NC, CS, F] in XQ's dtype, (W1 [NG, B, H, F, F],
+  b1 [NG, B, H, 1, F]) float32 checkpoints: the state before mini-batch g * group)."""
+  B, H, NC, CS, F = XQ.shape
+  out, (cw1, cb1) = _forward_raw(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, group=group,
+                                 ln_eps=ln_eps, interpret=interpret, variant=variant)
   NG = cw1.shape[1]
   ck_w1 = jnp.moveaxis(cw1.reshape(B, H, NG, F, F), 2, 0)  # [NG, B, H, F, F]
   ck_b1 = jnp.moveaxis(cb1.reshape(B, H, NG, 1, F), 2, 0)  # [NG, B, H, 1, F]
-  return out.reshape(B, H, NC, CS, F).astype(XQ.dtype), (ck_w1, ck_b1)
+  return out, (ck_w1, ck_b1)
 
 
 def _group_scan(state, xs, gamma, beta, ln_eps):
@@ -103,14 +120,21 @@ def _ttt_linear_kernel(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, group, ln_ep
 
 def _fwd(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, group, ln_eps, interpret, variant,
          backward):
+  if backward == "pallas":  # the backward kernel restarts the forward kernel: keep its layout
+    out, ckpts = _forward_raw(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, group=group,
+                              ln_eps=ln_eps, interpret=interpret, variant=variant)
+    return out, (XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, ckpts)
   out, ckpts = _forward(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, group=group, ln_eps=ln_eps,
                         interpret=interpret, variant=variant)
   return out, (XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, ckpts)
 
 
 def _bwd(group, ln_eps, interpret, variant, backward, res, dout):
-  """Reverse over checkpoint groups: `jax.vjp` of the XLA group scan from each kernel checkpoint."""
-  del interpret, variant, backward
+  """Reverse over checkpoint groups: `jax.vjp` of the XLA group scan from each kernel checkpoint
+  (backward="xla_vjp"), or the backward kernel (backward="pallas", `_bwd_pallas`)."""
+  if backward == "pallas":
+    return _bwd_pallas(group, ln_eps, interpret, variant, res, dout)
+  del interpret, variant
   XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, ckpts = res
   B, H, NC, CS, F = XQ.shape
   NG = ckpts[0].shape[0]
@@ -118,7 +142,6 @@ def _bwd(group, ln_eps, interpret, variant, backward, res, dout):
   f32 = jnp.float32
 
   def groups(a):  # [B, H, NC, ...] -> [NG, G, B, H, ...], zero-padded (eta = 0: no-op steps)
-    a = a.astype(f32)
     a = jnp.pad(a, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 3))
     a = a.reshape((B, H, NG, group) + a.shape[3:])
     return jnp.moveaxis(jnp.moveaxis(a, 2, 0), 3, 1)
@@ -133,7 +156,7 @@ def _bwd(group, ln_eps, interpret, variant, backward, res, dout):
     state_g, xs_g, dy_g = inp
     _, vjp = jax.vjp(lambda s, x, g, b: _group_scan(s, x, g, b, ln_eps), state_g, xs_g, gamma,
                      beta)
-    ds, dx, dg, db = vjp((dstate, dy_g))
+    ds, dx, dg, db = vjp((dstate, dy_g.astype(f32)))  # dx in the inputs' dtypes
     return (ds, dgamma + dg, dbeta + db), dx
 
   zeros_state = tuple(jnp.zeros_like(s[0]) for s in ckpts)
@@ -150,6 +173,56 @@ def _bwd(group, ln_eps, interpret, variant, backward, res, dout):
   dW1, db1 = (jnp.sum(d, axis=0).astype(w.dtype) for d, w in zip(dstate0, (W1, b1)))
   return (dq, dk, dv, de, dgamma[:, 0].astype(ln_weight.dtype),
           dbeta[:, 0].astype(ln_bias.dtype), dW1, db1)
+
+
+def _bwd_pallas(group, ln_eps, interpret, variant, res, dout):
+  """backward="pallas": per checkpoint group, last to first, (1) the forward kernel restarted from
+  the group's checkpoint with a checkpoint every mini-batch (the per-step states), (2) the backward
+  kernel (`kernel_bwd_mgpu`) over the group's steps in reverse, carrying the state cotangent from
+  group to group. Inputs are padded to NG * G + 1 mini-batches (eta = 0: no-op steps, zero output
+  cotangents), so every group has the same shape and its G + 1-th state.
+  """
+  XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, (cw1, cb1) = res
+  B, H, NC, CS, F = XQ.shape
+  BH, G = B * H, group
+  NG = cw1.shape[1]
+  NP = NG * G + 1
+  f32, bf16 = jnp.float32, jnp.bfloat16
+  padded = lambda a, dt: jnp.pad(a.astype(dt).reshape((BH, NC) + a.shape[3:]),
+                                 [(0, 0), (0, NP - NC)] + [(0, 0)] * (a.ndim - 3))
+  q, k, v, do = (padded(a, bf16) for a in (XQ, XK, XV, dout))  # [BH, NP, CS, F]
+  e = padded(eta, f32)  # [BH, NP, CS]
+  gam, bet = _per_head(ln_weight, B), _per_head(ln_bias, B)  # [BH, F]
+  fwd = kernel_mgpu.build_forward(BH, G + 1, 1, float(ln_eps), config=VARIANTS[variant],
+                                  interpret=_iparams(interpret))
+  bwd = kernel_bwd_mgpu.build_backward(BH, G, float(ln_eps), interpret=_iparams(interpret))
+  dts = tuple(a.dtype for a in (XQ, XK, XV))
+
+  def body(carry, g):
+    dw, db, dgam, dbet = carry  # [BH, F, F], [BH, F] x3
+    sl = lambda a, n: jax.lax.dynamic_slice_in_dim(a, g * G, n, axis=1)
+    qg, kg, vg, eg = (sl(a, G + 1) for a in (q, k, v, e))
+    w0 = jax.lax.dynamic_index_in_dim(cw1, g, axis=1, keepdims=False)
+    b0 = jax.lax.dynamic_index_in_dim(cb1, g, axis=1, keepdims=False)
+    _, sw, sb = fwd(qg, kg, vg, eg, gam, bet, w0, b0)  # states [BH, G + 1, ...]
+    dq, dk, dv, de, dgam_g, dbet_g, dw, db = bwd(qg, kg, vg, eg, sl(do, G), gam, bet, sw, sb,
+                                                 dw, db)
+    dq, dk, dv = (x.astype(dt) for x, dt in zip((dq, dk, dv), dts))
+    return (dw, db, dgam + dgam_g, dbet + dbet_g), (dq, dk, dv, de)
+
+  z = lambda *s: jnp.zeros(s, f32)
+  (dw, db, dgam, dbet), (dq, dk, dv, de) = jax.lax.scan(
+      body, (z(BH, F, F), z(BH, F), z(BH, F), z(BH, F)), jnp.arange(NG), reverse=True)
+
+  def steps(a):  # [NG, BH, G, ...] -> [B, H, NC, ...]
+    a = jnp.moveaxis(a, 0, 1).reshape((BH, NG * G) + a.shape[3:])[:, :NC]
+    return a.reshape((B, H, NC) + a.shape[2:])
+
+  per_h = lambda a: jnp.sum(a.reshape((B, H) + a.shape[1:]), axis=0)
+  cast = lambda a, like: a.astype(like.dtype)
+  return (cast(steps(dq), XQ), cast(steps(dk), XK), cast(steps(dv), XV), cast(steps(de), eta),
+          cast(per_h(dgam), ln_weight), cast(per_h(dbet), ln_bias), cast(per_h(dw), W1),
+          cast(per_h(db).reshape(H, 1, F), b1))
 
 
 _ttt_linear_kernel.defvjp(_fwd, _bwd)

@@ -1,5 +1,5 @@
-"""CPU tests of the TTT-Linear Mosaic GPU kernel: interpret mode vs the XLA scan, CUDA lowering,
-fallback.
+"""CPU tests of the TTT-Linear Mosaic GPU kernels (forward, backward): interpret mode vs the XLA
+scan / jax.grad, CUDA lowering, fallback.
 
 Interpret mode cannot run the in-place accumulation into the carried state (no rule for wgmma under
 `run_state`: a fresh accumulator is added there instead); that and the real shapes/timings are
@@ -8,13 +8,15 @@ covered by benchmarks/ttt_linear_kernel.py on the GPU.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels.ttt_linear import kernel_mgpu, kernel_supported, ttt_linear_pallas
+from pallas_kernels.ttt_linear import kernel_supported, ttt_linear_pallas
+from pallas_kernels.ttt_linear import kernel_bwd_mgpu, kernel_mgpu
 from pallas_kernels.ttt_linear import ttt_linear as ttt_linear_mod
 from ttt_dit.ttt import inner_loop
 
@@ -52,50 +54,70 @@ def _rel(a, b) -> float:
   return float(jnp.linalg.norm((a - b).ravel()) / jnp.linalg.norm(b.ravel()))
 
 
-@pytest.mark.parametrize("variant", ["primal", "dual_prefetch"])
+_step = jax.jit(functools.partial(inner_loop._linear_step, ln_eps=1e-6, diagnostics=False))
+
+
+def _xla_steps(f):
+  """The XLA scan's step (`inner_loop._linear_step`, float32) one mini-batch at a time (one
+  compile for every call): (outputs [B, H, NC, CS, F], the state before each mini-batch)."""
+  XQ, XK, XV, eta, lw, lb, W1, b1 = f
+  B = XQ.shape[0]
+  state = tuple(jnp.broadcast_to(s, (B,) + s.shape) for s in (W1, b1))
+  outs, states = [], []
+  for m in range(XQ.shape[2]):
+    states.append(state)
+    state, o = _step(state, (XQ[:, :, m], XK[:, :, m], XV[:, :, m], eta[:, :, m],
+                             lw[:, None, :], lb[:, None, :]))
+    outs.append(o)
+  return jnp.stack(outs, axis=2), states
+
+
+@pytest.mark.parametrize("variant", ["primal", "dual"])
 def test_forward_and_checkpoints_match_xla_scan_interpret(variant):
-  """B=1, H=2, NC=7, G=3 (last group short). Outputs (rel L2 of out - Q, measured ~2e-3: bf16
+  """B=1, H=2, NC=5, G=2 (last group short). Outputs (rel L2 of out - Q, measured ~2e-3: bf16
   matmul operands) < 1e-2 and every checkpoint (W1, b1) vs the XLA scan's state < 1e-2; with the
   state frozen (eta = 0) the outputs are far off, so the update is really checked."""
-  B, H, NC, G = 1, 2, 7, 3
+  B, H, NC, G = 1, 2, 5, 2
   args = _inputs(B, H, NC, 0)
   f = _f32(args)
-  ref = inner_loop.ttt_linear(*f, checkpoint_group_size=G)
+  ref, states = _xla_steps(f)
   out, (ck_w1, ck_b1) = jax.jit(lambda *a: ttt_linear_mod._forward(
       *a, group=G, ln_eps=1e-6, interpret=True, variant=variant))(*args)
   assert out.shape == ref.shape and out.dtype == jnp.bfloat16
   err = _rel(out.astype(jnp.float32) - f[0], ref - f[0])
   assert err < 1e-2, err
-  frozen = inner_loop.ttt_linear(*f[:3], jnp.zeros_like(f[3]), *f[4:], checkpoint_group_size=G)
+  frozen, _ = _xla_steps(f[:3] + (jnp.zeros_like(f[3]),) + f[4:])
   assert _rel(frozen - f[0], ref - f[0]) > 10 * err
   assert ck_w1.shape == (3, B, H, 64, 64) and ck_b1.shape == (3, B, H, 1, 64)
   for g in range(3):
-    m = g * G
-    if m == 0:
-      want = tuple(jnp.broadcast_to(s, (B,) + s.shape) for s in f[6:])
-    else:
-      _, want = ttt_linear_mod.ttt_linear_scan_reference(
-          *(a[:, :, :m] for a in f[:4]), *f[4:], checkpoint_group_size=G)
+    want = states[g * G]
     assert _rel(ck_w1[g], want[0]) < 1e-2, (g, _rel(ck_w1[g], want[0]))
     assert _rel(ck_b1[g], want[1]) < 1e-2, (g, _rel(ck_b1[g], want[1]))
 
 
-def test_gradients_match_jax_grad_interpret():
-  """B=2 (state cotangents summed over the batch), H=1, NC=5, G=2 (three groups, last short):
-  every gradient of the custom_vjp (kernel forward, XLA-scan VJP from the kernel's checkpoints)
-  vs jax.grad of the float32 XLA scan, rel L2 < 2e-2 (the checkpoints come from bf16-operand
-  matmuls), and finite, in the inputs' dtypes."""
-  B, H, NC, G = 2, 1, 5, 2
-  args = _inputs(B, H, NC, 5)
-  cot = jax.random.normal(jax.random.PRNGKey(11), (B, H, NC, 64, 64))
+_GRAD_G = 2
 
-  def loss(fn, a):
-    return jnp.sum(fn(*a).astype(jnp.float32) * cot)
 
-  want = jax.grad(lambda a: loss(lambda *x: inner_loop.ttt_linear(*x, checkpoint_group_size=G),
-                                 a))(_f32(args))
-  got = jax.grad(lambda a: loss(lambda *x: ttt_linear_pallas(
-      *x, checkpoint_group_size=G, interpret=True), a))(args)
+@functools.lru_cache(maxsize=1)
+def _grad_case():
+  """(inputs, output cotangent, jax.grad of the float32 XLA scan): B=2, H=1, NC=3."""
+  args = _inputs(2, 1, 3, 5)
+  cot = jax.random.normal(jax.random.PRNGKey(11), (2, 1, 3, 64, 64))
+  loss = lambda a: jnp.sum(inner_loop.ttt_linear(*a, checkpoint_group_size=_GRAD_G) * cot)
+  return args, cot, jax.jit(jax.grad(loss))(_f32(args))
+
+
+@pytest.mark.parametrize("backward", ["xla_vjp", "pallas"])
+def test_gradients_match_jax_grad_interpret(backward):
+  """B=2 (state cotangents summed over the batch), H=1, NC=3, G=2 (two groups, the last short):
+  every gradient of the custom_vjp (kernel forward; backward = XLA-scan VJP from the kernel's
+  checkpoints, or the forward kernel restarted per group + the backward kernel) vs jax.grad of
+  the float32 XLA scan: rel L2 < 2e-2 (measured 1.5e-3 to 3.5e-3: bf16 matmul operands), finite,
+  in the inputs' dtypes."""
+  args, cot, want = _grad_case()
+  loss = lambda a: jnp.sum(ttt_linear_pallas(*a, checkpoint_group_size=_GRAD_G, interpret=True,
+                                             backward=backward).astype(jnp.float32) * cot)
+  got = jax.jit(jax.grad(loss))(args)
   for name, x, y, a in zip(NAMES, got, want, args):
     assert x.shape == y.shape and x.dtype == a.dtype, name
     assert bool(jnp.all(jnp.isfinite(x.astype(jnp.float32)))), name
@@ -117,6 +139,22 @@ def test_kernel_lowers_for_cuda(variant):
   assert "mosaic_gpu" in lowered.as_text().lower()
   outs = jax.eval_shape(fn, *args)
   assert [o.shape for o in outs] == [(bh, nc, 64, 64), (bh, 3, 64, 64), (bh, 3, 64)]
+
+
+def test_backward_kernel_lowers_for_cuda():
+  """The compiled backward kernel (dW accumulated in place) lowers for CUDA."""
+  bh, g = 4, 16
+  fn = kernel_bwd_mgpu.build_backward(bh, g, 1e-6)
+  S = jax.ShapeDtypeStruct
+  bf, f32 = jnp.bfloat16, jnp.float32
+  args = ((S((bh, g + 1, 64, 64), bf),) * 3
+          + (S((bh, g + 1, 64), f32), S((bh, g, 64, 64), bf), S((bh, 64), f32), S((bh, 64), f32),
+             S((bh, g + 1, 64, 64), f32), S((bh, g + 1, 64), f32), S((bh, 64, 64), f32),
+             S((bh, 64), f32)))
+  lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text().lower()
+  outs = jax.eval_shape(fn, *args)
+  assert [o.shape for o in outs[:4]] == [(bh, g, 64, 64)] * 3 + [(bh, g, 64)]
 
 
 def test_unsupported_falls_back_to_xla(caplog):
