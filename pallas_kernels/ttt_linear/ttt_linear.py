@@ -237,8 +237,9 @@ def ttt_linear_pallas(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, *,
   XQ, XK, XV [B, H, NC, CS, F] (bf16 or f32; the kernel reads bf16); eta [B, H, NC, CS];
   ln_weight, ln_bias [H, F]; W1 [H, F, F]; b1 [H, 1, F]. Returns [B, H, NC, CS, F] in XQ's dtype.
   `interpret=True` runs the kernel in Mosaic GPU interpret mode (CPU tests); `variant` picks the
-  forward configuration (VARIANTS); `backward` the VJP (BACKWARDS). Unsupported shapes or devices
-  log one line and use the XLA scan.
+  forward configuration (VARIANTS); `backward` the VJP (BACKWARDS; "pallas", the backward kernel,
+  has run in interpret mode only, not yet on a GPU). Unsupported shapes or devices log one line and
+  use the XLA scan.
   """
   if backward not in BACKWARDS:
     raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
