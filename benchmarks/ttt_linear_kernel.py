@@ -1,9 +1,10 @@
 """Benchmark + GPU correctness check: TTT-Linear "xla" scan vs the Pallas Mosaic GPU kernel.
 
-impls: xla | pallas (default forward variant, backward = XLA scan VJP from the kernel's
-checkpoints) | pallas_primal, pallas_dual, pallas_pf, pallas_dual_pf (forward variants, see
-`pallas_kernels.ttt_linear.ttt_linear.VARIANTS`) | pallas_pbwd (default forward + the backward
-kernel, backward="pallas").
+impls: xla | pallas (the defaults: forward variant + the backward kernel, backward="pallas") |
+pallas_xbwd (default forward, backward = XLA scan VJP from the kernel's checkpoints) |
+pallas_primal, pallas_dual, pallas_pf, pallas_dual_pf (forward variants, see
+`pallas_kernels.ttt_linear.ttt_linear.VARIANTS`). (Before 2026-11-23 07:00 "pallas" named the
+xla_vjp backward and "pallas_pbwd" the backward kernel; RESULTS.md says which.)
 
 B=1, H=48, F=CS=64, NC in {282, 1000, 2750, 5500}; fresh random inputs per NC, L2-normalised Q/K,
 bf16 Q/K/V, eta ~ eta_scale per token (1e-5 timed and checked; --eta_scales adds more, checked
@@ -87,16 +88,16 @@ def main(argv=None):
   print("device:", dev.device_kind, "jax", jax.__version__, flush=True)
   G = a.group
   f32 = lambda xs: tuple(x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x for x in xs)
-  pallas = lambda variant, backward="xla_vjp": jax.jit(lambda *x: ttt_linear_pallas(
+  pallas = lambda variant, backward="pallas": jax.jit(lambda *x: ttt_linear_pallas(
       *x, checkpoint_group_size=G, variant=variant, backward=backward, interpret=a.interpret))
   impl_fns = {
       "xla": jax.jit(lambda *x: inner_loop.ttt_linear(*x, checkpoint_group_size=G)),
       "pallas": pallas(DEFAULT_VARIANT),
+      "pallas_xbwd": pallas(DEFAULT_VARIANT, "xla_vjp"),
       "pallas_primal": pallas("primal"),
       "pallas_dual": pallas("dual"),
       "pallas_pf": pallas("primal_prefetch"),
       "pallas_dual_pf": pallas("dual_prefetch"),
-      "pallas_pbwd": pallas(DEFAULT_VARIANT, "pallas"),  # + the backward kernel
   }
 
   def loss_fn(impl):
