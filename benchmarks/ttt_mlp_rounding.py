@@ -1,0 +1,121 @@
+"""How much gradient error does bf16 rounding of matmul operands in the forward trajectory cause? (CPU/GPU)
+
+    python -m benchmarks.ttt_mlp_rounding --heads 48 --nc 282 --eta_scale 1e-5 --mode all
+
+Emulates the kernels' forward numerics in XLA: the state trajectory of the TTT-MLP scan with every
+matmul operand rounded to bf16 (`--mode all`, as the Mosaic GPU kernels feed wgmma), or all but the
+state W1/W2 (`w_precise`: the state as an exact (hi, lo) pair), or none (`none`: a self-check, 0
+error). Its states at the checkpoint-group starts then seed the float32 XLA backward (as
+`backward="xla_vjp"` does with the kernel's checkpoints), and the gradients are compared with
+`jax.vjp` of the float32 scan (same bf16-valued inputs as `benchmarks.ttt_mlp_kernel.make_inputs`).
+Prints the max relative L2 error over the ten gradients, and per head for XK (errors concentrate in
+a few ill-conditioned heads). Not a test; a tool for NOTES-ttt-mlp.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.ttt_mlp_kernel import make_inputs, rel
+from ttt_dit.ttt import inner_loop
+
+NAMES = ("XQ", "XK", "XV", "eta", "ln_w", "ln_b", "W1", "b1", "W2", "b2")
+
+
+def bf16(x):
+  """x rounded to bf16, back in float32."""
+  return x.astype(jnp.bfloat16).astype(jnp.float32)
+
+
+def emulated_update(state, xs, mode: str, ln_eps: float):
+  """The state update of one mini-batch with the kernels' operand rounding (`mode`)."""
+  W1, b1, W2, b2 = state  # [B,H,F,4F] [B,H,1,4F] [B,H,4F,F] [B,H,1,F]
+  XK, XV, eta, gamma, beta = xs  # [B,H,CS,F] x2, [B,H,CS], [H,1,F] x2
+  ro = (lambda x: x) if mode == "none" else bf16          # data operands
+  rw = bf16 if mode == "all" else (lambda x: x)          # state operands
+  mm = lambda s, a, b, ra, rb: jnp.einsum(s, ra(a), rb(b), precision="highest")
+  XK, XV = XK.astype(jnp.float32), XV.astype(jnp.float32)
+  Z1 = mm("bhcf,bhfk->bhck", XK, W1, ro, rw) + b1                                  # [B,H,CS,4F]
+  X2 = inner_loop.gelu_tanh(Z1)
+  Z2 = mm("bhck,bhkf->bhcf", X2, W2, ro, rw) + b2                                  # [B,H,CS,F]
+  G2 = inner_loop.ln_l2_grad(Z2, XV - XK, gamma, beta, ln_eps)
+  G1 = mm("bhcf,bhkf->bhck", G2, W2, ro, rw) * inner_loop.gelu_tanh_grad(Z1)
+  eG1 = jnp.einsum("bhj,bhjk->bhk", eta, G1)[:, :, None]
+  eG2 = jnp.einsum("bhj,bhjf->bhf", eta, G2)[:, :, None]
+  dW1 = mm("bhjf,bhjk->bhfk", XK * eta[..., None], G1, ro, ro)
+  dW2 = mm("bhjk,bhjf->bhkf", X2 * eta[..., None], G2, ro, ro)
+  return W1 - dW1, b1 - eG1, W2 - dW2, b2 - eG2
+
+
+def group_outputs(state, q, k, v, e, lw, lb, ln_eps):
+  """Float32 XLA dual form over one group's mini-batches from `state`: (outputs, final state)."""
+  def body(s, xs):
+    qq, kk, vv, ee = xs
+    return inner_loop._mlp_step(s, (qq, kk, vv, ee, lw[:, None, :], lb[:, None, :]),  # noqa: SLF001
+                                ln_eps=ln_eps, diagnostics=False)
+  mv = lambda a: jnp.moveaxis(a, 2, 0)
+  s_end, outs = jax.lax.scan(body, state, (mv(q), mv(k), mv(v), mv(e)))
+  return jnp.moveaxis(outs, 0, 2), s_end
+
+
+def grads_from_checkpoints(states, args, cot, G, ln_eps):
+  """Gradients of sum(out * cot) by the float32 backward restarted from the states at group starts."""
+  XQ, XK, XV, eta, lw, lb = (a.astype(jnp.float32) for a in args[:6])
+  NC = XQ.shape[2]
+  d_state = tuple(jnp.zeros_like(s[0]) for s in states)
+  grads = [jnp.zeros_like(a) for a in (XQ, XK, XV, eta)]
+  d_lw, d_lb = jnp.zeros_like(lw), jnp.zeros_like(lb)
+  for a in reversed(range(0, NC, G)):
+    b = min(a + G, NC)
+    sl = lambda x: x[:, :, a:b]
+    _, vjp = jax.vjp(lambda *x: group_outputs(*x, ln_eps), tuple(s[a] for s in states),
+                     sl(XQ), sl(XK), sl(XV), sl(eta), lw, lb)
+    d_state, *d_in, dlw, dlb = vjp((sl(cot), d_state))
+    grads = [g.at[:, :, a:b].set(d) for g, d in zip(grads, d_in)]
+    d_lw, d_lb = d_lw + dlw, d_lb + dlb
+  return tuple(grads) + (d_lw, d_lb) + tuple(d.sum(0) for d in d_state)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--heads", type=int, default=4)
+  p.add_argument("--nc", type=int, default=282)
+  p.add_argument("--group", type=int, default=16)
+  p.add_argument("--eta_scale", type=float, default=1e-5)
+  p.add_argument("--mode", choices=("all", "w_precise", "none"), default="all")
+  p.add_argument("--ln_eps", type=float, default=1e-6)
+  a = p.parse_args(argv)
+  B, H, NC, G = 1, a.heads, a.nc, a.group
+  args = make_inputs(jax.random.key(0), B, H, NC, eta_scale=a.eta_scale)
+  XQ, XK, XV, eta, lw, lb, W1, b1, W2, b2 = args
+  cot = jax.random.normal(jax.random.key(7), XQ.shape, jnp.float32)
+  state0 = tuple(jnp.broadcast_to(s, (B,) + s.shape) for s in (W1, b1, W2, b2))
+
+  @jax.jit
+  def trajectory(state0):  # the state before every mini-batch [NC, B, H, ...]
+    def body(s, i):
+      xs = (XK[:, :, i], XV[:, :, i], eta[:, :, i], lw[:, None, :], lb[:, None, :])
+      return emulated_update(s, xs, a.mode, a.ln_eps), s
+    return jax.lax.scan(body, state0, jnp.arange(NC))[1]
+
+  f = lambda *x: inner_loop.ttt_mlp(*x, checkpoint_group_size=G, ln_eps=a.ln_eps)
+  _, vjp = jax.vjp(f, *(x.astype(jnp.float32) for x in args))
+  g_ref = vjp(cot)
+  g_emu = grads_from_checkpoints(trajectory(state0), args, cot, G, a.ln_eps)
+  errs = {n: rel(x, y) for n, x, y in zip(NAMES, g_emu, g_ref)}
+  print(f"H={H} NC={NC} eta={a.eta_scale:g} mode={a.mode}: max grad rel L2 {max(errs.values()):.2e} ("
+        + ", ".join(f"{n} {v:.1e}" for n, v in errs.items()) + ")")
+  per_head = np.array([rel(g_emu[1][:, h], g_ref[1][:, h]) for h in range(H)])
+  norms = np.array([float(jnp.linalg.norm(g_ref[1][:, h])) for h in range(H)])
+  top = np.argsort(-norms)[:3]
+  print(f"XK per head: max {per_head.max():.1e}, median {np.median(per_head):.1e}; the 3 largest-gradient "
+        f"heads hold {float(np.linalg.norm(norms[top]) / np.linalg.norm(norms)):.0%} of the norm, errors "
+        + ", ".join(f"{per_head[h]:.1e}" for h in top))
+
+
+if __name__ == "__main__":
+  main()
