@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks.kernel_common import median_ms, rel, ttt_inputs
 from pallas_kernels.ttt_linear import ttt_linear_pallas
 from pallas_kernels.ttt_linear.ttt_linear import DEFAULT_VARIANT
 from ttt_dit.ttt import inner_loop
@@ -37,34 +36,8 @@ def ttt_linear_flops(B: int, H: int, NC: int, CS: int = 64, F: int = 64) -> floa
 
 
 def make_inputs(key, B, H, NC, CS=64, F=64, eta_scale=1e-5):
-  """Random inputs shaped as the TTT layer makes them (bf16 Q/K/V, L2-normalised Q/K)."""
-  ks = jax.random.split(key, 8)
-  n = lambda k, s: jax.random.normal(k, s, jnp.float32)
-  l2 = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-  XQ = l2(n(ks[0], (B, H, NC, CS, F))).astype(jnp.bfloat16)
-  XK = l2(n(ks[1], (B, H, NC, CS, F))).astype(jnp.bfloat16)
-  XV = l2(n(ks[2], (B, H, NC, CS, F))).astype(jnp.bfloat16)
-  eta = eta_scale * jax.random.uniform(ks[3], (B, H, NC, CS), minval=0.5, maxval=1.5)
-  lw = 1.0 + 0.1 * n(ks[4], (H, F))
-  lb = 0.1 * n(ks[5], (H, F))
-  W1 = 0.02 * n(ks[6], (H, F, F))
-  b1 = jnp.zeros((H, 1, F))
-  return (XQ, XK, XV, eta, lw, lb, W1, b1)
-
-
-def rel(a, b):
-  a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-  return float(jnp.linalg.norm((a - b).ravel()) / jnp.linalg.norm(b.ravel()))
-
-
-def median_ms(fn, args, reps):
-  jax.block_until_ready(fn(*args))  # compile + warm up
-  ts = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    ts.append((time.perf_counter() - t) * 1e3)
-  return statistics.median(ts)
+  """Layer-shaped random inputs for this benchmark (`kernel_common.ttt_inputs`)."""
+  return ttt_inputs(key, B, H, NC, hidden=None, CS=CS, F=F, eta_scale=eta_scale)
 
 
 def main(argv=None):

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.ttt_mlp_kernel import make_inputs, rel
+from benchmarks.kernel_common import rel
+from benchmarks.ttt_mlp_kernel import make_inputs
 from ttt_dit.ttt import inner_loop
 
 NAMES = ("XQ", "XK", "XV", "eta", "ln_w", "ln_b", "W1", "b1", "W2", "b2")

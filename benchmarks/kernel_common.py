@@ -1,0 +1,45 @@
+"""Shared by the TTT kernel benchmarks: layer-shaped random inputs, relative error, median wall time."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def ttt_inputs(key, B: int, H: int, NC: int, *, hidden: int | None, CS: int = 64, F: int = 64,
+               eta_scale: float = 1e-5) -> tuple:
+  """Random inputs shaped as the TTT layer makes them (bf16 Q/K/V, L2-normalised Q/K, eta ~ eta_scale).
+
+  hidden=None: TTT-Linear state (W1 [H, F, F], b1 [H, 1, F]); else TTT-MLP state (W1 [H, F, hidden],
+  b1 [H, 1, hidden], W2 [H, hidden, F], b2 [H, 1, F]). Returns (XQ, XK, XV, eta, ln_w, ln_b, *state).
+  """
+  ks = jax.random.split(key, 10)
+  n = lambda k, s: jax.random.normal(k, s, jnp.float32)
+  l2 = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+  XQ, XK, XV = (l2(n(k, (B, H, NC, CS, F))).astype(jnp.bfloat16) for k in ks[:3])  # [B, H, NC, CS, F]
+  eta = eta_scale * jax.random.uniform(ks[3], (B, H, NC, CS), minval=0.5, maxval=1.5)  # [B, H, NC, CS]
+  lw, lb = 1.0 + 0.1 * n(ks[4], (H, F)), 0.1 * n(ks[5], (H, F))
+  if hidden is None:
+    return (XQ, XK, XV, eta, lw, lb, 0.02 * n(ks[6], (H, F, F)), jnp.zeros((H, 1, F)))
+  return (XQ, XK, XV, eta, lw, lb, 0.02 * n(ks[6], (H, F, hidden)), jnp.zeros((H, 1, hidden)),
+          0.02 * n(ks[7], (H, hidden, F)), jnp.zeros((H, 1, F)))
+
+
+def rel(a, b) -> float:
+  """Relative L2 error of a against b (float32)."""
+  a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+  return float(jnp.linalg.norm((a - b).ravel()) / jnp.linalg.norm(b.ravel()))
+
+
+def median_ms(fn, args, reps: int) -> float:
+  """Median wall ms of fn(*args) over `reps` calls after one compile + warm-up call."""
+  jax.block_until_ready(fn(*args))
+  ts = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    ts.append((time.perf_counter() - t) * 1e3)
+  return statistics.median(ts)
