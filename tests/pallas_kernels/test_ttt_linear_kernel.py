@@ -18,40 +18,19 @@ import pytest
 from pallas_kernels.ttt_linear import kernel_supported, ttt_linear_pallas
 from pallas_kernels.ttt_linear import kernel_bwd_mgpu, kernel_mgpu
 from pallas_kernels.ttt_linear import ttt_linear as ttt_linear_mod
+from kernel_testing import rel, ttt_inputs
 from ttt_dit.ttt import inner_loop
 
 NAMES = ("XQ", "XK", "XV", "eta", "ln_weight", "ln_bias", "W1", "b1")
 
 
-@pytest.fixture(autouse=True)
-def _reset_interpret_state():
-  yield
-  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
-  reset = getattr(ipc, "reset_gpu_interpret_mode_state", None)
-  if reset is not None:
-    reset()
-
-
 def _inputs(B, H, NC, seed):
-  """bf16 Q/K/V (L2-normalised Q/K) and large steps (eta ~ 0.05): the state really moves."""
-  ks = jax.random.split(jax.random.PRNGKey(seed), 8)
-  n = lambda k, s: jax.random.normal(k, s, jnp.float32)
-  l2 = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-  XQ = l2(n(ks[0], (B, H, NC, 64, 64))).astype(jnp.bfloat16)
-  XK = l2(n(ks[1], (B, H, NC, 64, 64))).astype(jnp.bfloat16)
-  XV = n(ks[2], (B, H, NC, 64, 64)).astype(jnp.bfloat16)
-  eta = jax.random.uniform(ks[3], (B, H, NC, 64)) * 0.05
-  return (XQ, XK, XV, eta, 1 + 0.1 * n(ks[4], (H, 64)), 0.1 * n(ks[5], (H, 64)),
-          0.1 * n(ks[6], (H, 64, 64)), 0.1 * n(ks[7], (H, 1, 64)))
+  """TTT-Linear inputs with large steps (eta ~ 0.05): the state really moves."""
+  return ttt_inputs(B, H, NC, seed, hidden=None, w_scale=0.1)
 
 
 def _f32(args):
   return tuple(a.astype(jnp.float32) for a in args)
-
-
-def _rel(a, b) -> float:
-  a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-  return float(jnp.linalg.norm((a - b).ravel()) / jnp.linalg.norm(b.ravel()))
 
 
 _step = jax.jit(functools.partial(inner_loop._linear_step, ln_eps=1e-6, diagnostics=False))
@@ -84,15 +63,15 @@ def test_forward_and_checkpoints_match_xla_scan_interpret(variant):
   out, (ck_w1, ck_b1) = jax.jit(lambda *a: ttt_linear_mod._forward(
       *a, group=G, ln_eps=1e-6, interpret=True, variant=variant))(*args)
   assert out.shape == ref.shape and out.dtype == jnp.bfloat16
-  err = _rel(out.astype(jnp.float32) - f[0], ref - f[0])
+  err = rel(out.astype(jnp.float32) - f[0], ref - f[0])
   assert err < 1e-2, err
   frozen, _ = _xla_steps(f[:3] + (jnp.zeros_like(f[3]),) + f[4:])
-  assert _rel(frozen - f[0], ref - f[0]) > 10 * err
+  assert rel(frozen - f[0], ref - f[0]) > 10 * err
   assert ck_w1.shape == (3, B, H, 64, 64) and ck_b1.shape == (3, B, H, 1, 64)
   for g in range(3):
     want = states[g * G]
-    assert _rel(ck_w1[g], want[0]) < 1e-2, (g, _rel(ck_w1[g], want[0]))
-    assert _rel(ck_b1[g], want[1]) < 1e-2, (g, _rel(ck_b1[g], want[1]))
+    assert rel(ck_w1[g], want[0]) < 1e-2, (g, rel(ck_w1[g], want[0]))
+    assert rel(ck_b1[g], want[1]) < 1e-2, (g, rel(ck_b1[g], want[1]))
 
 
 _GRAD_G = 2
@@ -121,7 +100,7 @@ def test_gradients_match_jax_grad_interpret(backward):
   for name, x, y, a in zip(NAMES, got, want, args):
     assert x.shape == y.shape and x.dtype == a.dtype, name
     assert bool(jnp.all(jnp.isfinite(x.astype(jnp.float32)))), name
-    err = _rel(x, y)
+    err = rel(x, y)
     assert err < 2e-2, (name, err)
 
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_kernels.ttt_mlp import kernel_acc_mgpu, kernel_mgpu, ttt_mlp_pallas
+from kernel_testing import rel, ttt_inputs
 from ttt_dit.ttt import inner_loop
 
 B, H, NC, CS, F = 1, 1, 3, 64, 64
@@ -18,34 +19,8 @@ GROUP = 2  # NC = 3 -> two checkpoint groups, the last one short
 
 
 def _inputs(seed: int = 0):
-  ks = jax.random.split(jax.random.PRNGKey(seed), 10)
-  n = lambda k, s: jax.random.normal(k, s, jnp.float32)
-  l2 = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-  XQ = l2(n(ks[0], (B, H, NC, CS, F))).astype(jnp.bfloat16).astype(jnp.float32)
-  XK = l2(n(ks[1], (B, H, NC, CS, F))).astype(jnp.bfloat16).astype(jnp.float32)
-  XV = n(ks[2], (B, H, NC, CS, F)).astype(jnp.bfloat16).astype(jnp.float32)
-  eta = jax.random.uniform(ks[3], (B, H, NC, CS)) * 0.05  # large steps: the state really moves
-  lw = 1 + 0.1 * n(ks[4], (H, F))
-  lb = 0.1 * n(ks[5], (H, F))
-  W1 = 0.05 * n(ks[6], (H, F, 4 * F))
-  b1 = 0.05 * n(ks[7], (H, 1, 4 * F))
-  W2 = 0.05 * n(ks[8], (H, 4 * F, F))
-  b2 = 0.05 * n(ks[9], (H, 1, F))
-  return (XQ, XK, XV, eta, lw, lb, W1, b1, W2, b2)
-
-
-def _rel(a, b) -> float:
-  a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-  return float(jnp.linalg.norm((a - b).ravel()) / jnp.linalg.norm(b.ravel()))
-
-
-@pytest.fixture(autouse=True)
-def _reset_interpret_state():
-  yield
-  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
-  reset = getattr(ipc, "reset_gpu_interpret_mode_state", None)
-  if reset is not None:
-    reset()
+  """Float32 copies of bf16-valued TTT-MLP inputs with large steps (the state really moves)."""
+  return tuple(a.astype(jnp.float32) for a in ttt_inputs(B, H, NC, seed))
 
 
 @pytest.mark.parametrize("variant", ["v2", "v3", "v3_precise"])
@@ -61,12 +36,12 @@ def test_forward_matches_xla_scan_interpret(variant):
                        variant=variant)
   assert out.shape == ref.shape and out.dtype == jnp.bfloat16
   delta, delta_ref = out.astype(jnp.float32) - args[0], ref - args[0]
-  err = _rel(delta, delta_ref)
+  err = rel(delta, delta_ref)
   assert err < 1e-2, err
   # The update matters: with the initial state frozen (eta = 0) the outputs are far off.
   frozen = inner_loop.ttt_mlp(*args[:3], jnp.zeros_like(args[3]), *args[4:],
                               checkpoint_group_size=GROUP)
-  assert _rel(frozen - args[0], delta_ref) > 10 * err
+  assert rel(frozen - args[0], delta_ref) > 10 * err
 
 
 def test_checkpoints_match_xla_states_interpret():
@@ -83,7 +58,7 @@ def test_checkpoints_match_xla_states_interpret():
       _, want = inner_loop.ttt_mlp_with_state(*(sl(a) for a in args[:4]), *args[4:],
                                              checkpoint_group_size=GROUP)
     for got, w in zip(ckpts, want):
-      assert _rel(got[g], w) < 1e-2, (g, _rel(got[g], w))
+      assert rel(got[g], w) < 1e-2, (g, rel(got[g], w))
 
 
 @pytest.mark.parametrize("backward", ["xla_vjp", "reference"])  # "pallas": test_ttt_mlp_bwd_kernel
@@ -104,7 +79,7 @@ def test_gradients_match_xla_scan_interpret(backward):
   names = ("XQ", "XK", "XV", "eta", "ln_weight", "ln_bias", "W1", "b1", "W2", "b2")
   for name, x, y in zip(names, g, g_ref):
     assert x.shape == y.shape, name
-    err = _rel(x, y)
+    err = rel(x, y)
     assert err < 2e-2, (name, err)
 
 
