@@ -46,6 +46,10 @@ class BwdTuningConfig:
 
   cluster: int = 2  # CTAs per head; hidden 256 / cluster per CTA
   approx_math: bool = True  # tanh.approx / rsqrt.approx in GELU and LayerNorm
+  # dW1, dW2 (float32) kept in the dw1/dw2 outputs in GMEM (L2-resident) and loaded/stored by the
+  # threads around each of the two updates per step, instead of 128 accumulator registers per
+  # thread carried through the step loop (register pressure / spills in the update reverse).
+  dw_gmem: bool = False
 
   def __post_init__(self):
     if self.cluster not in (1, 2):
@@ -151,8 +155,21 @@ def build_backward(BH: int, G: int, ln_eps: float, *,
       plgpu.barrier_wait(bars.at[0])
       return plgpu.layout_cast(xb0[...], plgpu.Layout.WGMMA)
 
-    dw1_0 = tuple(load_f32_tile(dw1_in.at[bh, c0 + c]) for c in range(NL))
-    dw2_0 = tuple(load_f32_tile(dw2_in.at[bh, c0 + c]) for c in range(NL))
+    gm = config.dw_gmem
+    ld_dw = lambda ref, c: plgpu.load(ref.at[bh, c0 + c], layout=plgpu.Layout.WGMMA,
+                                      optimized=False)
+
+    def st_dw(ref, vals):
+      for c in range(NL):
+        ref.at[bh, c0 + c][...] = vals[c]
+
+    if gm:  # the outputs are the running dW (each thread re-reads only what it wrote)
+      st_dw(dw1_out, [ld_dw(dw1_in, c) for c in range(NL)])
+      st_dw(dw2_out, [ld_dw(dw2_in, c) for c in range(NL)])
+      dw1_0 = dw2_0 = ()
+    else:
+      dw1_0 = tuple(load_f32_tile(dw1_in.at[bh, c0 + c]) for c in range(NL))
+      dw2_0 = tuple(load_f32_tile(dw2_in.at[bh, c0 + c]) for c in range(NL))
     zero = plgpu.load(gam_s, layout=red0) * 0.0  # (a splat-layout zero cannot be stored)
     dgam_a[...] = zero
     dbet_a[...] = zero
@@ -231,19 +248,33 @@ def build_backward(BH: int, G: int, ln_eps: float, *,
       db2_a[...] = plgpu.load(db2_a, layout=red0) + sum_c(dz2b)
       dz_s[...] = dz2b.astype(bf16)
       plgpu.commit_smem()
-      dW2 = acc_add(dW2, lambda: [[(xb_s.at[c].T, dz_s)] for c in range(NL)])
+      if gm:
+        d2 = acc_add(tuple(ld_dw(dw2_out, c) for c in range(NL)),
+                     lambda: [[(xb_s.at[c].T, dz_s)] for c in range(NL)])
+        st_dw(dw2_out, d2)
+        d2b = tuple(x.astype(bf16) for x in d2)
+      else:
+        dW2 = acc_add(dW2, lambda: [[(xb_s.at[c].T, dz_s)] for c in range(NL)])
+        d2b = dW2
       for c in range(NL):  # X2b is consumed: its tiles take dZ1b
         z1b, pre = wgmma_multi([(q_s, nw1_s.at[c]), (dz_s, nw2_s.at[c].T)], shp)
         dz1b = pre * _gelu_grad(z1b + row(plgpu.load(nb1_s.at[c], layout=red0)))
         db1_a[c] = plgpu.load(db1_a.at[c], layout=red0) + sum_c(dz1b)
         xb_s[c] = dz1b.astype(bf16)
       plgpu.commit_smem()
-      dW1 = acc_add(dW1, lambda: [[(q_s.T, xb_s.at[c])] for c in range(NL)])
+      if gm:
+        d1 = acc_add(tuple(ld_dw(dw1_out, c) for c in range(NL)),
+                     lambda: [[(q_s.T, xb_s.at[c])] for c in range(NL)])
+        st_dw(dw1_out, d1)
+        d1b = tuple(x.astype(bf16) for x in d1)
+      else:
+        dW1 = acc_add(dW1, lambda: [[(q_s.T, xb_s.at[c])] for c in range(NL)])
+        d1b = dW1
       dq = wgmma_chain([(xb_s.at[c], nw1_s.at[c].T) for c in range(NL)], shp)
       q_s[...] = dq.astype(bf16)  # dQ partial (the caller adds dout)
       for c in range(NL):  # W_{m+1} is consumed: its tiles take the bf16 cotangents
-        nw1_s[c] = dW1[c].astype(bf16)
-        nw2_s[c] = dW2[c].astype(bf16)
+        nw1_s[c] = d1b[c].astype(bf16)
+        nw2_s[c] = d2b[c].astype(bf16)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(q_s, dq_ref.at[bh, r, m])
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # q_s is reused below
@@ -303,9 +334,16 @@ def build_backward(BH: int, G: int, ln_eps: float, *,
         db1_a[c] = plgpu.load(db1_a.at[c], layout=red0) + sum_c(dz1)
         zp[c][...] = dz1.astype(bf16)
       plgpu.commit_smem()
-      dW2 = acc_add(dW2, lambda: [[(xb_s.at[c].T, g2_s), (x_s.at[c].T, dz_s)]
-                                  for c in range(NL)])
-      dW1 = acc_add(dW1, lambda: [[(k_s.T, zp[c])] for c in range(NL)])
+      if gm:
+        st_dw(dw2_out, acc_add(tuple(ld_dw(dw2_out, c) for c in range(NL)),
+                               lambda: [[(xb_s.at[c].T, g2_s), (x_s.at[c].T, dz_s)]
+                                        for c in range(NL)]))
+        st_dw(dw1_out, acc_add(tuple(ld_dw(dw1_out, c) for c in range(NL)),
+                               lambda: [[(k_s.T, zp[c])] for c in range(NL)]))
+      else:
+        dW2 = acc_add(dW2, lambda: [[(xb_s.at[c].T, g2_s), (x_s.at[c].T, dz_s)]
+                                    for c in range(NL)])
+        dW1 = acc_add(dW1, lambda: [[(k_s.T, zp[c])] for c in range(NL)])
       dk = wgmma_chain([p for c in range(NL)
                         for p in ((g1_s.at[c], nw1_s.at[c].T), (zp[c], w1_s.at[c].T))], shp)
       k_s[...] = dk.astype(bf16)
@@ -323,7 +361,7 @@ def build_backward(BH: int, G: int, ln_eps: float, *,
       plgpu.barrier_arrive(cbar.at[0])  # every push into xbuf has landed and been read
       plgpu.barrier_wait(cbar.at[0])
     for dst, vals in ((dw1_out, dW1), (dw2_out, dW2)):
-      for c in range(NL):
+      for c in range(len(vals)):  # (none with dw_gmem: the outputs already hold dW)
         xb0[...] = vals[c]
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(xb0, dst.at[bh, c0 + c])

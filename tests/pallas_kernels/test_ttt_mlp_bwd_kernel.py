@@ -44,7 +44,8 @@ def _rel(a, b) -> float:
   return float(jnp.linalg.norm((a - b).ravel()) / jnp.linalg.norm(b.ravel()))
 
 
-def test_backward_kernel_gradients_batch_and_groups_interpret():
+@pytest.mark.parametrize("backward", ["pallas", "pallas_dw_gmem"])
+def test_backward_kernel_gradients_batch_and_groups_interpret(backward):
   """B = 2 (state cotangents summed over the batch), NC = 3 with G = 2: two groups (the state
   cotangent carried between them), the last one short. Every gradient vs jax.grad of the float32
   XLA scan, rel L2 < 2e-2 (measured <= 5.7e-3 at NC = 3..5: bf16 matmul operands in forward and
@@ -60,7 +61,7 @@ def test_backward_kernel_gradients_batch_and_groups_interpret():
   want = jax.grad(lambda a: loss(lambda *x: inner_loop.ttt_mlp(*x, checkpoint_group_size=G),
                                  a))(f32)
   got = jax.grad(lambda a: loss(lambda *x: ttt_mlp_pallas(
-      *x, checkpoint_group_size=G, interpret=True, backward="pallas"), a))(args)
+      *x, checkpoint_group_size=G, interpret=True, backward=backward), a))(args)
   for name, x, y in zip(NAMES, got, want):
     assert x.shape == y.shape and x.dtype == args[NAMES.index(name)].dtype, name
     assert bool(jnp.all(jnp.isfinite(x.astype(jnp.float32)))), name
@@ -78,11 +79,13 @@ def _bwd_args(bh, g):
              S((bh, 4, 64), f32), S((bh, 4, 64, 64), f32), S((bh, 64), f32)))
 
 
-def test_backward_kernel_cluster2_lowers_for_cuda():
-  """The GPU configuration (cluster 2, 2 exchange slots, SMEM under the 227 KiB limit) lowers."""
+@pytest.mark.parametrize("dw_gmem", [False, True])
+def test_backward_kernel_cluster2_lowers_for_cuda(dw_gmem):
+  """The GPU configuration (cluster 2, 2 exchange slots, SMEM under the 227 KiB limit) lowers;
+  also with dW kept in GMEM (dw_gmem)."""
   bh, g = 4, 16
-  fn = kernel_bwd_mgpu.build_backward(bh, g, 1e-6,
-                                      config=kernel_bwd_mgpu.BwdTuningConfig(cluster=2))
+  fn = kernel_bwd_mgpu.build_backward(
+      bh, g, 1e-6, config=kernel_bwd_mgpu.BwdTuningConfig(cluster=2, dw_gmem=dw_gmem))
   args = _bwd_args(bh, g)
   lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
   assert "mosaic_gpu" in lowered.as_text().lower()
