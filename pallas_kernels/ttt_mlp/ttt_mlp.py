@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
+from pallas_kernels import checkpoint_vjp
 from pallas_kernels.ttt_mlp import backward_reference, kernel_acc_mgpu, kernel_bwd_mgpu, kernel_mgpu
 from ttt_dit.ttt import inner_loop
 
@@ -113,15 +114,6 @@ def _forward(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, group, ln_e
   return out, _from_kernel_ckpts(ck, XQ.shape[0], XQ.shape[1])
 
 
-def _group_scan(state, xs, gamma, beta, ln_eps):
-  """XLA dual-form scan over one group: state [B,H,...], xs leaves [G, B, H, ...]."""
-  def step(carry, x):
-    q, k, v, e = x
-    return inner_loop._mlp_step(carry, (q, k, v, e, gamma, beta), ln_eps=ln_eps,
-                                diagnostics=False)
-  return jax.lax.scan(step, state, xs)
-
-
 # jax.vjp of the dual-form scan | hand-derived primal steps (XLA) | the Mosaic GPU backward kernel
 # | the same kernel with BwdTuningConfig(dw_gmem=True) (opt-in variant: dW kept in GMEM, not regs)
 BACKWARDS = ("xla_vjp", "reference", "pallas", "pallas_dw_gmem")
@@ -156,50 +148,11 @@ def _bwd(group, ln_eps, interpret, variant, backward, res, dout):
     return _bwd_pallas(group, ln_eps, interpret, variant, res, dout,
                        **_KERNEL_BACKWARDS[backward])
   del interpret, variant
-  XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, ckpts = res
-  B, H, NC, CS, F = XQ.shape
-  NG = ckpts[0].shape[0]
-  pad = NG * group - NC
-  f32 = jnp.float32
-
-  def groups(a):  # [B, H, NC, ...] -> [NG, G, B, H, ...], padded with zeros (eta = 0: no-op steps)
-    a = a.astype(f32)
-    a = jnp.pad(a, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 3))
-    a = a.reshape((B, H, NG, group) + a.shape[3:])
-    return jnp.moveaxis(jnp.moveaxis(a, 2, 0), 3, 1)
-
-  xs = tuple(groups(a) for a in (XQ, XK, XV, eta))
-  dys = groups(dout)
-  gamma = ln_weight.astype(f32)[:, None, :]
-  beta = ln_bias.astype(f32)[:, None, :]
-
-  def body(carry, inp):
-    dstate, dgamma, dbeta = carry
-    state_g, xs_g, dy_g = inp
-    if backward == "reference":
-      ds, dx, dg, db = backward_reference.group_vjp(state_g, xs_g, gamma, beta, ln_eps, dstate,
-                                                    dy_g)
-    else:
-      _, vjp = jax.vjp(lambda s, x, g, b: _group_scan(s, x, g, b, ln_eps), state_g, xs_g, gamma,
-                       beta)
-      ds, dx, dg, db = vjp((dstate, dy_g))
-    return (ds, dgamma + dg, dbeta + db), dx
-
-  zeros_state = tuple(jnp.zeros_like(s[0]) for s in ckpts)
-  (dstate0, dgamma, dbeta), dxs = jax.lax.scan(
-      body, (zeros_state, jnp.zeros_like(gamma), jnp.zeros_like(beta)), (ckpts, xs, dys),
-      reverse=True)
-
-  def ungroup(a, like):  # [NG, G, B, H, ...] -> [B, H, NC, ...]
-    a = jnp.moveaxis(jnp.moveaxis(a, 1, 3), 0, 2)
-    a = a.reshape((B, H, NG * group) + a.shape[4:])[:, :, :NC]
-    return a.astype(like.dtype)
-
-  dq, dk, dv, de = (ungroup(d, x) for d, x in zip(dxs, (XQ, XK, XV, eta)))
-  dW1, db1, dW2, db2 = (jnp.sum(d, axis=0).astype(w.dtype)
-                        for d, w in zip(dstate0, (W1, b1, W2, b2)))
-  return (dq, dk, dv, de, dgamma[:, 0].astype(ln_weight.dtype), dbeta[:, 0].astype(ln_bias.dtype),
-          dW1, db1, dW2, db2)
+  *inputs, ckpts = res
+  return checkpoint_vjp.vjp_from_checkpoints(
+      inner_loop._mlp_step, ckpts, tuple(inputs), dout, group=group, ln_eps=ln_eps,  # noqa: SLF001
+      input_dtype=jnp.float32,
+      group_vjp=backward_reference.group_vjp if backward == "reference" else None)
 
 
 def _bwd_pallas(group, ln_eps, interpret, variant, res, dout, **tuning):

@@ -12,36 +12,10 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_kernels.ttt_mlp import kernel_bwd_mgpu, ttt_mlp_pallas
+from kernel_testing import rel, ttt_inputs
 from ttt_dit.ttt import inner_loop
 
 NAMES = ("XQ", "XK", "XV", "eta", "ln_weight", "ln_bias", "W1", "b1", "W2", "b2")
-
-
-@pytest.fixture(autouse=True)
-def _reset_interpret_state():
-  yield
-  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
-  reset = getattr(ipc, "reset_gpu_interpret_mode_state", None)
-  if reset is not None:
-    reset()
-
-
-def _inputs(B, H, NC, seed):
-  ks = jax.random.split(jax.random.PRNGKey(seed), 10)
-  n = lambda k, s: jax.random.normal(k, s, jnp.float32)
-  l2 = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-  XQ = l2(n(ks[0], (B, H, NC, 64, 64))).astype(jnp.bfloat16)
-  XK = l2(n(ks[1], (B, H, NC, 64, 64))).astype(jnp.bfloat16)
-  XV = n(ks[2], (B, H, NC, 64, 64)).astype(jnp.bfloat16)
-  eta = jax.random.uniform(ks[3], (B, H, NC, 64)) * 0.05  # large steps: the state really moves
-  return (XQ, XK, XV, eta, 1 + 0.1 * n(ks[4], (H, 64)), 0.1 * n(ks[5], (H, 64)),
-          0.05 * n(ks[6], (H, 64, 256)), 0.05 * n(ks[7], (H, 1, 256)),
-          0.05 * n(ks[8], (H, 256, 64)), 0.05 * n(ks[9], (H, 1, 64)))
-
-
-def _rel(a, b) -> float:
-  a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-  return float(jnp.linalg.norm((a - b).ravel()) / jnp.linalg.norm(b.ravel()))
 
 
 @pytest.mark.parametrize("backward", ["pallas", "pallas_dw_gmem"])
@@ -51,7 +25,7 @@ def test_backward_kernel_gradients_batch_and_groups_interpret(backward):
   XLA scan, rel L2 < 2e-2 (measured <= 5.7e-3 at NC = 3..5: bf16 matmul operands in forward and
   backward; a sign flip in the LN-L2 VJP gives 0.39)."""
   B, H, NC, G = 2, 1, 3, 2
-  args = _inputs(B, H, NC, 5)
+  args = ttt_inputs(B, H, NC, 5)
   cot = jax.random.normal(jax.random.PRNGKey(11), (B, H, NC, 64, 64))
   f32 = tuple(a.astype(jnp.float32) for a in args)
 
@@ -65,7 +39,7 @@ def test_backward_kernel_gradients_batch_and_groups_interpret(backward):
   for name, x, y in zip(NAMES, got, want):
     assert x.shape == y.shape and x.dtype == args[NAMES.index(name)].dtype, name
     assert bool(jnp.all(jnp.isfinite(x.astype(jnp.float32)))), name
-    err = _rel(x, y)
+    err = rel(x, y)
     assert err < 2e-2, (name, err)
 
 
