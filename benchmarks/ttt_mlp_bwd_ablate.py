@@ -22,8 +22,10 @@ VARIANTS = (("full", ""), ("no exchange", "X"), ("no recompute mm", "R"),
             ("no update reverse", "U"), ("no R, no U", "RU"), ("no R/U/X", "RUX"))
 
 
-def main(H=48, NC=282, G=16, reps=5, variants="full,no update reverse,no R, no U"):
-  print("device:", jax.devices()[0].device_kind, flush=True)
+def group_setup(H: int, NC: int, G: int):
+  """One checkpoint group's kernel inputs at B=1: bf16 q, k, v [H, G+1, 64, 64], eta [H, G+1, 64],
+  output cotangent do [H, G, 64, 64], LN weight/bias per head, the forward checkpoints, and the jitted
+  forward kernel over G + 1 steps with a checkpoint every step (the restart the backward runs)."""
   args = make_inputs(jax.random.PRNGKey(0), 1, H, NC)
   _, ck = jax.jit(functools.partial(T._forward_raw, group=G, ln_eps=1e-6, interpret=False))(*args)
   bf = lambda a: a.astype(jnp.bfloat16).reshape(H, NC, 64, 64)[:, :G + 1]
@@ -32,6 +34,12 @@ def main(H=48, NC=282, G=16, reps=5, variants="full,no update reverse,no R, no U
   do = jax.random.normal(jax.random.PRNGKey(1), (H, G, 64, 64)).astype(jnp.bfloat16)
   gam, bet = T._per_head(args[4], 1), T._per_head(args[5], 1)
   fwd = jax.jit(T._build(H, G + 1, 1, 1e-6, False, "v3"))
+  return q, k, v, e, do, gam, bet, ck, fwd
+
+
+def main(H=48, NC=282, G=16, reps=5, variants="full,no update reverse,no R, no U"):
+  print("device:", jax.devices()[0].device_kind, flush=True)
+  q, k, v, e, do, gam, bet, ck, fwd = group_setup(H, NC, G)
   fargs = (q, k, v, e, gam, bet) + tuple(a[:, 0] for a in ck)
   t = median_ms(fwd, fargs, reps)
   print(f"forward restart, {G + 1} steps, ckpt every step: {t:8.3f} ms  {t * 1e3 / (G + 1):7.2f} "
@@ -49,6 +57,7 @@ def main(H=48, NC=282, G=16, reps=5, variants="full,no update reverse,no R, no U
     fn = jax.jit(kernel_bwd_mgpu.build_backward(H, G, 1e-6, ablate=frozenset(abl)))
     t = median_ms(fn, bargs, reps)
     print(f"backward kernel {name:20s}: {t:8.3f} ms  {t * 1e3 / G:7.2f} us/step", flush=True)
+  args = make_inputs(jax.random.PRNGKey(0), 1, H, NC)
   f = lambda *a: T.ttt_mlp_pallas(*a, checkpoint_group_size=G, backward="pallas")
   out, vjp = jax.vjp(f, *args)
   cot = jax.random.normal(jax.random.PRNGKey(2), out.shape, jnp.float32).astype(out.dtype)

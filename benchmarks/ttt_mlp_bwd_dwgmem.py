@@ -15,59 +15,23 @@ from __future__ import annotations
 
 import functools
 import json
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks.kernel_common import median_ms, rel
+from benchmarks.ttt_mlp_bwd_ablate import group_setup
+from benchmarks.ttt_mlp_kernel import make_inputs
 from pallas_kernels.ttt_mlp import kernel_bwd_mgpu, ttt_mlp_pallas
-from pallas_kernels.ttt_mlp import ttt_mlp as T
 from ttt_dit.ttt import inner_loop
 
 NAMES = ("XQ", "XK", "XV", "eta", "ln_w", "ln_b", "W1", "b1", "W2", "b2")
 VARIANTS = ("pallas", "pallas_dw_gmem")
 
 
-def make_inputs(key, B, H, NC, CS=64, F=64, eta_scale=1e-5):
-  """Same inputs as benchmarks/ttt_mlp_kernel.py (bf16 Q/K/V, L2-normalised)."""
-  ks = jax.random.split(key, 10)
-  n = lambda k, s: jax.random.normal(k, s, jnp.float32)
-  l2 = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-  XQ = l2(n(ks[0], (B, H, NC, CS, F))).astype(jnp.bfloat16)
-  XK = l2(n(ks[1], (B, H, NC, CS, F))).astype(jnp.bfloat16)
-  XV = l2(n(ks[2], (B, H, NC, CS, F))).astype(jnp.bfloat16)
-  eta = eta_scale * jax.random.uniform(ks[3], (B, H, NC, CS), minval=0.5, maxval=1.5)
-  return (XQ, XK, XV, eta, 1.0 + 0.1 * n(ks[4], (H, F)), 0.1 * n(ks[5], (H, F)),
-          0.02 * n(ks[6], (H, F, 4 * F)), jnp.zeros((H, 1, 4 * F)),
-          0.02 * n(ks[7], (H, 4 * F, F)), jnp.zeros((H, 1, F)))
-
-
-def rel(a, b):
-  a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-  return float(jnp.linalg.norm((a - b).ravel()) / jnp.linalg.norm(b.ravel()))
-
-
-def median_ms(fn, args, reps):
-  jax.block_until_ready(fn(*args))
-  ts = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    ts.append((time.perf_counter() - t) * 1e3)
-  return statistics.median(ts)
-
-
 def kernel(H=48, NC=282, G=16, reps=10):
-  args = make_inputs(jax.random.PRNGKey(0), 1, H, NC)
-  _, ck = jax.jit(functools.partial(T._forward_raw, group=G, ln_eps=1e-6, interpret=False))(*args)
-  bf = lambda a: a.astype(jnp.bfloat16).reshape(H, NC, 64, 64)[:, :G + 1]
-  q, k, v = bf(args[0]), bf(args[1]), bf(args[2])
-  e = args[3].reshape(H, NC, 64)[:, :G + 1]
-  do = jax.random.normal(jax.random.PRNGKey(1), (H, G, 64, 64)).astype(jnp.bfloat16)
-  gam, bet = T._per_head(args[4], 1), T._per_head(args[5], 1)
-  fwd = jax.jit(T._build(H, G + 1, 1, 1e-6, False, "v3"))
+  q, k, v, e, do, gam, bet, ck, fwd = group_setup(H, NC, G)
   _, sw1, _, sb1, sw2, _, sb2 = fwd(q, k, v, e, gam, bet, *(a[:, 0] for a in ck))
   z = lambda key, *s: 1e-3 * jax.random.normal(jax.random.PRNGKey(key), s, jnp.float32)
   bargs = (q, k, v, e, do, gam, bet, sw1, sb1, sw2, sb2, z(3, H, 4, 64, 64), z(4, H, 4, 64),

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from pallas_kernels import checkpoint_vjp
+from pallas_kernels import checkpoint_vjp, platform
 from pallas_kernels.ttt_linear import kernel_bwd_mgpu, kernel_mgpu
 from ttt_dit.ttt import inner_loop
 
@@ -45,12 +45,7 @@ def kernel_supported(XQ: Array, *, interpret: bool = False) -> str | None:
   B, H, NC, CS, F = XQ.shape
   if (CS, F) != (kernel_mgpu.CS, kernel_mgpu.F):
     return f"shape CS={CS}, F={F} (kernel: 64, 64)"
-  if interpret:
-    return None
-  dev = jax.devices()[0]
-  if dev.platform != "gpu" or getattr(dev, "compute_capability", "") not in ("9.0",):
-    return f"device {dev.platform}/{getattr(dev, 'device_kind', '?')} is not a Hopper GPU"
-  return None
+  return None if interpret else platform.not_hopper_reason()
 
 
 def ttt_linear_scan_reference(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, *,

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from pallas_kernels import checkpoint_vjp
+from pallas_kernels import checkpoint_vjp, platform
 from pallas_kernels.ttt_mlp import backward_reference, kernel_acc_mgpu, kernel_bwd_mgpu, kernel_mgpu
 from ttt_dit.ttt import inner_loop
 
@@ -31,12 +31,7 @@ def kernel_supported(XQ: Array, W1: Array, *, interpret: bool = False) -> str | 
   B, H, NC, CS, F = XQ.shape
   if (CS, F, W1.shape[-1]) != (kernel_mgpu.CS, kernel_mgpu.F, 4 * kernel_mgpu.F):
     return f"shape CS={CS}, F={F}, hidden={W1.shape[-1]} (kernel: 64, 64, 256)"
-  if interpret:
-    return None
-  dev = jax.devices()[0]
-  if dev.platform != "gpu" or getattr(dev, "compute_capability", "") not in ("9.0",):
-    return f"device {dev.platform}/{getattr(dev, 'device_kind', '?')} is not a Hopper GPU"
-  return None
+  return None if interpret else platform.not_hopper_reason()
 
 
 def _to_kernel_state(W1, b1, W2, b2, B):
