@@ -65,5 +65,38 @@ def main(H=48, NC=282, G=16, reps=5, variants="full,no update reverse,no R, no U
   print(f"whole backward (custom_vjp bwd) NC={NC}: {t:8.3f} ms", flush=True)
 
 
+def restart_outputs(H=48, NCs=(282, 1000), G=16, reps=7):
+  """The backward's restart with and without its query half (`AccTuningConfig(outputs=...)`):
+  the restart kernel alone (states must be bitwise equal) and the whole backward, interleaved."""
+  print("device:", jax.devices()[0].device_kind, flush=True)
+  q, k, v, e, _, gam, bet, ck, _ = group_setup(H, NCs[0], G)
+  fargs = (q, k, v, e, gam, bet) + tuple(a[:, 0] for a in ck)
+  fns = {o: jax.jit(T._build(H, G + 1, 1, 1e-6, False, "v3", outputs=o)) for o in (True, False)}
+  same = all(bool(jnp.array_equal(a, b)) for a, b in zip(fns[True](*fargs)[1:], fns[False](*fargs)[1:]))
+  print(f"restart states bitwise equal with/without outputs: {same}", flush=True)
+  for _ in range(2):
+    for o, fn in fns.items():
+      t = median_ms(fn, fargs, reps)
+      print(f"restart outputs={o!s:5s}: {t:8.3f} ms  {t * 1e3 / (G + 1):7.2f} us/step", flush=True)
+  default = T.RESTART_OUTPUTS
+  for i, NC in enumerate(NCs):
+    args = make_inputs(jax.random.PRNGKey(1000 + i), 1, H, NC)
+    vjps = {}
+    for o in (True, False):
+      T.RESTART_OUTPUTS = o
+      f = lambda *a: T.ttt_mlp_pallas(*a, checkpoint_group_size=G)
+      out, vjp = jax.vjp(f, *args)
+      cot = jax.random.normal(jax.random.PRNGKey(2), out.shape, jnp.float32).astype(out.dtype)
+      vjps[o] = jax.jit(vjp)
+      jax.block_until_ready(vjps[o](cot))  # traced (and compiled) with this setting
+    T.RESTART_OUTPUTS = default
+    for _ in range(2):
+      for o, fn in vjps.items():
+        print(f"NC={NC} whole backward, restart outputs={o!s:5s}: {median_ms(fn, (cot,), reps):8.3f} ms",
+              flush=True)
+
+
 if __name__ == "__main__":
+  if len(sys.argv) > 1 and sys.argv[1] == "restart_outputs":
+    sys.exit(restart_outputs())
   sys.exit(main(**({"variants": sys.argv[1]} if len(sys.argv) > 1 else {})))

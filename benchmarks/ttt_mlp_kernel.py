@@ -55,6 +55,7 @@ def main(argv=None):
                                                       variant="v3_precise")),
       "pallas_v3x": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G,
                                                       variant="v3_exact")),
+      "pallas_v3": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G, variant="v3")),
       "pallas_refbwd": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G,
                                                          backward="reference")),
       "pallas_pbwd": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G,

@@ -1,11 +1,12 @@
 """How much gradient error does bf16 rounding of matmul operands in the forward trajectory cause? (CPU/GPU)
 
-    python -m benchmarks.ttt_mlp_rounding --heads 48 --nc 282 --eta_scale 1e-5 --mode all
+    python -m benchmarks.ttt_mlp_rounding --heads 48 --nc 282 --eta_scale 1e-5 --modes all,split
 
 Emulates the kernels' forward numerics in XLA: the state trajectory of the TTT-MLP scan with every
-matmul operand rounded to bf16 (`--mode all`, as the Mosaic GPU kernels feed wgmma), or all but the
-state W1/W2 (`w_precise`: the state as an exact (hi, lo) pair), or none (`none`: a self-check, 0
-error). Its states at the checkpoint-group starts then seed the float32 XLA backward (as
+matmul operand rounded to bf16 (`all`, as the Mosaic GPU kernels feed wgmma), or all but the
+state W1/W2 (`w_precise`: the state as an exact (hi, lo) pair), or every operand rounded to a bf16
+(hi, lo) pair (`split`: ~16 mantissa bits, what 3-pass bf16 products would give a kernel), or none
+(`none`: a self-check, 0 error). Its states at the checkpoint-group starts then seed the float32 XLA backward (as
 `backward="xla_vjp"` does with the kernel's checkpoints), and the gradients are compared with
 `jax.vjp` of the float32 scan (same bf16-valued inputs as `benchmarks.ttt_mlp_kernel.make_inputs`).
 Prints the max relative L2 error over the ten gradients, and per head for XK (errors concentrate in
@@ -36,8 +37,9 @@ def emulated_update(state, xs, mode: str, ln_eps: float):
   """The state update of one mini-batch with the kernels' operand rounding (`mode`)."""
   W1, b1, W2, b2 = state  # [B,H,F,4F] [B,H,1,4F] [B,H,4F,F] [B,H,1,F]
   XK, XV, eta, gamma, beta = xs  # [B,H,CS,F] x2, [B,H,CS], [H,1,F] x2
-  ro = (lambda x: x) if mode == "none" else bf16          # data operands
-  rw = bf16 if mode == "all" else (lambda x: x)          # state operands
+  split = lambda x: bf16(x) + bf16(x - bf16(x))
+  ro = {"none": lambda x: x, "split": split}.get(mode, bf16)        # data operands
+  rw = {"all": bf16, "split": split}.get(mode, lambda x: x)         # state operands
   mm = lambda s, a, b, ra, rb: jnp.einsum(s, ra(a), rb(b), precision="highest")
   XK, XV = XK.astype(jnp.float32), XV.astype(jnp.float32)
   Z1 = mm("bhcf,bhfk->bhck", XK, W1, ro, rw) + b1                                  # [B,H,CS,4F]
@@ -87,35 +89,39 @@ def main(argv=None):
   p.add_argument("--nc", type=int, default=282)
   p.add_argument("--group", type=int, default=16)
   p.add_argument("--eta_scale", type=float, default=1e-5)
-  p.add_argument("--mode", choices=("all", "w_precise", "none"), default="all")
+  p.add_argument("--modes", default="all", help="comma list of all, w_precise, split, none")
+  p.add_argument("--key", type=int, default=0,
+                 help="input key (benchmarks.ttt_mlp_kernel uses 1000 + the NC's position)")
   p.add_argument("--ln_eps", type=float, default=1e-6)
   a = p.parse_args(argv)
   B, H, NC, G = 1, a.heads, a.nc, a.group
-  args = make_inputs(jax.random.key(0), B, H, NC, eta_scale=a.eta_scale)
+  args = make_inputs(jax.random.PRNGKey(a.key), B, H, NC, eta_scale=a.eta_scale)
   XQ, XK, XV, eta, lw, lb, W1, b1, W2, b2 = args
   cot = jax.random.normal(jax.random.key(7), XQ.shape, jnp.float32)
   state0 = tuple(jnp.broadcast_to(s, (B,) + s.shape) for s in (W1, b1, W2, b2))
 
-  @jax.jit
-  def trajectory(state0):  # the state before every mini-batch [NC, B, H, ...]
+  def trajectory(state0, mode):  # the state before every mini-batch [NC, B, H, ...]
     def body(s, i):
       xs = (XK[:, :, i], XV[:, :, i], eta[:, :, i], lw[:, None, :], lb[:, None, :])
-      return emulated_update(s, xs, a.mode, a.ln_eps), s
+      return emulated_update(s, xs, mode, a.ln_eps), s
     return jax.lax.scan(body, state0, jnp.arange(NC))[1]
 
   f = lambda *x: inner_loop.ttt_mlp(*x, checkpoint_group_size=G, ln_eps=a.ln_eps)
   _, vjp = jax.vjp(f, *(x.astype(jnp.float32) for x in args))
   g_ref = vjp(cot)
-  g_emu = grads_from_checkpoints(trajectory(state0), args, cot, G, a.ln_eps)
-  errs = {n: rel(x, y) for n, x, y in zip(NAMES, g_emu, g_ref)}
-  print(f"H={H} NC={NC} eta={a.eta_scale:g} mode={a.mode}: max grad rel L2 {max(errs.values()):.2e} ("
-        + ", ".join(f"{n} {v:.1e}" for n, v in errs.items()) + ")")
-  per_head = np.array([rel(g_emu[1][:, h], g_ref[1][:, h]) for h in range(H)])
   norms = np.array([float(jnp.linalg.norm(g_ref[1][:, h])) for h in range(H)])
   top = np.argsort(-norms)[:3]
-  print(f"XK per head: max {per_head.max():.1e}, median {np.median(per_head):.1e}; the 3 largest-gradient "
-        f"heads hold {float(np.linalg.norm(norms[top]) / np.linalg.norm(norms)):.0%} of the norm, errors "
-        + ", ".join(f"{per_head[h]:.1e}" for h in top))
+  for mode in a.modes.split(","):
+    states = jax.jit(trajectory, static_argnums=1)(state0, mode)
+    g_emu = grads_from_checkpoints(states, args, cot, G, a.ln_eps)
+    errs = {n: rel(x, y) for n, x, y in zip(NAMES, g_emu, g_ref)}
+    print(f"H={H} NC={NC} key={a.key} eta={a.eta_scale:g} mode={mode}: max grad rel L2 "
+          f"{max(errs.values()):.2e} (" + ", ".join(f"{n} {v:.1e}" for n, v in errs.items()) + ")")
+    per_head = np.array([rel(g_emu[1][:, h], g_ref[1][:, h]) for h in range(H)])
+    print(f"  XK per head: max {per_head.max():.1e}, median {np.median(per_head):.1e}, "
+          f"{int((per_head >= 2e-2).sum())} of {H} heads >= 2e-2; the 3 largest-gradient heads hold "
+          f"{float(np.linalg.norm(norms[top]) / np.linalg.norm(norms)):.0%} of the norm, errors "
+          + ", ".join(f"{per_head[h]:.1e}" for h in top), flush=True)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.ttt_mlp.kernel_mgpu import (CS, F, NH, _col_bcast, _gelu_and_grad,
+from pallas_kernels.ttt_mlp.kernel_mgpu import (CS, F, NH, _col_bcast, _gelu, _gelu_and_grad,
                                                 _ln_stats, _row_bcast, mlp_forward, wgmma_chain,
-                                                wgmma_multi)
+                                                wgmma_chains, wgmma_multi)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,11 +47,22 @@ class AccTuningConfig:
   # + X2_lo^T eG2_hi + X2_hi^T eG2_lo (eG = -diag(eta) G), instead of one bf16 x bf16 product.
   precise_update: bool = False
   approx_math: bool = True  # tanh.approx etc. in GELU / LayerNorm (Mosaic GPU approx_math)
+  # v4: mini-batch m-1's query path runs inside step m, with the same state W_m as step m's key
+  # path: their Z1/Z2 matmuls share waits, and the queries' exchange and LayerNorm overlap the
+  # keys' gradients and the update's wgmmas (one forward half fewer on the step's latency chain).
+  pipeline: bool = False
+  # False: no query half at all (the output array is left unwritten): for the backward's per-group
+  # restarts, which only need the per-step states (checkpoints).
+  outputs: bool = True
 
   def __post_init__(self):
     if self.cluster not in (1, 2):
       raise ValueError(f"cluster must be 1 or 2 (the exchange is a pairwise push), got "
                        f"{self.cluster}")
+    if self.pipeline and (self.prefetch or self.precise_update or not self.outputs):
+      raise ValueError("pipeline=True is built without prefetch, precise_update and outputs=False; "
+                       f"got prefetch={self.prefetch}, precise_update={self.precise_update}, "
+                       f"outputs={self.outputs}")
 
 
 def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
@@ -65,6 +76,7 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
   C = config.cluster
   NL = NH // C  # hidden chunks of 64 per CTA
   NB = 2 if config.prefetch else 1  # Q/K/V/eta buffers
+  NQ = 2 if config.pipeline else NB  # Q buffers (v4: Q_{m-1} is read while Q_m arrives)
   NG = -(-NC // group)
   bf16, f32 = jnp.bfloat16, jnp.float32
   shp = (64, 64)
@@ -85,8 +97,9 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
            w2l_ref, b2_ref, o_ref, cw1h, cw1l, cb1, cw2h, cw2l, cb2,
            q_sb, k_sb, v_sb, ek_s, g2_s, g1_s, ex2_s, x_s, w1h, w2h, lo_s,
            eta_sb, b1_s, b2_s, gam_s, bet_s, bars, *rest):
-    eg2_s = rest[0] if config.precise_update else None  # [2, 64, 64]: -eta G2 (hi, lo)
-    xch = rest[1:] if config.precise_update else rest
+    # precise_update: [2, 64, 64] -eta G2 (hi, lo); pipeline: [1, 64, 64] -eta G2 (bf16)
+    eg2_s = rest[0] if config.precise_update or config.pipeline else None
+    xch = rest[1:] if eg2_s is not None else rest
     bh = lax.axis_index("bh")
     r = lax.axis_index("c") if C > 1 else 0
     c0 = r * NL  # first global hidden chunk of this CTA
@@ -112,14 +125,24 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
       plgpu.barrier_arrive(cbar.at[0])  # every CTA's barriers initialised before any push
       plgpu.barrier_wait(cbar.at[0])
 
-    def allreduce(x, slot):
-      """Sum of the [64, 64] f32 partials over the cluster (identity at cluster 1)."""
+    def push(x, slot):
+      """Sends this CTA's [64, 64] f32 partial into the peer's exchange slot (no-op at cluster 1)."""
+      if C > 1:
+        recv, rbar = (recv0, rbar0) if slot == 0 else (recv1, rbar1)
+        plgpu.async_store_smem(x, recv, rbar.at[0], cluster_idx=1 - r, cluster_dim="c")
+
+    def pull(x, slot):
+      """x + the peer's partial once it has arrived (own + peer: bitwise equal on both CTAs)."""
       if C == 1:
         return x
       recv, rbar = (recv0, rbar0) if slot == 0 else (recv1, rbar1)
-      plgpu.async_store_smem(x, recv, rbar.at[0], cluster_idx=1 - r, cluster_dim="c")
       plgpu.barrier_wait(rbar.at[0])
       return x + recv[...]
+
+    def allreduce(x, slot):
+      """Sum of the [64, 64] f32 partials over the cluster (identity at cluster 1)."""
+      push(x, slot)
+      return pull(x, slot)
 
     mm_multi = functools.partial(wgmma_multi, shape=shp)
     mm_chain = functools.partial(wgmma_chain, shape=shp)
@@ -130,15 +153,19 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
       hi_ref[...] = hi
       lo_ref[...] = (x - hi.astype(f32)).astype(bf16)
 
-    def update_state(w1, w2, slot):
+    def update_state(w1, w2, slot, during=None):
       """W1_c += (-eta K)^T G1_c, W2_c += (-eta X2_c)^T G2 (operands in SMEM), one wait.
 
-      Compiled: accumulated into the carried state (`ACC.init`). Interpret mode has no rule for
-      wgmma under `run_state`, so there the products go to fresh accumulators and are added.
+      Compiled: accumulated into the carried state (`ACC.init`); `during()` runs after the
+      wgmmas are issued, before their wait. Interpret mode has no rule for wgmma under
+      `run_state`, so there the products go to fresh accumulators and are added.
       """
       # The (transformed) operand refs are made inside the traced functions: made outside,
       # `run_state` hoists their static indices as constants that the lowering rejects.
       def pairs():  # per accumulator (W1_0.., W2_0..): the products summed into it
+        if config.pipeline:  # X2 unscaled (ex2_s holds the keys' X2), -eta folded into G2
+          return ([[(ek_s.T, g1_s.at[c])] for c in range(NL)]
+                  + [[(ex2_s.at[c].T, eg2_s.at[0])] for c in range(NL)])
         if not config.precise_update:
           return ([[(ek_s.T, g1_s.at[c])] for c in range(NL)]
                   + [[(ex2_s.at[c].T, g2_s)] for c in range(NL)])
@@ -149,6 +176,8 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
                    for c in range(NL)])
       if interpret is not None:
         d = [mm_chain(ps) for ps in pairs()]
+        if during is not None:
+          during()
         return (tuple(w + x for w, x in zip(w1, d[:NL])),
                 tuple(w + x for w, x in zip(w2, d[NL:])))
 
@@ -156,6 +185,8 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
         for acc, ps in zip(accs[0] + accs[1], pairs()):
           for a, b in ps:
             plgpu.wgmma(acc, a, b)
+        if during is not None:
+          during()
       return pl.run_state(fn)((tuple(plgpu.ACC.init(w) for w in w1),
                                tuple(plgpu.ACC.init(w) for w in w2)))
 
@@ -244,9 +275,18 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
         w2h[c] = w2[c].astype(bf16)
       b2_s[...] = b2v - db2
       plgpu.commit_smem()
+      if not config.outputs:
+        return w1, w2
       # ---- (9)-(10): apply the new state to the queries
       b2n = plgpu.load(b2_s, layout=red0)
-      z2b = allreduce(mlp_fwd_partial(q_s), 1) + _row_bcast(b2n, shp)
+      pq = mlp_fwd_partial(q_s)
+      push(pq, 1)
+      query_output(q_s, pq, b2n, gam, bet, m, 1)
+      return w1, w2
+
+    def query_output(q_s, z2b_partial, b2v, gam, bet, m, slot):
+      """Mini-batch m's output from this CTA's Z2_bar partial: exchange, LayerNorm, residual, TMA."""
+      z2b = pull(z2b_partial, slot) + _row_bcast(b2v, shp)
       xhb, _ = _ln_stats(z2b, ln_eps)
       out = q_s[...].astype(f32) + _row_bcast(gam, shp) * xhb + _row_bcast(bet, shp)
 
@@ -256,11 +296,103 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
         plgpu.copy_smem_to_gmem(q_s, o_ref.at[bh, m])
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
       on_rank0(r, write_out)
+
+    def step_pipelined(m, carry):
+      """v4: mini-batch m's update with W_m and mini-batch m-1's query path, also with W_m.
+
+      Exchange order per step: keys' Z2 (slot 0) pushed and read, then queries' Z2_bar (slot 1)
+      pushed; a CTA can push slot 0 of step m+1 only after the peer's slot 1 push of step m, which
+      the peer makes after reading its slot 0: no slot is overwritten before it is read.
+      """
+      w1, w2 = carry  # NL x [64, 64] f32 each: W1[:, chunk], W2[chunk, :]
+      q_prev, q_cur = q_sb.at[(m + 1) % 2], q_sb.at[m % 2]  # Q_{m-1}, Q_m
+      k_s, v_s, eta_s = k_sb.at[0], v_sb.at[0], eta_sb.at[0]
+
+      @pl.when(m % group == 0)
+      def _():
+        write_checkpoint(m // group, w1, w2)
+
+      for i, (src, dst) in enumerate(((q_ref, q_cur), (k_ref, k_s), (v_ref, v_s),
+                                      (eta_ref, eta_s))):
+        plgpu.copy_gmem_to_smem(src.at[bh, m], dst, bars.at[i])
+      for i in range(4):
+        plgpu.barrier_wait(bars.at[i])
+
+      eta_c = plgpu.load(eta_s, layout=red1)  # [64] over rows j
+      gam = plgpu.load(gam_s, layout=red0)  # [64] over columns f
+      bet = plgpu.load(bet_s, layout=red0)
+      b2v = plgpu.load(b2_s, layout=red0)  # b2 after update m-1: used by both halves
+      kf = k_s[...].astype(f32)
+      ek_s[...] = (-_col_bcast(eta_c, shp) * kf).astype(bf16)  # -diag(eta) K
+
+      # ---- forward halves with W_m: X2 = gelu(x W1 + b1) for x = Q_{m-1} (x_s), K_m (ex2_s)
+      for c in range(NL):
+        b1c = _row_bcast(plgpu.load(b1_s.at[c], layout=red0), shp)
+        zq, zk = mm_multi([(q_prev, w1h.at[c]), (k_s, w1h.at[c])])
+        x_s[c] = _gelu(zq + b1c).astype(bf16)
+        ex2_s[c] = _gelu(zk + b1c).astype(bf16)
+      plgpu.commit_smem()
+      pk, pq = wgmma_chains([[(ex2_s.at[c], w2h.at[c]) for c in range(NL)],
+                             [(x_s.at[c], w2h.at[c]) for c in range(NL)]], shp)
+      # ---- (1)-(3) keys: Z2 all-reduced; then the queries' partial goes out
+      z2 = allreduce(pk, 0) + _row_bcast(b2v, shp)
+      push(pq, 1)
+      # ---- (4)-(6): fused LayerNorm + L2 backward (replicated on every CTA)
+      target = v_s[...].astype(f32) - kf
+      xh, rstd = _ln_stats(z2, ln_eps)
+      gg = _row_bcast(gam, shp) * (_row_bcast(gam, shp) * xh + _row_bcast(bet, shp) - target)
+      s1 = jnp.sum(gg, axis=1)
+      s2 = jnp.sum(gg * xh, axis=1)
+      g2 = (F * gg - _col_bcast(s1, shp) - xh * _col_bcast(s2, shp)) * _col_bcast(rstd / F, shp)
+      g2_s[...] = g2.astype(bf16)
+      eg2 = -_col_bcast(eta_c, shp) * g2
+      eg2_s[0] = eg2.astype(bf16)
+      b2_s[...] = b2v + jnp.sum(eg2, axis=0)
+      plgpu.commit_smem()
+      # ---- (7): G1 = (G2 W2^T) * gelu'(Z1) per local chunk, with the old state
+      for c in range(NL):
+        b1c = plgpu.load(b1_s.at[c], layout=red0)
+        z1, gw = mm_multi([(k_s, w1h.at[c]), (g2_s, w2h.at[c].T)])
+        _, gp = _gelu_and_grad(z1 + _row_bcast(b1c, shp))
+        g1 = gw * gp
+        g1_s[c] = g1.astype(bf16)
+        b1_s[c] = b1c - jnp.sum(_col_bcast(eta_c, shp) * g1, axis=0)
+      plgpu.commit_smem()
+
+      # ---- (8) update; meanwhile (9)-(10) for the queries of mini-batch m-1 (state W_m)
+      def previous_queries():
+        @pl.when(m > 0)
+        def _():
+          query_output(q_prev, pq, b2v, gam, bet, m - 1, 1)
+
+        if C > 1:  # step 0's slot-1 push still has to be received (the phase count stays even)
+          @pl.when(m == 0)
+          def _():
+            pull(pq, 1)
+      w1, w2 = update_state(w1, w2, 0, during=previous_queries)
+      for c in range(NL):
+        w1h[c] = w1[c].astype(bf16)
+        w2h[c] = w2[c].astype(bf16)
+      plgpu.commit_smem()
       return w1, w2
 
-    if NB > 1:
-      issue_loads(0, 0)
-    lax.fori_loop(0, NC, step, (w1_0, w2_0))
+    if config.pipeline:
+      # Q_0 also into the "previous queries" slot: step 0's query half then reads finite values
+      plgpu.copy_gmem_to_smem(q_ref.at[bh, 0], q_sb.at[1], bars.at[0])
+      plgpu.barrier_wait(bars.at[0])
+      w1, w2 = lax.fori_loop(0, NC, step_pipelined, (w1_0, w2_0))
+      del w1, w2
+      # ---- the last mini-batch's queries with the final state
+      q_last = q_sb.at[(NC - 1) % 2]
+      b2n = plgpu.load(b2_s, layout=red0)
+      pq = mlp_fwd_partial(q_last)
+      push(pq, 0)
+      query_output(q_last, pq, b2n, plgpu.load(gam_s, layout=red0),
+                   plgpu.load(bet_s, layout=red0), NC - 1, 0)
+    else:
+      if NB > 1:
+        issue_loads(0, 0)
+      lax.fori_loop(0, NC, step, (w1_0, w2_0))
     plgpu.wait_smem_to_gmem(0)
     if C > 1:
       plgpu.barrier_arrive(cbar.at[0])  # no CTA exits while its peer may still push into it
@@ -270,14 +402,14 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
   sf = lambda *s: jax.ShapeDtypeStruct(s, f32)
   out_type = (st(BH, NC, CS, F), st(BH, NG, NH, 64, 64), st(BH, NG, NH, 64, 64),
               sf(BH, NG, NH, 64), st(BH, NG, NH, 64, 64), st(BH, NG, NH, 64, 64), sf(BH, NG, 64))
-  scratch = [tile(NB), tile(NB), tile(NB), tile(), tile(),  # q, k, v, -eta K, G2
+  scratch = [tile(NQ), tile(NB), tile(NB), tile(), tile(),  # q, k, v, -eta K, G2
              tile(NL), tile(NL), tile(NL),  # G1_c, -eta X2_c, X2 (forward)
              tile(NL), tile(NL), tile(2 * NL),  # W1 bf16, W2 bf16, lo (checkpoints / init)
              plgpu.SMEM((NB, 64), f32), plgpu.SMEM((NL, 64), f32), plgpu.SMEM((64,), f32),
              plgpu.SMEM((64,), f32), plgpu.SMEM((64,), f32),
              plgpu.Barrier(num_barriers=8)]
-  if config.precise_update:
-    scratch.append(tile(2))
+  if config.precise_update or config.pipeline:
+    scratch.append(tile(2 if config.precise_update else 1))
   kwargs = {}
   if C > 1:
     scratch += [plgpu.SMEM(shp, f32, transforms=tr32), plgpu.SMEM(shp, f32, transforms=tr32),

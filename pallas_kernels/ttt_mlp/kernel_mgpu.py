@@ -75,11 +75,17 @@ def wgmma_multi(pairs, shape=(64, 64)):
 
 def wgmma_chain(pairs, shape=(64, 64)):
   """sum_i a_i @ b_i accumulated on the tensor cores, one wait (inside a kernel)."""
-  def fn(acc):
-    for a, b in pairs:
-      plgpu.wgmma(acc, a, b)
-    return acc[...]
-  return pl.run_scoped(fn, plgpu.ACC(shape, jnp.float32))
+  return wgmma_chains([pairs], shape)[0]
+
+
+def wgmma_chains(chains, shape=(64, 64)):
+  """Independent sums sum_i a_i @ b_i, one per chain, issued together, one wait (inside a kernel)."""
+  def fn(*accs):
+    for acc, pairs in zip(accs, chains):
+      for a, b in pairs:
+        plgpu.wgmma(acc, a, b)
+    return tuple(acc[...] for acc in accs)
+  return pl.run_scoped(fn, *[plgpu.ACC(shape, jnp.float32) for _ in chains])
 
 
 def mlp_forward(xs, *, w1h, w2h, b1_s, x_s, chunks: int, shape=(64, 64)):

@@ -1,8 +1,9 @@
 """`ttt_mlp_pallas`: the Mosaic GPU forward kernel wrapped in a `jax.custom_vjp`.
 
-Forward: `kernel_acc_mgpu.build_forward_acc` (variant "v3": float32 state in wgmma accumulators,
-hidden dim over a 2-CTA cluster; cluster 1 in interpret mode) or `kernel_mgpu.build_forward`
-("v1"/"v2": state as bf16 (hi, lo) pairs in SMEM); checkpoints every G mini-batches.
+Forward: `kernel_acc_mgpu.build_forward_acc` (variant "v4", the default: float32 state in wgmma
+accumulators, hidden dim over a 2-CTA cluster, mini-batch m-1's queries folded into step m; "v3"
+without that folding; cluster 1 in interpret mode) or `kernel_mgpu.build_forward` ("v1"/"v2":
+state as bf16 (hi, lo) pairs in SMEM); checkpoints every G mini-batches.
 Backward: for each checkpoint group, in reverse, the XLA dual-form scan (`ttt_dit.ttt.inner_loop`)
 is restarted from the kernel's checkpoint and differentiated with `jax.vjp`; the state cotangent is
 carried from group to group (`backward="reference"`: the hand-derived recompute-then-reverse of
@@ -63,20 +64,26 @@ def _from_kernel_ckpts(ck, B, H):
 
 
 # v1/v2: state as bf16 (hi, lo) in SMEM (v1 waits every wgmma). v3: float32 state in wgmma
-# accumulators, 2-CTA cluster (default). v3_precise: v3 with (hi, lo) update operands.
-# v3_exact: v3 without approximate math. (H100 timings: benchmarks/NOTES-ttt-mlp.md.)
-VARIANTS = ("v1", "v2", "v3", "v3_precise", "v3_exact")
+# accumulators, 2-CTA cluster. v3_precise: v3 with (hi, lo) update operands. v3_exact: v3 without
+# approximate math. v4 (default): v3 with mini-batch m-1's query half inside step m (shared waits
+# and exchange point). (H100 timings: benchmarks/NOTES-ttt-mlp.md.)
+VARIANTS = ("v1", "v2", "v3", "v3_precise", "v3_exact", "v4")
 
 
-def _build(BH, NC, group, ln_eps, interpret, variant):
-  """The forward kernel of `variant` (same argument/result layout for all of them)."""
+def _build(BH, NC, group, ln_eps, interpret, variant, outputs=True):
+  """The forward kernel of `variant` (same argument/result layout for all of them).
+
+  outputs=False (v3/v4 only; the backward's restarts): the states alone, by v3 without its query
+  half (the output array is then left unwritten).
+  """
   if variant not in VARIANTS:
     raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
   iparams = jax.experimental.pallas.mosaic_gpu.InterpretGPUParams() if interpret else None
-  if variant.startswith("v3"):  # the cluster exchange has no interpret rule: cluster 1 there
+  if variant.startswith(("v3", "v4")):  # the exchange has no interpret rule: cluster 1 there
     cfg = kernel_acc_mgpu.AccTuningConfig(cluster=1 if interpret else 2,
                                           precise_update=variant == "v3_precise",
-                                          approx_math=variant != "v3_exact")
+                                          approx_math=variant != "v3_exact",
+                                          pipeline=variant == "v4" and outputs, outputs=outputs)
     return kernel_acc_mgpu.build_forward_acc(BH, NC, group, ln_eps, config=cfg,
                                              interpret=iparams)
   return kernel_mgpu.build_forward(BH, NC, group, ln_eps, interpret=iparams,
@@ -84,7 +91,7 @@ def _build(BH, NC, group, ln_eps, interpret, variant):
 
 
 def _forward_raw(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, group, ln_eps,
-                 interpret, variant="v3"):
+                 interpret, variant="v4"):
   """Runs the kernel: ([B, H, NC, CS, F] out in XQ's dtype, kernel-layout checkpoints [BH, NG, ...])."""
   B, H, NC, CS, F = XQ.shape
   bf = lambda a: a.astype(jnp.bfloat16).reshape(B * H, NC, CS, F)
@@ -102,7 +109,7 @@ def _per_head(a, B):
 
 
 def _forward(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, group, ln_eps, interpret,
-             variant="v3"):
+             variant="v4"):
   """Runs the kernel: ([B, H, NC, CS, F] out in XQ's dtype, checkpoint states [NG, B, H, ...])."""
   out, ck = _forward_raw(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, group=group,
                          ln_eps=ln_eps, interpret=interpret, variant=variant)
@@ -150,6 +157,12 @@ def _bwd(group, ln_eps, interpret, variant, backward, res, dout):
       group_vjp=backward_reference.group_vjp if backward == "reference" else None)
 
 
+# The backward's restarts keep their query half. Without it (outputs=False) the restart kernel
+# alone is 5-20% faster and the NC=282 backward 8% faster, but the NC=1000 backward 9% slower
+# (H100, same run; NOTES-ttt-mlp.md). `benchmarks.ttt_mlp_bwd_ablate restart_outputs` flips this.
+RESTART_OUTPUTS = True
+
+
 def _bwd_pallas(group, ln_eps, interpret, variant, res, dout, **tuning):
   """backward="pallas": per checkpoint group, last to first, (1) the forward kernel restarted
   from the group's checkpoint with a checkpoint every mini-batch (the per-step states), (2) the
@@ -169,7 +182,9 @@ def _bwd_pallas(group, ln_eps, interpret, variant, res, dout, **tuning):
   e = padded(eta, f32)
   gam, bet = _per_head(ln_weight, B), _per_head(ln_bias, B)
   C = 1 if interpret else 2
-  fwd = _build(BH, G + 1, 1, float(ln_eps), interpret, variant)
+  # v4's folding does not pay over a G + 1 step restart (H100 NC=1000 fwd+bwd 149 vs 142 ms): v3
+  fwd = _build(BH, G + 1, 1, float(ln_eps), interpret, "v3" if variant == "v4" else variant,
+               outputs=RESTART_OUTPUTS)
   bwd = kernel_bwd_mgpu.build_backward(
       BH, G, float(ln_eps), config=kernel_bwd_mgpu.BwdTuningConfig(cluster=C, **tuning),
       interpret=jax.experimental.pallas.mosaic_gpu.InterpretGPUParams() if interpret else None)
@@ -213,15 +228,15 @@ _ttt_mlp_kernel.defvjp(_fwd, _bwd)
 
 def ttt_mlp_pallas(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *,
                    checkpoint_group_size: int = 16, ln_eps: float = 1e-6, interpret: bool = False,
-                   variant: str = "v3", backward: str = "pallas"):
+                   variant: str = "v4", backward: str = "pallas"):
   """TTT-MLP with the fused kernels; same contract as `ttt_dit.ttt.inner_loop.ttt_mlp`.
 
   Returns [B, H, NC, CS, F] in XQ's dtype. `interpret=True` runs the kernel in Mosaic GPU interpret
-  mode (CPU tests); `variant` picks the forward kernel (VARIANTS; "v3" default); `backward` picks
+  mode (CPU tests); `variant` picks the forward kernel (VARIANTS; "v4" default); `backward` picks
   the VJP (BACKWARDS; "pallas", the default = the backward kernel, which rounds an odd checkpoint
-  group up to even; H100 NC=282: 41.6 ms fwd+bwd vs 220 ms with "xla_vjp"; "pallas_dw_gmem": the
-  same kernel with dW in GMEM instead of registers, same gradients, ~9% faster at NC=282, opt-in). Unsupported shapes or
-  devices log one line and use the XLA scan.
+  group up to even; H100 NC=282: ~41 ms fwd+bwd vs 220 ms with "xla_vjp"; "pallas_dw_gmem": the
+  same kernel with dW in GMEM instead of registers, same gradients, not consistently faster:
+  opt-in). Unsupported shapes or devices log one line and use the XLA scan.
   """
   if backward not in BACKWARDS:
     raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")

@@ -23,7 +23,7 @@ def _inputs(seed: int = 0):
   return tuple(a.astype(jnp.float32) for a in ttt_inputs(B, H, NC, seed))
 
 
-@pytest.mark.parametrize("variant", ["v2", "v3", "v3_precise"])
+@pytest.mark.parametrize("variant", ["v2", "v3", "v3_precise", "v4"])
 def test_forward_matches_xla_scan_interpret(variant):
   """Kernel (interpret mode) outputs vs the float32 XLA scan: bf16 matmuls, so rel L2 < 1e-2.
 
@@ -61,6 +61,22 @@ def test_checkpoints_match_xla_states_interpret():
       assert rel(got[g], w) < 1e-2, (g, rel(got[g], w))
 
 
+def test_restart_without_outputs_keeps_states_interpret():
+  """outputs=False (the backward's restart without its query half) gives bitwise the same states."""
+  from pallas_kernels.ttt_mlp import ttt_mlp as T
+  args = _inputs(3)
+  bf = lambda a: a.astype(jnp.bfloat16).reshape(B * H, NC, CS, F)
+  kargs = (bf(args[0]), bf(args[1]), bf(args[2]), args[3].reshape(B * H, NC, CS),
+           T._per_head(args[4], B), T._per_head(args[5], B), *T._to_kernel_state(*args[6:], B))
+  full, lean = (jax.jit(T._build(B * H, NC, 1, 1e-6, True, "v3", outputs=o))(*kargs)
+                for o in (True, False))
+  assert len(full) == len(lean) == 7
+  for a, b in zip(full[1:], lean[1:]):
+    assert jnp.array_equal(a, b)
+  assert float(jnp.max(jnp.abs(full[1][:, 1:].astype(jnp.float32)
+                               - full[1][:, :1].astype(jnp.float32)))) > 0  # the state moves
+
+
 @pytest.mark.parametrize("backward", ["xla_vjp", "reference"])  # "pallas": test_ttt_mlp_bwd_kernel
 def test_gradients_match_xla_scan_interpret(backward):
   """custom_vjp gradients (kernel forward + backward from checkpoints) vs jax.grad of the scan."""
@@ -83,7 +99,7 @@ def test_gradients_match_xla_scan_interpret(backward):
     assert err < 2e-2, (name, err)
 
 
-@pytest.mark.parametrize("variant", ["v2", "v3_cluster2"])
+@pytest.mark.parametrize("variant", ["v2", "v3_cluster2", "v4_cluster2"])
 def test_kernel_lowers_for_cuda(variant):
   """The compiled (non-interpret) kernel lowers to a Mosaic GPU module for CUDA on this CPU box.
 
@@ -94,8 +110,8 @@ def test_kernel_lowers_for_cuda(variant):
   if variant == "v2":
     fn = kernel_mgpu.build_forward(bh, nc, g, 1e-6)
   else:
-    fn = kernel_acc_mgpu.build_forward_acc(bh, nc, g, 1e-6,
-                                           config=kernel_acc_mgpu.AccTuningConfig(cluster=2))
+    cfg = kernel_acc_mgpu.AccTuningConfig(cluster=2, pipeline=variant == "v4_cluster2")
+    fn = kernel_acc_mgpu.build_forward_acc(bh, nc, g, 1e-6, config=cfg)
   S = jax.ShapeDtypeStruct
   bf, f32 = jnp.bfloat16, jnp.float32
   args = (S((bh, nc, 64, 64), bf),) * 3 + (S((bh, nc, 64), f32), S((bh, 64), f32),
