@@ -55,6 +55,8 @@ def main(argv=None):
                                                       variant="v3_precise")),
       "pallas_v3x": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G,
                                                       variant="v3_exact")),
+      "pallas_3pass": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G,
+                                                        variant="v3_3pass")),
       "pallas_v3": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G, variant="v3")),
       "pallas_refbwd": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G,
                                                          backward="reference")),

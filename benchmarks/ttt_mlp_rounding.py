@@ -93,6 +93,9 @@ def main(argv=None):
   p.add_argument("--key", type=int, default=0,
                  help="input key (benchmarks.ttt_mlp_kernel uses 1000 + the NC's position)")
   p.add_argument("--ln_eps", type=float, default=1e-6)
+  p.add_argument("--perturb", default="",
+                 help="comma list of relative sizes: also the float32 scan's own gradients with W1 "
+                      "scaled by (1 + size), against the unperturbed ones (the problem's conditioning)")
   a = p.parse_args(argv)
   B, H, NC, G = 1, a.heads, a.nc, a.group
   args = make_inputs(jax.random.PRNGKey(a.key), B, H, NC, eta_scale=a.eta_scale)
@@ -109,9 +112,17 @@ def main(argv=None):
   f = lambda *x: inner_loop.ttt_mlp(*x, checkpoint_group_size=G, ln_eps=a.ln_eps)
   _, vjp = jax.vjp(f, *(x.astype(jnp.float32) for x in args))
   g_ref = vjp(cot)
+  for size in (float(x) for x in a.perturb.split(",") if x):
+    pert = [x.astype(jnp.float32) for x in args]
+    pert[6] = pert[6] * (1 + size)
+    _, vjp_p = jax.vjp(f, *pert)
+    errs = {n: rel(x, y) for n, x, y in zip(NAMES, vjp_p(cot), g_ref)}
+    print(f"H={H} NC={NC} key={a.key} eta={a.eta_scale:g} float32 scan, W1 x (1 + {size:g}): max "
+          f"grad rel L2 {max(errs.values()):.2e} (" + ", ".join(f"{n} {v:.1e}" for n, v in errs.items())
+          + ")", flush=True)
   norms = np.array([float(jnp.linalg.norm(g_ref[1][:, h])) for h in range(H)])
   top = np.argsort(-norms)[:3]
-  for mode in a.modes.split(","):
+  for mode in (m for m in a.modes.split(",") if m):
     states = jax.jit(trajectory, static_argnums=1)(state0, mode)
     g_emu = grads_from_checkpoints(states, args, cot, G, a.ln_eps)
     errs = {n: rel(x, y) for n, x, y in zip(NAMES, g_emu, g_ref)}

@@ -33,8 +33,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.ttt_mlp.kernel_mgpu import (CS, F, NH, _col_bcast, _gelu, _gelu_and_grad,
-                                                _ln_stats, _row_bcast, mlp_forward, wgmma_chain,
-                                                wgmma_chains, wgmma_multi)
+                                                _ln_l2_grad, _ln_stats, _row_bcast, mlp_forward,
+                                                wgmma_chain, wgmma_chains, wgmma_multi)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,11 +54,18 @@ class AccTuningConfig:
   # False: no query half at all (the output array is left unwritten): for the backward's per-group
   # restarts, which only need the per-step states (checkpoints).
   outputs: bool = True
+  # Every matmul on the state trajectory (keys' Z1, Z2, G2 W2^T, the update) as 2-3 bf16 wgmmas
+  # of (hi, lo) operand pairs (hi*hi + hi*lo + lo*hi, ~16 mantissa bits) instead of one bf16 x
+  # bf16 product; the state's lo half stays in SMEM. The queries' half stays bf16 (outputs only).
+  # For the eta ~1e-5 regime where bf16 operands move the gradients by 2e-2 (NOTES-ttt-mlp.md).
+  three_pass: bool = False
 
   def __post_init__(self):
     if self.cluster not in (1, 2):
       raise ValueError(f"cluster must be 1 or 2 (the exchange is a pairwise push), got "
                        f"{self.cluster}")
+    if self.three_pass and (self.prefetch or self.precise_update or self.pipeline):
+      raise ValueError("three_pass=True is built without prefetch, precise_update and pipeline")
     if self.pipeline and (self.prefetch or self.precise_update or not self.outputs):
       raise ValueError("pipeline=True is built without prefetch, precise_update and outputs=False; "
                        f"got prefetch={self.prefetch}, precise_update={self.precise_update}, "
@@ -97,9 +104,13 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
            w2l_ref, b2_ref, o_ref, cw1h, cw1l, cb1, cw2h, cw2l, cb2,
            q_sb, k_sb, v_sb, ek_s, g2_s, g1_s, ex2_s, x_s, w1h, w2h, lo_s,
            eta_sb, b1_s, b2_s, gam_s, bet_s, bars, *rest):
-    # precise_update: [2, 64, 64] -eta G2 (hi, lo); pipeline: [1, 64, 64] -eta G2 (bf16)
-    eg2_s = rest[0] if config.precise_update or config.pipeline else None
+    # precise_update, three_pass: [2, 64, 64] -eta G2 (hi, lo); pipeline: [1, 64, 64] -eta G2
+    eg2_s = rest[0] if config.precise_update or config.pipeline or config.three_pass else None
     xch = rest[1:] if eg2_s is not None else rest
+    # three_pass: [NL, 64, 64] lo of -eta G1_c (then g1_s holds the hi); ek_s holds G2's lo and
+    # x_s the keys' X2 lo (ex2_s their hi) until the update, x_s the queries' X2 after it
+    g1l_s = xch[0] if config.three_pass else None
+    xch = xch[1:] if config.three_pass else xch
     bh = lax.axis_index("bh")
     r = lax.axis_index("c") if C > 1 else 0
     c0 = r * NL  # first global hidden chunk of this CTA
@@ -163,6 +174,11 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
       # The (transformed) operand refs are made inside the traced functions: made outside,
       # `run_state` hoists their static indices as constants that the lowering rejects.
       def pairs():  # per accumulator (W1_0.., W2_0..): the products summed into it
+        if config.three_pass:  # K exact in bf16: K^T (eG1_hi + eG1_lo); X2 (hi, lo) x eG2 (hi, lo)
+          return ([[(k_sb.at[slot].T, g1_s.at[c]), (k_sb.at[slot].T, g1l_s.at[c])]
+                   for c in range(NL)]
+                  + [[(ex2_s.at[c].T, eg2_s.at[0]), (x_s.at[c].T, eg2_s.at[0]),
+                      (ex2_s.at[c].T, eg2_s.at[1])] for c in range(NL)])
         if config.pipeline:  # X2 unscaled (ex2_s holds the keys' X2), -eta folded into G2
           return ([[(ek_s.T, g1_s.at[c])] for c in range(NL)]
                   + [[(ex2_s.at[c].T, eg2_s.at[0])] for c in range(NL)])
@@ -235,31 +251,47 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
       gam = plgpu.load(gam_s, layout=red0)  # [64] over columns f
       bet = plgpu.load(bet_s, layout=red0)
       kf = k_s[...].astype(f32)
-      if not config.precise_update:
+      if not (config.precise_update or config.three_pass):
         ek_s[...] = (-_col_bcast(eta_c, shp) * kf).astype(bf16)  # -diag(eta) K
+      w1l, w2l = (lambda c: lo_s.at[c]), (lambda c: lo_s.at[NL + c])  # three_pass: state lo
 
       # ---- (1)-(3): Z2 = gelu(K W1 + b1) W2 + b2, all-reduced over the hidden shards
       b2v = plgpu.load(b2_s, layout=red0)
-      z2 = allreduce(mlp_fwd_partial(k_s), 0) + _row_bcast(b2v, shp)
+      if config.three_pass:  # K exact: K W1h + K W1l; X2h W2h + X2h W2l + X2l W2h
+        z1s = wgmma_chains([[(k_s, w1h.at[c]), (k_s, w1l(c))] for c in range(NL)], shp)
+        for c in range(NL):
+          b1c = plgpu.load(b1_s.at[c], layout=red0)
+          split_store(_gelu(z1s[c] + _row_bcast(b1c, shp)), ex2_s.at[c], x_s.at[c])
+        plgpu.commit_smem()
+        pk = mm_chain([pr for c in range(NL) for pr in (
+            (ex2_s.at[c], w2h.at[c]), (ex2_s.at[c], w2l(c)), (x_s.at[c], w2h.at[c]))])
+      else:
+        pk = mlp_fwd_partial(k_s)
+      z2 = allreduce(pk, 0) + _row_bcast(b2v, shp)
       # ---- (4)-(6): fused LayerNorm + L2 backward (replicated on every CTA)
-      target = v_s[...].astype(f32) - kf
-      xh, rstd = _ln_stats(z2, ln_eps)
-      gg = _row_bcast(gam, shp) * (_row_bcast(gam, shp) * xh + _row_bcast(bet, shp) - target)
-      s1 = jnp.sum(gg, axis=1)
-      s2 = jnp.sum(gg * xh, axis=1)
-      g2 = (F * gg - _col_bcast(s1, shp) - xh * _col_bcast(s2, shp)) * _col_bcast(rstd / F, shp)
-      g2_s[...] = g2.astype(bf16)
-      if config.precise_update:
+      g2 = _ln_l2_grad(z2, v_s[...].astype(f32) - kf, gam, bet, ln_eps)
+      if config.three_pass:
+        split_store(g2, g2_s, ek_s)
+      else:
+        g2_s[...] = g2.astype(bf16)
+      if config.precise_update or config.three_pass:
         split_store(-_col_bcast(eta_c, shp) * g2, eg2_s.at[0], eg2_s.at[1])
       db2 = jnp.sum(_col_bcast(eta_c, shp) * g2, axis=0)
       plgpu.commit_smem()
       # ---- (7): G1 = (G2 W2^T) * gelu'(Z1) per local chunk, with the old state
       for c in range(NL):
         b1c = plgpu.load(b1_s.at[c], layout=red0)
-        z1, gw = mm_multi([(k_s, w1h.at[c]), (g2_s, w2h.at[c].T)])
+        if config.three_pass:  # G2h W2h^T + G2h W2l^T + G2l W2h^T (G2's lo in ek_s)
+          z1, gw = wgmma_chains([[(k_s, w1h.at[c]), (k_s, w1l(c))],
+                                 [(g2_s, w2h.at[c].T), (g2_s, w2l(c).T), (ek_s, w2h.at[c].T)]],
+                                shp)
+        else:
+          z1, gw = mm_multi([(k_s, w1h.at[c]), (g2_s, w2h.at[c].T)])
         x2, gp = _gelu_and_grad(z1 + _row_bcast(b1c, shp))
         g1 = gw * gp
-        if config.precise_update:  # lo_s is free between checkpoints
+        if config.three_pass:  # X2 (hi, lo) already in ex2_s / x_s from the forward above
+          split_store(-_col_bcast(eta_c, shp) * g1, g1_s.at[c], g1l_s.at[c])
+        elif config.precise_update:  # lo_s is free between checkpoints
           split_store(-_col_bcast(eta_c, shp) * g1, g1_s.at[c], lo_s.at[c])
           split_store(x2, ex2_s.at[c], lo_s.at[NL + c])
         else:
@@ -271,8 +303,12 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
       # ---- (8): W1_c += (-eta K)^T G1_c, W2_c += (-eta X2_c)^T G2 into the state accumulators
       w1, w2 = update_state(w1, w2, slot)
       for c in range(NL):
-        w1h[c] = w1[c].astype(bf16)
-        w2h[c] = w2[c].astype(bf16)
+        if config.three_pass:  # the next step's operands: hi and lo
+          split_store(w1[c], w1h.at[c], lo_s.at[c])
+          split_store(w2[c], w2h.at[c], lo_s.at[NL + c])
+        else:
+          w1h[c] = w1[c].astype(bf16)
+          w2h[c] = w2[c].astype(bf16)
       b2_s[...] = b2v - db2
       plgpu.commit_smem()
       if not config.outputs:
@@ -338,12 +374,7 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
       z2 = allreduce(pk, 0) + _row_bcast(b2v, shp)
       push(pq, 1)
       # ---- (4)-(6): fused LayerNorm + L2 backward (replicated on every CTA)
-      target = v_s[...].astype(f32) - kf
-      xh, rstd = _ln_stats(z2, ln_eps)
-      gg = _row_bcast(gam, shp) * (_row_bcast(gam, shp) * xh + _row_bcast(bet, shp) - target)
-      s1 = jnp.sum(gg, axis=1)
-      s2 = jnp.sum(gg * xh, axis=1)
-      g2 = (F * gg - _col_bcast(s1, shp) - xh * _col_bcast(s2, shp)) * _col_bcast(rstd / F, shp)
+      g2 = _ln_l2_grad(z2, v_s[...].astype(f32) - kf, gam, bet, ln_eps)
       g2_s[...] = g2.astype(bf16)
       eg2 = -_col_bcast(eta_c, shp) * g2
       eg2_s[0] = eg2.astype(bf16)
@@ -408,8 +439,10 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
              plgpu.SMEM((NB, 64), f32), plgpu.SMEM((NL, 64), f32), plgpu.SMEM((64,), f32),
              plgpu.SMEM((64,), f32), plgpu.SMEM((64,), f32),
              plgpu.Barrier(num_barriers=8)]
-  if config.precise_update or config.pipeline:
-    scratch.append(tile(2 if config.precise_update else 1))
+  if config.precise_update or config.pipeline or config.three_pass:
+    scratch.append(tile(1 if config.pipeline else 2))
+  if config.three_pass:
+    scratch.append(tile(NL))  # lo of -eta G1_c
   kwargs = {}
   if C > 1:
     scratch += [plgpu.SMEM(shp, f32, transforms=tr32), plgpu.SMEM(shp, f32, transforms=tr32),

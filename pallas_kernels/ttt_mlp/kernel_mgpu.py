@@ -64,6 +64,19 @@ def _ln_stats(z, eps):
   return d * _col_bcast(rstd, z.shape), rstd
 
 
+def _ln_l2_grad(z2, target, gam, bet, ln_eps):
+  """G2 = d/dZ2 of 0.5 ||gamma LN(Z2) + beta - target||^2 per row (spec §3.4 (4)-(6)), [64, 64] f32.
+
+  gam, bet: [64] vectors over columns (`Layout.WGMMA.reduce(0)`); fused LayerNorm + L2 backward.
+  """
+  shp = z2.shape
+  xh, rstd = _ln_stats(z2, ln_eps)
+  gg = _row_bcast(gam, shp) * (_row_bcast(gam, shp) * xh + _row_bcast(bet, shp) - target)
+  s1 = jnp.sum(gg, axis=1)
+  s2 = jnp.sum(gg * xh, axis=1)
+  return (F * gg - _col_bcast(s1, shp) - xh * _col_bcast(s2, shp)) * _col_bcast(rstd / F, shp)
+
+
 def wgmma_multi(pairs, shape=(64, 64)):
   """Independent a @ b products issued together, one wait: tuple of `shape` f32 (inside a kernel)."""
   def fn(*accs):
@@ -197,12 +210,7 @@ def build_forward(BH: int, NC: int, group: int, ln_eps: float, interpret=None,
       b2v = plgpu.load(b2_s, layout=red0)
       z2 = z2 + _row_bcast(b2v, shp)
       # ---- (4)-(6): fused LayerNorm + L2 backward
-      target = v_s[...].astype(f32) - kf
-      xh, rstd = _ln_stats(z2, ln_eps)
-      gg = _row_bcast(gam, shp) * (_row_bcast(gam, shp) * xh + _row_bcast(bet, shp) - target)
-      s1 = jnp.sum(gg, axis=1)
-      s2 = jnp.sum(gg * xh, axis=1)
-      g2 = (F * gg - _col_bcast(s1, shp) - xh * _col_bcast(s2, shp)) * _col_bcast(rstd / F, shp)
+      g2 = _ln_l2_grad(z2, v_s[...].astype(f32) - kf, gam, bet, ln_eps)
       g2_s[...] = g2.astype(bf16)
       db2 = 0.0 if "Bsum" in ablate else jnp.sum(_col_bcast(eta_c, shp) * g2, axis=0)
       plgpu.commit_smem()

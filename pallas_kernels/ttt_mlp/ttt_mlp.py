@@ -65,9 +65,10 @@ def _from_kernel_ckpts(ck, B, H):
 
 # v1/v2: state as bf16 (hi, lo) in SMEM (v1 waits every wgmma). v3: float32 state in wgmma
 # accumulators, 2-CTA cluster. v3_precise: v3 with (hi, lo) update operands. v3_exact: v3 without
-# approximate math. v4 (default): v3 with mini-batch m-1's query half inside step m (shared waits
-# and exchange point). (H100 timings: benchmarks/NOTES-ttt-mlp.md.)
-VARIANTS = ("v1", "v2", "v3", "v3_precise", "v3_exact", "v4")
+# approximate math. v3_3pass: v3 with every state-trajectory matmul as 3-pass bf16 (hi, lo)
+# products (float32-accurate trajectory; its restarts too). v4 (default): v3 with mini-batch m-1's
+# query half inside step m (shared waits and exchange point). (H100: benchmarks/NOTES-ttt-mlp.md.)
+VARIANTS = ("v1", "v2", "v3", "v3_precise", "v3_exact", "v3_3pass", "v4")
 
 
 def _build(BH, NC, group, ln_eps, interpret, variant, outputs=True):
@@ -83,7 +84,8 @@ def _build(BH, NC, group, ln_eps, interpret, variant, outputs=True):
     cfg = kernel_acc_mgpu.AccTuningConfig(cluster=1 if interpret else 2,
                                           precise_update=variant == "v3_precise",
                                           approx_math=variant != "v3_exact",
-                                          pipeline=variant == "v4" and outputs, outputs=outputs)
+                                          pipeline=variant == "v4" and outputs, outputs=outputs,
+                                          three_pass=variant == "v3_3pass")
     return kernel_acc_mgpu.build_forward_acc(BH, NC, group, ln_eps, config=cfg,
                                              interpret=iparams)
   return kernel_mgpu.build_forward(BH, NC, group, ln_eps, interpret=iparams,
