@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 
@@ -43,3 +44,17 @@ def median_ms(fn, args, reps: int) -> float:
     jax.block_until_ready(fn(*args))
     ts.append((time.perf_counter() - t) * 1e3)
   return statistics.median(ts)
+
+
+def summarize(rows: list[dict], out: str = "") -> None:
+  """Prints the kernel benchmarks' closing table (one line per row) and writes rows to `out` (JSON)."""
+  nan = float("nan")
+  print("\neta    NC    impl            fwd_ms  TFLOP/s  fwd+bwd_ms  out_rel  max_grad_rel")
+  for r in rows:
+    mg = max(r["grad_rel"].values()) if "grad_rel" in r else nan  # nan if any is nan
+    print(f"{r['eta_scale']:.0e} {r['NC']:5d} {r['impl']:14s} {r.get('fwd_ms', nan):8.2f} "
+          f"{r.get('fwd_tflops', nan):8.3f} {r.get('fwdbwd_ms', nan):10.1f} "
+          f"{r['out_rel']:.2e} {mg:.2e}")
+  if out:
+    with open(out, "w") as fh:
+      json.dump(rows, fh, indent=1)

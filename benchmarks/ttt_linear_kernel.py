@@ -22,7 +22,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from benchmarks.kernel_common import median_ms, rel, ttt_inputs
+from benchmarks.kernel_common import median_ms, rel, summarize, ttt_inputs
 from pallas_kernels.ttt_linear import ttt_linear_pallas
 from pallas_kernels.ttt_linear.ttt_linear import DEFAULT_VARIANT
 from ttt_dit.ttt import inner_loop
@@ -126,15 +126,7 @@ def main(argv=None):
         rows.append(row)
         print(json.dumps(row), flush=True)
       del args, ref, gref
-  print("\neta    NC    impl            fwd_ms  TFLOP/s  fwd+bwd_ms  out_rel  max_grad_rel")
-  for r in rows:
-    mg = max(r["grad_rel"].values()) if "grad_rel" in r else float("nan")
-    print(f"{r['eta_scale']:.0e} {r['NC']:5d} {r['impl']:14s} {r.get('fwd_ms', float('nan')):8.2f} "
-          f"{r.get('fwd_tflops', float('nan')):8.3f} {r.get('fwdbwd_ms', float('nan')):10.1f} "
-          f"{r['out_rel']:.2e} {mg:.2e}")
-  if a.out:
-    with open(a.out, "w") as fh:
-      json.dump(rows, fh, indent=1)
+  summarize(rows, a.out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from benchmarks.kernel_common import median_ms, rel, ttt_inputs
+from benchmarks.kernel_common import median_ms, rel, summarize, ttt_inputs
 from pallas_kernels.ttt_mlp import ttt_mlp_pallas
 from ttt_dit.ttt import inner_loop
 
@@ -121,14 +121,7 @@ def main(argv=None):
         row["peak_gib"] = None
       rows.append(row)
       print(json.dumps(row), flush=True)
-  print("\nNC    impl    fwd_ms   TFLOP/s  fwd+bwd_ms  out_rel  max_grad_rel")
-  for r in rows:
-    mg = max(r["grad_rel"].values()) if "grad_rel" in r else float("nan")  # nan if any is nan
-    print(f"{r['NC']:5d} {r['impl']:7s} {r['fwd_ms']:8.2f} {r['fwd_tflops']:8.3f} "
-          f"{r.get('fwdbwd_ms', float('nan')):10.1f} {r['out_rel']:.2e} {mg:.2e}")
-  if a.out:
-    with open(a.out, "w") as fh:
-      json.dump(rows, fh, indent=1)
+  summarize(rows, a.out)
 
 
 if __name__ == "__main__":
