@@ -14,6 +14,10 @@ Differences from v1/v2 (`kernel_mgpu.py`, state as bf16 (hi, lo) pairs in SMEM):
   LayerNorm/G2/b2 math stays identical). cluster=1 is the same arithmetic without the exchange:
   the variant the CPU interpret-mode tests run (registers are no constraint there).
 Checkpoints keep v1/v2's layout: (hi, lo) bf16 pairs per chunk, b1/b2 float32.
+Options (AccTuningConfig): `pipeline` (v4, the default of `ttt_mlp_pallas`: mini-batch m-1's query
+half inside step m, which uses the same state), `three_pass` (v3_3pass: the state trajectory's
+matmuls as 3-pass bf16 (hi, lo) products, float32-accurate), `outputs=False` (states only, for the
+backward's restarts), `precise_update`, `prefetch`, `approx_math`.
 
 Covered only by the GPU run (benchmarks/ttt_mlp_kernel.py): cluster=2 (the DSMEM exchange and its
 barriers) and the in-place accumulation into the carried state (interpret mode has no rule for
