@@ -27,6 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.mgpu_common import copy_in, per_head_kernel
 from pallas_kernels.ttt_linear.kernel_mgpu import F, _col, _ln, _row, mm_group
 
 
@@ -78,11 +79,8 @@ def build_backward(BH: int, G: int, ln_eps: float, *,
            q_s, k_s, v_s, do_s, w_s, nw_s, dzb_s, dw_s, eg_s, dz_s, wa32, wb32, wc32,
            eta_s, b_s, nb_s, gam_s, bet_s, de_s, db_a, dgam_a, dbet_a, bars):
     bh = lax.axis_index("bh")
-    for i, (src, dst) in enumerate(((dw_in.at[bh], wa32), (db_in.at[bh], db_a),
-                                    (g_ref.at[bh], gam_s), (bt_ref.at[bh], bet_s))):
-      plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
-    for i in range(4):
-      plgpu.barrier_wait(bars.at[i])
+    copy_in(((dw_in.at[bh], wa32), (db_in.at[bh], db_a), (g_ref.at[bh], gam_s),
+             (bt_ref.at[bh], bet_s)), bars)
     dW0 = plgpu.layout_cast(wa32[...], plgpu.Layout.WGMMA)
     zero = plgpu.load(gam_s, layout=red0) * 0.0  # (a splat-layout zero cannot be stored)
     dgam_a[...] = zero
@@ -104,10 +102,7 @@ def build_backward(BH: int, G: int, ln_eps: float, *,
                 (do_ref.at[bh, m], do_s), (eta_ref.at[bh, m], eta_s), (sw_ref.at[bh, m], wa32),
                 (sw_ref.at[bh, m + 1], wb32), (sb_ref.at[bh, m], b_s),
                 (sb_ref.at[bh, m + 1], nb_s))
-      for i, (src, dst) in enumerate(copies):
-        plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
-      for i in range(len(copies)):
-        plgpu.barrier_wait(bars.at[i])
+      copy_in(copies, bars)
       E = _col(plgpu.load(eta_s, layout=red1))  # eta per row
       gam = _row(plgpu.load(gam_s, layout=red0))
       bet = _row(plgpu.load(bet_s, layout=red0))
@@ -189,9 +184,5 @@ def build_backward(BH: int, G: int, ln_eps: float, *,
              vec(), vec(), vec(), vec(), vec(), vec(),  # eta, b_m, b_{m+1}, gamma, beta, deta
              vec(), vec(), vec(),  # db, dgamma, dbeta accumulators
              plgpu.Barrier(num_barriers=9)]
-  kwargs = {}
-  if interpret is not None:
-    kwargs["interpret"] = interpret
-  return plgpu.kernel(
-      body, out_type=out_type, scratch_types=scratch, grid=(BH,), grid_names=("bh",),
-      compiler_params=plgpu.CompilerParams(approx_math=config.approx_math), **kwargs)
+  return per_head_kernel(body, out_type=out_type, scratch=scratch, BH=BH,
+                         approx_math=config.approx_math, interpret=interpret)

@@ -29,6 +29,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.mgpu_common import copy_in, per_head_kernel
+
 CS = 64  # mini-batch size the kernel is built for
 F = 64  # head dim
 
@@ -103,11 +105,8 @@ def build_forward(BH: int, NC: int, group: int, ln_eps: float, *,
   def body(q_ref, k_ref, v_ref, eta_ref, g_ref, bt_ref, w1_ref, b1_ref, o_ref, cw1, cb1,
            q_sb, k_sb, v_sb, eta_sb, ek_s, g1_s, w1h, ea_s, w32, b1_s, gam_s, bet_s, bars):
     bh = lax.axis_index("bh")
-    for i, (src, dst) in enumerate(((w1_ref.at[bh], w32), (b1_ref.at[bh], b1_s),
-                                    (g_ref.at[bh], gam_s), (bt_ref.at[bh], bet_s))):
-      plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
-    for i in range(4):
-      plgpu.barrier_wait(bars.at[i])
+    copy_in(((w1_ref.at[bh], w32), (b1_ref.at[bh], b1_s), (g_ref.at[bh], gam_s),
+             (bt_ref.at[bh], bet_s)), bars)
     w1_0 = plgpu.layout_cast(w32[...], plgpu.Layout.WGMMA)
     w1h[...] = w1_0.astype(bf16)
     plgpu.commit_smem()
@@ -207,9 +206,5 @@ def build_forward(BH: int, NC: int, group: int, ln_eps: float, *,
              plgpu.SMEM(shp, f32, transforms=tr32),  # W1 f32 staging (init / checkpoints)
              plgpu.SMEM((64,), f32), plgpu.SMEM((64,), f32), plgpu.SMEM((64,), f32),  # b1 g b
              plgpu.Barrier(num_barriers=4 * NB)]
-  kwargs = {}
-  if interpret is not None:
-    kwargs["interpret"] = interpret
-  return plgpu.kernel(
-      body, out_type=out_type, scratch_types=scratch, grid=(BH,), grid_names=("bh",),
-      compiler_params=plgpu.CompilerParams(approx_math=config.approx_math), **kwargs)
+  return per_head_kernel(body, out_type=out_type, scratch=scratch, BH=BH,
+                         approx_math=config.approx_math, interpret=interpret)

@@ -36,6 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.mgpu_common import copy_in
 from pallas_kernels.ttt_mlp.kernel_mgpu import (CS, F, NH, _col_bcast, _gelu, _gelu_and_grad,
                                                 _ln_l2_grad, _ln_stats, _row_bcast, mlp_forward,
                                                 wgmma_chain, wgmma_chains, wgmma_multi)
@@ -352,11 +353,8 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
       def _():
         write_checkpoint(m // group, w1, w2)
 
-      for i, (src, dst) in enumerate(((q_ref, q_cur), (k_ref, k_s), (v_ref, v_s),
-                                      (eta_ref, eta_s))):
-        plgpu.copy_gmem_to_smem(src.at[bh, m], dst, bars.at[i])
-      for i in range(4):
-        plgpu.barrier_wait(bars.at[i])
+      copy_in([(src.at[bh, m], dst) for src, dst in ((q_ref, q_cur), (k_ref, k_s), (v_ref, v_s),
+                                                       (eta_ref, eta_s))], bars)
 
       eta_c = plgpu.load(eta_s, layout=red1)  # [64] over rows j
       gam = plgpu.load(gam_s, layout=red0)  # [64] over columns f

@@ -35,9 +35,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.mgpu_common import copy_in
 from pallas_kernels.ttt_mlp.kernel_mgpu import (F, GELU_C, GELU_C3, NH, _col_bcast, _ln_stats,
                                                 _row_bcast, mlp_forward, wgmma_chain,
-                                                wgmma_multi)
+                                                wgmma_chains, wgmma_multi)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,16 +71,6 @@ def _gelu_grads(z):
 def _gelu_grad(z):
   tau = jnp.tanh(GELU_C * z * (1.0 + 0.044715 * z * z))
   return 0.5 * (1.0 + tau) + 0.5 * z * (1.0 - tau * tau) * (GELU_C + GELU_C3 * z * z)
-
-
-def wgmma_chains(pair_lists, shape=(64, 64)):
-  """One accumulator per list, sum_i a_i @ b_i in each, all issued before one wait."""
-  def fn(*accs):
-    for acc, pairs in zip(accs, pair_lists):
-      for a, b in pairs:
-        plgpu.wgmma(acc, a, b)
-    return tuple(acc[...] for acc in accs)
-  return pl.run_scoped(fn, *[plgpu.ACC(shape, jnp.float32) for _ in pair_lists])
 
 
 def build_backward(BH: int, G: int, ln_eps: float, *,
@@ -206,10 +197,7 @@ def build_backward(BH: int, G: int, ln_eps: float, *,
                 (sw2_ref.at[bh, m + 1, pl.ds(c0, NL)], nw2_s),
                 (sb1_ref.at[bh, m, pl.ds(c0, NL)], b1_s), (sb1_ref.at[bh, m + 1, pl.ds(c0, NL)], nb1_s),
                 (sb2_ref.at[bh, m], b2_s), (sb2_ref.at[bh, m + 1], nb2_s))
-      for i, (src, dst) in enumerate(copies):
-        plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
-      for i in range(len(copies)):
-        plgpu.barrier_wait(bars.at[i])
+      copy_in(copies, bars)
 
     def step(m, parity, carry):
       """Mini-batch m. Exchanges k = 0, 1, 2 use slot (k + parity) % 2: two steps alternate, so
