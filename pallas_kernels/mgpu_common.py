@@ -1,8 +1,36 @@
-"""Small Mosaic GPU helpers shared by the TTT kernels (inside a kernel body only)."""
+"""Small Mosaic GPU helpers shared by the TTT kernels (inside a kernel body, or their launch)."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax
+
 from jax.experimental.pallas import mosaic_gpu as plgpu
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+  """Mosaic GPU's on-device profiler: every `jax.named_scope` region of the kernel body is timed
+  (SM clock cycles, per warpgroup) and written as a Perfetto JSON trace into `dir` after each call.
+
+  space: ranges recorded per warpgroup (16 bytes of SMEM each; later ones are dropped).
+  """
+
+  dir: str
+  space: int = 256
+
+  def __post_init__(self):
+    if not self.dir or self.space < 1:
+      raise ValueError(f"Profile needs a directory and space >= 1, got {self!r}")
+
+
+def compiler_params(approx_math: bool, profile: Profile | None = None) -> plgpu.CompilerParams:
+  """The kernels' compiler parameters, with the profiler on when `profile` is given."""
+  if profile is None:
+    return plgpu.CompilerParams(approx_math=approx_math)
+  return plgpu.CompilerParams(approx_math=approx_math, profile_space=profile.space,
+                              profile_dir=profile.dir, profile_bounds_check=True)
 
 
 def copy_in(copies, bars) -> None:
@@ -14,10 +42,32 @@ def copy_in(copies, bars) -> None:
 
 
 def per_head_kernel(body, *, out_type, scratch, BH: int, approx_math: bool, interpret=None,
-                    **kwargs):
-  """`plgpu.kernel` over a grid of one program per (batch, head) row ("bh"); interpret=None: compiled."""
+                    profile: Profile | None = None, **kwargs):
+  """`plgpu.kernel` over a grid of one program per (batch, head) row ("bh"); interpret=None: compiled.
+
+  kwargs go to `plgpu.kernel` (e.g. cluster=(2,), cluster_names=("c",)).
+  """
   if interpret is not None:
     kwargs["interpret"] = interpret
   return plgpu.kernel(
       body, out_type=out_type, scratch_types=scratch, grid=(BH,), grid_names=("bh",),
-      compiler_params=plgpu.CompilerParams(approx_math=approx_math), **kwargs)
+      compiler_params=compiler_params(approx_math, profile), **kwargs)
+
+
+class Phases:
+  """Consecutive `jax.named_scope` regions without nesting the code: `ph("A")` closes the open
+  region (if any) and opens "A"; `ph.close()` ends the last. The regions are what `Profile` times;
+  without a profile they only label the lowered code."""
+
+  def __init__(self):
+    self._open = None
+
+  def __call__(self, name: str) -> None:
+    self.close()
+    self._open = jax.named_scope(name)
+    self._open.__enter__()
+
+  def close(self) -> None:
+    if self._open is not None:
+      self._open.__exit__(None, None, None)
+      self._open = None

@@ -36,7 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mgpu_common import copy_in
+from pallas_kernels.mgpu_common import Phases, Profile, copy_in, per_head_kernel
 from pallas_kernels.ttt_mlp.kernel_mgpu import (CS, F, NH, _col_bcast, _gelu, _gelu_and_grad,
                                                 _ln_l2_grad, _ln_stats, _row_bcast, mlp_forward,
                                                 wgmma_chain, wgmma_chains, wgmma_multi)
@@ -78,12 +78,14 @@ class AccTuningConfig:
 
 
 def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
-                      config: AccTuningConfig = AccTuningConfig(), interpret=None):
+                      config: AccTuningConfig = AccTuningConfig(), interpret=None,
+                      profile: Profile | None = None):
   """Returns f(q, k, v, eta, gamma, beta, w1h, w1l, b1, w2h, w2l, b2) -> (out, ckpts).
 
   Same argument/result layout as `kernel_mgpu.build_forward` (see there): q, k, v [BH, NC, 64, 64]
   bf16, eta [BH, NC, 64] f32, state chunks [BH, 4, 64, 64] bf16 (hi, lo), b1 [BH, 4, 64],
-  b2 [BH, 64]; checkpoints with an [NG] axis after BH.
+  b2 [BH, 64]; checkpoints with an [NG] axis after BH. profile: time the step's phases
+  (`jax.named_scope` regions) on the device (Mosaic GPU profiler).
   """
   C = config.cluster
   NL = NH // C  # hidden chunks of 64 per CTA
@@ -238,11 +240,14 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
       w1, w2 = carry  # NL x [64, 64] f32 each: W1[:, chunk], W2[chunk, :]
       slot = m % NB if NB > 1 else 0
       q_s, k_s, v_s, eta_s = (b.at[slot] for b in (q_sb, k_sb, v_sb, eta_sb))
+      ph = Phases()  # named regions: what a `Profile` times
+      ph("ckpt")
 
       @pl.when(m % group == 0)
       def _():
         write_checkpoint(m // group, w1, w2)
 
+      ph("load")
       if NB == 1:
         issue_loads(m, 0)
       else:  # the other buffer was last read by step m-1 (its output TMA already waited)
@@ -261,6 +266,7 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
       w1l, w2l = (lambda c: lo_s.at[c]), (lambda c: lo_s.at[NL + c])  # three_pass: state lo
 
       # ---- (1)-(3): Z2 = gelu(K W1 + b1) W2 + b2, all-reduced over the hidden shards
+      ph("key_fwd")
       b2v = plgpu.load(b2_s, layout=red0)
       if config.three_pass:  # K exact: K W1h + K W1l; X2h W2h + X2h W2l + X2l W2h
         z1s = wgmma_chains([[(k_s, w1h.at[c]), (k_s, w1l(c))] for c in range(NL)], shp)
@@ -272,8 +278,10 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
             (ex2_s.at[c], w2h.at[c]), (ex2_s.at[c], w2l(c)), (x_s.at[c], w2h.at[c]))])
       else:
         pk = mlp_fwd_partial(k_s)
+      ph("xchg")
       z2 = allreduce(pk, 0) + _row_bcast(b2v, shp)
       # ---- (4)-(6): fused LayerNorm + L2 backward (replicated on every CTA)
+      ph("ln")
       g2 = _ln_l2_grad(z2, v_s[...].astype(f32) - kf, gam, bet, ln_eps)
       if config.three_pass:
         split_store(g2, g2_s, ek_s)
@@ -284,6 +292,7 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
       db2 = jnp.sum(_col_bcast(eta_c, shp) * g2, axis=0)
       plgpu.commit_smem()
       # ---- (7): G1 = (G2 W2^T) * gelu'(Z1) per local chunk, with the old state
+      ph("g1")
       for c in range(NL):
         b1c = plgpu.load(b1_s.at[c], layout=red0)
         if config.three_pass:  # G2h W2h^T + G2h W2l^T + G2l W2h^T (G2's lo in ek_s)
@@ -306,7 +315,9 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
       plgpu.commit_smem()
 
       # ---- (8): W1_c += (-eta K)^T G1_c, W2_c += (-eta X2_c)^T G2 into the state accumulators
+      ph("update")
       w1, w2 = update_state(w1, w2, slot)
+      ph("store_w")
       for c in range(NL):
         if config.three_pass:  # the next step's operands: hi and lo
           split_store(w1[c], w1h.at[c], lo_s.at[c])
@@ -317,12 +328,15 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
       b2_s[...] = b2v - db2
       plgpu.commit_smem()
       if not config.outputs:
+        ph.close()
         return w1, w2
       # ---- (9)-(10): apply the new state to the queries
+      ph("query")
       b2n = plgpu.load(b2_s, layout=red0)
       pq = mlp_fwd_partial(q_s)
       push(pq, 1)
       query_output(q_s, pq, b2n, gam, bet, m, 1)
+      ph.close()
       return w1, w2
 
     def query_output(q_s, z2b_partial, b2v, gam, bet, m, slot):
@@ -348,11 +362,14 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
       w1, w2 = carry  # NL x [64, 64] f32 each: W1[:, chunk], W2[chunk, :]
       q_prev, q_cur = q_sb.at[(m + 1) % 2], q_sb.at[m % 2]  # Q_{m-1}, Q_m
       k_s, v_s, eta_s = k_sb.at[0], v_sb.at[0], eta_sb.at[0]
+      ph = Phases()  # named regions: what a `Profile` times
+      ph("ckpt")
 
       @pl.when(m % group == 0)
       def _():
         write_checkpoint(m // group, w1, w2)
 
+      ph("load")
       copy_in([(src.at[bh, m], dst) for src, dst in ((q_ref, q_cur), (k_ref, k_s), (v_ref, v_s),
                                                        (eta_ref, eta_s))], bars)
 
@@ -364,17 +381,21 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
       ek_s[...] = (-_col_bcast(eta_c, shp) * kf).astype(bf16)  # -diag(eta) K
 
       # ---- forward halves with W_m: X2 = gelu(x W1 + b1) for x = Q_{m-1} (x_s), K_m (ex2_s)
+      ph("z1")
       for c in range(NL):
         b1c = _row_bcast(plgpu.load(b1_s.at[c], layout=red0), shp)
         zq, zk = mm_multi([(q_prev, w1h.at[c]), (k_s, w1h.at[c])])
         x_s[c] = _gelu(zq + b1c).astype(bf16)
         ex2_s[c] = _gelu(zk + b1c).astype(bf16)
       plgpu.commit_smem()
+      ph("z2")
       pk, pq = wgmma_chains([[(ex2_s.at[c], w2h.at[c]) for c in range(NL)],
                              [(x_s.at[c], w2h.at[c]) for c in range(NL)]], shp)
       # ---- (1)-(3) keys: Z2 all-reduced; then the queries' partial goes out
+      ph("xchg")
       z2 = allreduce(pk, 0) + _row_bcast(b2v, shp)
       push(pq, 1)
+      ph("ln")
       # ---- (4)-(6): fused LayerNorm + L2 backward (replicated on every CTA)
       g2 = _ln_l2_grad(z2, v_s[...].astype(f32) - kf, gam, bet, ln_eps)
       g2_s[...] = g2.astype(bf16)
@@ -383,6 +404,7 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
       b2_s[...] = b2v + jnp.sum(eg2, axis=0)
       plgpu.commit_smem()
       # ---- (7): G1 = (G2 W2^T) * gelu'(Z1) per local chunk, with the old state
+      ph("g1")
       for c in range(NL):
         b1c = plgpu.load(b1_s.at[c], layout=red0)
         z1, gw = mm_multi([(k_s, w1h.at[c]), (g2_s, w2h.at[c].T)])
@@ -402,11 +424,14 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
           @pl.when(m == 0)
           def _():
             pull(pq, 1)
+      ph("update")
       w1, w2 = update_state(w1, w2, 0, during=previous_queries)
+      ph("store_w")
       for c in range(NL):
         w1h[c] = w1[c].astype(bf16)
         w2h[c] = w2[c].astype(bf16)
       plgpu.commit_smem()
+      ph.close()
       return w1, w2
 
     if config.pipeline:
@@ -452,8 +477,6 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
                 plgpu.Barrier(num_arrivals=C - 1, num_barriers=1),
                 plgpu.ClusterBarrier(collective_axes=("c",), num_barriers=1)]
     kwargs.update(cluster=(C,), cluster_names=("c",))
-  if interpret is not None:
-    kwargs["interpret"] = interpret
-  return plgpu.kernel(
-      body, out_type=out_type, scratch_types=scratch, grid=(BH,), grid_names=("bh",),
-      compiler_params=plgpu.CompilerParams(approx_math=config.approx_math), **kwargs)
+  return per_head_kernel(body, out_type=out_type, scratch=scratch, BH=BH,
+                         approx_math=config.approx_math, interpret=interpret, profile=profile,
+                         **kwargs)

@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mgpu_common import copy_in
+from pallas_kernels.mgpu_common import Phases, Profile, copy_in, per_head_kernel
 from pallas_kernels.ttt_mlp.kernel_mgpu import (F, GELU_C, GELU_C3, NH, _col_bcast, _ln_stats,
                                                 _row_bcast, mlp_forward, wgmma_chain,
                                                 wgmma_chains, wgmma_multi)
@@ -75,7 +75,7 @@ def _gelu_grad(z):
 
 def build_backward(BH: int, G: int, ln_eps: float, *,
                    config: BwdTuningConfig = BwdTuningConfig(), interpret=None,
-                   ablate: frozenset = frozenset()):
+                   ablate: frozenset = frozenset(), profile: Profile | None = None):
   """Returns the group-backward kernel f(...) (G mini-batches, walked from the last to the first).
 
   Arguments (NS >= G steps of inputs are passed; the first G are used):
@@ -204,12 +204,15 @@ def build_backward(BH: int, G: int, ln_eps: float, *,
       consecutive exchanges never share a slot (a peer may push the next one before this CTA has
       read the last one)."""
       dW1, dW2 = carry  # NL x [64, 64] f32: cotangents of W1[:, chunk], W2[chunk, :]
+      ph = Phases()  # named regions: what a `Profile` times
+      ph("load")
       issue_loads(m)
       E = col(plgpu.load(eta_s, layout=red1))  # eta per row
       gam = row(plgpu.load(gam_s, layout=red0))
       bet = row(plgpu.load(bet_s, layout=red0))
 
       # ---- R: the step's forward from W_m (keys) and W_{m+1} (queries)
+      ph("R_key")
       mlp = mlp_forward if "R" not in ablate else lambda xs, **_: xs[...].astype(f32)
       z2 = allreduce(mlp(k_s, w1h=w1_s, w2h=w2_s, b1_s=b1_s, x_s=x_s, chunks=NL), parity)
       z2 = z2 + row(plgpu.load(b2_s, layout=red0))
@@ -222,12 +225,14 @@ def build_backward(BH: int, G: int, ln_eps: float, *,
       xh_s[...] = xh.astype(bf16)
       v_s[...] = h.astype(bf16)  # V is not needed again
       plgpu.commit_smem()
+      ph("R_query")
       z2b = allreduce(mlp(q_s, w1h=nw1_s, w2h=nw2_s, b1_s=nb1_s, x_s=xb_s, chunks=NL),
                       1 - parity)
       z2b = z2b + row(plgpu.load(nb2_s, layout=red0))
       xhb, rstdb = _ln_stats(z2b, ln_eps)
 
       # ---- A: out = Q + gamma xhb + beta
+      ph("A_ln")
       dof = do_s[...].astype(f32)
       dgam_a[...] = plgpu.load(dgam_a, layout=red0) + sum_c(dof * xhb)
       dbet_a[...] = plgpu.load(dbet_a, layout=red0) + sum_c(dof)
@@ -236,6 +241,7 @@ def build_backward(BH: int, G: int, ln_eps: float, *,
       db2_a[...] = plgpu.load(db2_a, layout=red0) + sum_c(dz2b)
       dz_s[...] = dz2b.astype(bf16)
       plgpu.commit_smem()
+      ph("A_dw2")
       if gm:
         d2 = acc_add(tuple(ld_dw(dw2_out, c) for c in range(NL)),
                      lambda: [[(xb_s.at[c].T, dz_s)] for c in range(NL)])
@@ -244,12 +250,14 @@ def build_backward(BH: int, G: int, ln_eps: float, *,
       else:
         dW2 = acc_add(dW2, lambda: [[(xb_s.at[c].T, dz_s)] for c in range(NL)])
         d2b = dW2
+      ph("A_dz1b")
       for c in range(NL):  # X2b is consumed: its tiles take dZ1b
         z1b, pre = wgmma_multi([(q_s, nw1_s.at[c]), (dz_s, nw2_s.at[c].T)], shp)
         dz1b = pre * _gelu_grad(z1b + row(plgpu.load(nb1_s.at[c], layout=red0)))
         db1_a[c] = plgpu.load(db1_a.at[c], layout=red0) + sum_c(dz1b)
         xb_s[c] = dz1b.astype(bf16)
       plgpu.commit_smem()
+      ph("A_dw1")
       if gm:
         d1 = acc_add(tuple(ld_dw(dw1_out, c) for c in range(NL)),
                      lambda: [[(q_s.T, xb_s.at[c])] for c in range(NL)])
@@ -258,6 +266,7 @@ def build_backward(BH: int, G: int, ln_eps: float, *,
       else:
         dW1 = acc_add(dW1, lambda: [[(q_s.T, xb_s.at[c])] for c in range(NL)])
         d1b = dW1
+      ph("A_dq")
       dq = wgmma_chain([(xb_s.at[c], nw1_s.at[c].T) for c in range(NL)], shp)
       q_s[...] = dq.astype(bf16)  # dQ partial (the caller adds dout)
       for c in range(NL):  # W_{m+1} is consumed: its tiles take the bf16 cotangents
@@ -267,9 +276,11 @@ def build_backward(BH: int, G: int, ln_eps: float, *,
       plgpu.copy_smem_to_gmem(q_s, dq_ref.at[bh, r, m])
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # q_s is reused below
       if "U" in ablate:
+        ph.close()
         return dW1, dW2
 
       # ---- U: W1' = W1 - K^T (e G1), W2' = W2 - X2^T (e G2), b' likewise (dW*, db* now final)
+      ph("U_g1")
       db2v = plgpu.load(db2_a, layout=red0)
       de = None
       for c in range(NL):  # ordered for few live [64, 64] values (128 registers are the dW)
@@ -286,6 +297,7 @@ def build_backward(BH: int, G: int, ln_eps: float, *,
         xb_s[c] = (dg1 * gp).astype(bf16)  # dP
         zp[c][...] = (dg1 * pg).astype(bf16)  # first part of dZ1
       plgpu.commit_smem()
+      ph("U_t")
       t1, t2 = wgmma_chains([[(x_s.at[c], nw2_s.at[c]) for c in range(NL)],
                              [(xb_s.at[c], w2_s.at[c]) for c in range(NL)]], shp)
       g2f = g2_s[...].astype(f32)
@@ -294,7 +306,9 @@ def build_backward(BH: int, G: int, ln_eps: float, *,
       de_s[...] = -de
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(de_s, de_ref.at[bh, r, m])
+      ph("U_xchg")
       dg2 = allreduce(t2 - E * t1, parity) - E * row(db2v)
+      ph("U_lnvjp")
       # ---- LayerNorm-L2 gradient G2 = rstd (g - mean g - xh mean(g xh)), g = gamma h: its VJP
       u = dg2 * col(rstd)
       dstd = -jnp.sum(u * g2_s[...].astype(f32), axis=1)
@@ -314,6 +328,7 @@ def build_backward(BH: int, G: int, ln_eps: float, *,
       xh_s[...] = (-E * g2_s[...].astype(f32)).astype(bf16)  # xh is consumed: -e G2 for dX2
       plgpu.commit_smem()
       on_rank0(lambda: plgpu.copy_smem_to_gmem(v_s, dv_ref.at[bh, m]))
+      ph("U_dx2")
       for c in range(NL):  # dX2 = -e G2 dW2^T + dZ2 W2^T; dZ1 += dX2 gelu'(Z1)
         (z1,) = wgmma_multi([(k_s, w1_s.at[c])], shp)
         gp = _gelu_grad(z1 + row(plgpu.load(b1_s.at[c], layout=red0)))
@@ -322,6 +337,7 @@ def build_backward(BH: int, G: int, ln_eps: float, *,
         db1_a[c] = plgpu.load(db1_a.at[c], layout=red0) + sum_c(dz1)
         zp[c][...] = dz1.astype(bf16)
       plgpu.commit_smem()
+      ph("U_dw")
       if gm:
         st_dw(dw2_out, acc_add(tuple(ld_dw(dw2_out, c) for c in range(NL)),
                                lambda: [[(xb_s.at[c].T, g2_s), (x_s.at[c].T, dz_s)]
@@ -332,12 +348,14 @@ def build_backward(BH: int, G: int, ln_eps: float, *,
         dW2 = acc_add(dW2, lambda: [[(xb_s.at[c].T, g2_s), (x_s.at[c].T, dz_s)]
                                     for c in range(NL)])
         dW1 = acc_add(dW1, lambda: [[(k_s.T, zp[c])] for c in range(NL)])
+      ph("U_dk")
       dk = wgmma_chain([p for c in range(NL)
                         for p in ((g1_s.at[c], nw1_s.at[c].T), (zp[c], w1_s.at[c].T))], shp)
       k_s[...] = dk.astype(bf16)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(k_s, dk_ref.at[bh, r, m])
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the next step's loads overwrite tiles
+      ph.close()
       return dW1, dW2
 
     def two_steps(j, carry):  # mini-batches G-1-2j, G-2-2j
@@ -384,8 +402,6 @@ def build_backward(BH: int, G: int, ln_eps: float, *,
     kwargs.update(cluster=(C,), cluster_names=("c",))
   else:
     scratch += [tile(NL - 2)]
-  if interpret is not None:
-    kwargs["interpret"] = interpret
-  return plgpu.kernel(
-      body, out_type=out_type, scratch_types=scratch, grid=(BH,), grid_names=("bh",),
-      compiler_params=plgpu.CompilerParams(approx_math=config.approx_math), **kwargs)
+  return per_head_kernel(body, out_type=out_type, scratch=scratch, BH=BH,
+                         approx_math=config.approx_math, interpret=interpret, profile=profile,
+                         **kwargs)
