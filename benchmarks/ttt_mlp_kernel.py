@@ -58,6 +58,7 @@ def main(argv=None):
       "pallas_3pass": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G,
                                                         variant="v3_3pass")),
       "pallas_v3": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G, variant="v3")),
+      "pallas_v5": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G, variant="v5")),
       "pallas_refbwd": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G,
                                                          backward="reference")),
       "pallas_pbwd": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
+import itertools
 import json
 import os
 import statistics
@@ -90,45 +91,48 @@ def main(argv=None):
   p.add_argument("--ghz", type=float, default=1.98, help="SM clock for cycles -> us (H100 under load: 1980 MHz)")
   p.add_argument("--reps", type=int, default=10)
   p.add_argument("--which", default="v4,v3,bwd")
+  p.add_argument("--red", default="2048", help="reduction scratch bytes to compare (comma list)")
+  p.add_argument("--bwd_steps", type=int, default=8, help="backward steps profiled (even)")
   p.add_argument("--out", default="", help="JSON summary path")
   a = p.parse_args(argv)
   print("device:", jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
-  H, NC, G = a.heads, a.nc, a.group
+  H, NC, G = a.heads, a.nc, a.group  # G: the forward's checkpoint group
   summary = {}
   args = make_inputs(jax.random.PRNGKey(0), 1, H, NC)
   fargs = raw_forward_args(args, 1)
-  for which in a.which.split(","):
+  for which, red in itertools.product(a.which.split(","), (int(r) for r in a.red.split(","))):
     d = tempfile.mkdtemp(prefix=f"prof_{which}_")
-    if which in ("v4", "v3"):
-      cfg = kernel_acc_mgpu.AccTuningConfig(pipeline=which == "v4")
+    title = f"{which} reduction_scratch={red}"
+    if which in ("v5", "v4", "v3"):
+      cfg = kernel_acc_mgpu.AccTuningConfig(pipeline=which != "v3", early_gelu_grad=which == "v5",
+                                            reduction_scratch=red)
       plain = jax.jit(kernel_acc_mgpu.build_forward_acc(H, NC, G, 1e-6, config=cfg))
       wall = median_ms(plain, fargs, a.reps) * 1e3 / NC
       prof = jax.jit(kernel_acc_mgpu.build_forward_acc(
           H, NC, G, 1e-6, config=cfg, profile=Profile(d, space=12 * NC + 16)))
-      same = all(bool(jnp.array_equal(x, y)) for x, y in zip(plain(*fargs), prof(*fargs)))
-      print(f"{which}: profiled results bitwise equal to unprofiled: {same}", flush=True)
-      steps = NC
+      kargs, steps = fargs, NC
     elif which == "bwd":
-      q, k, v = (x.reshape(H, NC, 64, 64)[:, :G + 1] for x in fargs[:3])
-      e = fargs[3][:, :G + 1]
-      do = jax.random.normal(jax.random.PRNGKey(1), (H, G, 64, 64)).astype(jnp.bfloat16)
-      restart = jax.jit(T._build(H, G + 1, 1, 1e-6, False, "v3"))
+      S = a.bwd_steps
+      q, k, v = (x.reshape(H, NC, 64, 64)[:, :S + 1] for x in fargs[:3])
+      e = fargs[3][:, :S + 1]
+      do = jax.random.normal(jax.random.PRNGKey(1), (H, S, 64, 64)).astype(jnp.bfloat16)
+      restart = jax.jit(T._build(H, S + 1, 1, 1e-6, False, "v3"))
       _, sw1, _, sb1, sw2, _, sb2 = restart(q, k, v, e, *fargs[4:])
       z = lambda *s: 1e-3 * jnp.ones(s, jnp.float32)
-      bargs = (q, k, v, e, do, *fargs[4:6], sw1, sb1, sw2, sb2, z(H, 4, 64, 64), z(H, 4, 64),
+      kargs = (q, k, v, e, do, *fargs[4:6], sw1, sb1, sw2, sb2, z(H, 4, 64, 64), z(H, 4, 64),
                z(H, 4, 64, 64), z(H, 64))
-      plain = jax.jit(kernel_bwd_mgpu.build_backward(H, G, 1e-6))
-      wall = median_ms(plain, bargs, a.reps) * 1e3 / G
-      prof = jax.jit(kernel_bwd_mgpu.build_backward(H, G, 1e-6,
-                                                    profile=Profile(d, space=16 * G + 16)))
-      same = all(bool(jnp.array_equal(x, y)) for x, y in zip(plain(*bargs), prof(*bargs)))
-      print(f"bwd: profiled results bitwise equal to unprofiled: {same}", flush=True)
-      steps = G
+      cfg = kernel_bwd_mgpu.BwdTuningConfig(reduction_scratch=red)
+      plain = jax.jit(kernel_bwd_mgpu.build_backward(H, S, 1e-6, config=cfg))
+      wall = median_ms(plain, kargs, a.reps) * 1e3 / S
+      prof = jax.jit(kernel_bwd_mgpu.build_backward(H, S, 1e-6, config=cfg,
+                                                    profile=Profile(d, space=28 * S + 16)))
+      steps = S
     else:
-      raise ValueError(f"--which: unknown kernel {which!r} (v4, v3, bwd)")
-    jax.block_until_ready(prof(*(fargs if which != "bwd" else bargs)))
-    summary[which] = {"wall_us_per_step": wall,
-                      "phases": report(which, *phase_cycles(latest_trace(d)), steps, a.ghz, wall)}
+      raise ValueError(f"--which: unknown kernel {which!r} (v5, v4, v3, bwd)")
+    same = all(bool(jnp.array_equal(x, y)) for x, y in zip(plain(*kargs), prof(*kargs)))
+    print(f"{title}: profiled results bitwise equal to unprofiled: {same}", flush=True)
+    summary[title] = {"wall_us_per_step": wall,
+                      "phases": report(title, *phase_cycles(latest_trace(d)), steps, a.ghz, wall)}
   if a.out:
     with open(a.out, "w") as fh:
       json.dump(summary, fh, indent=1)

@@ -25,12 +25,19 @@ class Profile:
       raise ValueError(f"Profile needs a directory and space >= 1, got {self!r}")
 
 
-def compiler_params(approx_math: bool, profile: Profile | None = None) -> plgpu.CompilerParams:
+# SMEM bytes for cross-warp reductions (a column sum of a [64, 64] f32 WGMMA-layout value is 8
+# reductions of 1 KiB each: 2 KiB, Mosaic GPU's default, does them 2 at a time with 2 warpgroup
+# barriers per round, 8 KiB all at once).
+DEFAULT_REDUCTION_SCRATCH = 128 * 4 * 4
+
+
+def compiler_params(approx_math: bool, profile: Profile | None = None,
+                    reduction_scratch: int = DEFAULT_REDUCTION_SCRATCH) -> plgpu.CompilerParams:
   """The kernels' compiler parameters, with the profiler on when `profile` is given."""
-  if profile is None:
-    return plgpu.CompilerParams(approx_math=approx_math)
-  return plgpu.CompilerParams(approx_math=approx_math, profile_space=profile.space,
-                              profile_dir=profile.dir, profile_bounds_check=True)
+  kw = dict(approx_math=approx_math, reduction_scratch_bytes=reduction_scratch)
+  if profile is not None:
+    kw.update(profile_space=profile.space, profile_dir=profile.dir, profile_bounds_check=True)
+  return plgpu.CompilerParams(**kw)
 
 
 def copy_in(copies, bars) -> None:
@@ -42,7 +49,8 @@ def copy_in(copies, bars) -> None:
 
 
 def per_head_kernel(body, *, out_type, scratch, BH: int, approx_math: bool, interpret=None,
-                    profile: Profile | None = None, **kwargs):
+                    profile: Profile | None = None,
+                    reduction_scratch: int = DEFAULT_REDUCTION_SCRATCH, **kwargs):
   """`plgpu.kernel` over a grid of one program per (batch, head) row ("bh"); interpret=None: compiled.
 
   kwargs go to `plgpu.kernel` (e.g. cluster=(2,), cluster_names=("c",)).
@@ -51,7 +59,7 @@ def per_head_kernel(body, *, out_type, scratch, BH: int, approx_math: bool, inte
     kwargs["interpret"] = interpret
   return plgpu.kernel(
       body, out_type=out_type, scratch_types=scratch, grid=(BH,), grid_names=("bh",),
-      compiler_params=compiler_params(approx_math, profile), **kwargs)
+      compiler_params=compiler_params(approx_math, profile, reduction_scratch), **kwargs)
 
 
 class Phases:

@@ -15,9 +15,11 @@ Differences from v1/v2 (`kernel_mgpu.py`, state as bf16 (hi, lo) pairs in SMEM):
   the variant the CPU interpret-mode tests run (registers are no constraint there).
 Checkpoints keep v1/v2's layout: (hi, lo) bf16 pairs per chunk, b1/b2 float32.
 Options (AccTuningConfig): `pipeline` (v4, the default of `ttt_mlp_pallas`: mini-batch m-1's query
-half inside step m, which uses the same state), `three_pass` (v3_3pass: the state trajectory's
-matmuls as 3-pass bf16 (hi, lo) products, float32-accurate), `outputs=False` (states only, for the
-backward's restarts), `precise_update`, `prefetch`, `approx_math`.
+half inside step m, which uses the same state), `early_gelu_grad` (v5: v4 with gelu'(K W1 + b1)
+kept from the forward half, so the gradient phase has no Z1 recompute), `three_pass` (v3_3pass:
+the state trajectory's matmuls as 3-pass bf16 (hi, lo) products, float32-accurate),
+`outputs=False` (states only, for the backward's restarts), `precise_update`, `prefetch`,
+`approx_math`.
 
 Covered only by the GPU run (benchmarks/ttt_mlp_kernel.py): cluster=2 (the DSMEM exchange and its
 barriers) and the in-place accumulation into the carried state (interpret mode has no rule for
@@ -36,7 +38,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mgpu_common import Phases, Profile, copy_in, per_head_kernel
+from pallas_kernels.mgpu_common import (DEFAULT_REDUCTION_SCRATCH, Phases, Profile, copy_in,
+                                        per_head_kernel)
 from pallas_kernels.ttt_mlp.kernel_mgpu import (CS, F, NH, _col_bcast, _gelu, _gelu_and_grad,
                                                 _ln_l2_grad, _ln_stats, _row_bcast, mlp_forward,
                                                 wgmma_chain, wgmma_chains, wgmma_multi)
@@ -52,6 +55,8 @@ class AccTuningConfig:
   # + X2_lo^T eG2_hi + X2_hi^T eG2_lo (eG = -diag(eta) G), instead of one bf16 x bf16 product.
   precise_update: bool = False
   approx_math: bool = True  # tanh.approx etc. in GELU / LayerNorm (Mosaic GPU approx_math)
+  # SMEM bytes for column sums' cross-warp reductions (`mgpu_common.DEFAULT_REDUCTION_SCRATCH`)
+  reduction_scratch: int = DEFAULT_REDUCTION_SCRATCH
   # v4: mini-batch m-1's query path runs inside step m, with the same state W_m as step m's key
   # path: their Z1/Z2 matmuls share waits, and the queries' exchange and LayerNorm overlap the
   # keys' gradients and the update's wgmmas (one forward half fewer on the step's latency chain).
@@ -64,6 +69,11 @@ class AccTuningConfig:
   # bf16 product; the state's lo half stays in SMEM. The queries' half stays bf16 (outputs only).
   # For the eta ~1e-5 regime where bf16 operands move the gradients by 2e-2 (NOTES-ttt-mlp.md).
   three_pass: bool = False
+  # v5 (with pipeline only): the keys' gelu'(Z1_c) is computed with gelu(Z1_c) (one tanh) in the
+  # forward half and kept as a bf16 SMEM tile; the gradient phase then only issues G2 W2_c^T (both
+  # chunks, one wait) instead of recomputing Z1_c = K W1_c and its tanh. gelu' is rounded to bf16
+  # before G1 = (G2 W2^T) * gelu' (G1 is a bf16 update operand anyway): outputs move at bf16 level.
+  early_gelu_grad: bool = False
 
   def __post_init__(self):
     if self.cluster not in (1, 2):
@@ -75,6 +85,9 @@ class AccTuningConfig:
       raise ValueError("pipeline=True is built without prefetch, precise_update and outputs=False; "
                        f"got prefetch={self.prefetch}, precise_update={self.precise_update}, "
                        f"outputs={self.outputs}")
+    if self.early_gelu_grad and not self.pipeline:
+      raise ValueError("early_gelu_grad=True is built only with pipeline=True (step_pipelined); "
+                       f"got pipeline={self.pipeline}")
 
 
 def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
@@ -382,11 +395,26 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
 
       # ---- forward halves with W_m: X2 = gelu(x W1 + b1) for x = Q_{m-1} (x_s), K_m (ex2_s)
       ph("z1")
+      # early_gelu_grad: gelu'(K W1_c + b1_c) goes to gp_s(c) = lo_s.at[c] for the "g1" phase. The
+      # tile is free from here to the end of the step: with pipeline (hence no precise_update and
+      # no three_pass) lo_s is written and read only by the initial state load (before the loop)
+      # and by write_checkpoint at this step's start, which returns only after its TMA reads of
+      # lo_s are done (`wait_smem_to_gmem(0, wait_read_only=True)`); the next step's checkpoint
+      # overwrites the tile only after this step's "g1" has read it. Store, load and that next
+      # overwrite all use the WGMMA layout: every thread touches only its own elements.
+      # The Z1 and b1 used here are those the "g1" phase would recompute: w1h changes only in
+      # "store_w" and b1_s only at the end of "g1" (chunk c after its own read).
+      gp_s = lambda c: lo_s.at[c]  # [64, 64] bf16, c < NL
       for c in range(NL):
         b1c = _row_bcast(plgpu.load(b1_s.at[c], layout=red0), shp)
         zq, zk = mm_multi([(q_prev, w1h.at[c]), (k_s, w1h.at[c])])
         x_s[c] = _gelu(zq + b1c).astype(bf16)
-        ex2_s[c] = _gelu(zk + b1c).astype(bf16)
+        if config.early_gelu_grad:
+          x2k, gpk = _gelu_and_grad(zk + b1c)  # [64, 64] f32 each, one tanh
+          ex2_s[c] = x2k.astype(bf16)
+          gp_s(c)[...] = gpk.astype(bf16)
+        else:
+          ex2_s[c] = _gelu(zk + b1c).astype(bf16)
       plgpu.commit_smem()
       ph("z2")
       pk, pq = wgmma_chains([[(ex2_s.at[c], w2h.at[c]) for c in range(NL)],
@@ -405,10 +433,17 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
       plgpu.commit_smem()
       # ---- (7): G1 = (G2 W2^T) * gelu'(Z1) per local chunk, with the old state
       ph("g1")
+      if config.early_gelu_grad:  # gelu'(Z1_c) from the "z1" phase: only G2 W2_c^T, one wait
+        gws = wgmma_multi([(g2_s, w2h.at[c].T) for c in range(NL)], shp)  # NL x [64, 64] f32
       for c in range(NL):
         b1c = plgpu.load(b1_s.at[c], layout=red0)
-        z1, gw = mm_multi([(k_s, w1h.at[c]), (g2_s, w2h.at[c].T)])
-        _, gp = _gelu_and_grad(z1 + _row_bcast(b1c, shp))
+        if config.early_gelu_grad:
+          # WGMMA layout, as stored: every thread reads back the elements it wrote
+          gp = plgpu.load(gp_s(c), layout=plgpu.Layout.WGMMA).astype(f32)  # [64, 64] f32
+          gw = gws[c]
+        else:
+          z1, gw = mm_multi([(k_s, w1h.at[c]), (g2_s, w2h.at[c].T)])
+          _, gp = _gelu_and_grad(z1 + _row_bcast(b1c, shp))
         g1 = gw * gp
         g1_s[c] = g1.astype(bf16)
         b1_s[c] = b1c - jnp.sum(_col_bcast(eta_c, shp) * g1, axis=0)
@@ -479,4 +514,5 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
     kwargs.update(cluster=(C,), cluster_names=("c",))
   return per_head_kernel(body, out_type=out_type, scratch=scratch, BH=BH,
                          approx_math=config.approx_math, interpret=interpret, profile=profile,
+                         reduction_scratch=config.reduction_scratch,
                          **kwargs)

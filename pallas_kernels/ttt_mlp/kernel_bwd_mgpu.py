@@ -35,7 +35,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mgpu_common import Phases, Profile, copy_in, per_head_kernel
+from pallas_kernels.mgpu_common import (DEFAULT_REDUCTION_SCRATCH, Phases, Profile, copy_in,
+                                        per_head_kernel)
 from pallas_kernels.ttt_mlp.kernel_mgpu import (F, GELU_C, GELU_C3, NH, _col_bcast, _ln_stats,
                                                 _row_bcast, mlp_forward, wgmma_chain,
                                                 wgmma_chains, wgmma_multi)
@@ -47,6 +48,8 @@ class BwdTuningConfig:
 
   cluster: int = 2  # CTAs per head; hidden 256 / cluster per CTA
   approx_math: bool = True  # tanh.approx / rsqrt.approx in GELU and LayerNorm
+  # SMEM bytes for column sums' cross-warp reductions (`mgpu_common.DEFAULT_REDUCTION_SCRATCH`)
+  reduction_scratch: int = DEFAULT_REDUCTION_SCRATCH
   # dW1, dW2 (float32) kept in the dw1/dw2 outputs in GMEM (L2-resident) and loaded/stored by the
   # threads around each of the two updates per step, instead of 128 accumulator registers per
   # thread carried through the step loop (register pressure / spills in the update reverse).
@@ -73,30 +76,35 @@ def _gelu_grad(z):
   return 0.5 * (1.0 + tau) + 0.5 * z * (1.0 - tau * tau) * (GELU_C + GELU_C3 * z * z)
 
 
-def build_backward(BH: int, G: int, ln_eps: float, *,
+def build_backward(BH: int, G: int, ln_eps: float, *, groups: int = 1,
                    config: BwdTuningConfig = BwdTuningConfig(), interpret=None,
                    ablate: frozenset = frozenset(), profile: Profile | None = None):
-  """Returns the group-backward kernel f(...) (G mini-batches, walked from the last to the first).
+  """Returns the backward kernel f(...) over `groups` consecutive checkpoint groups of G
+  mini-batches (NS = groups * G steps, walked from the last to the first) in one launch.
 
-  Arguments (NS >= G steps of inputs are passed; the first G are used):
-    q, k, v    [BH, NS, 64, 64] bf16     eta [BH, NS, 64] f32     dout [BH, G, 64, 64] bf16
+  Arguments (at least NS steps of inputs are passed; the first NS are used):
+    q, k, v    [BH, >=NS, 64, 64] bf16     eta [BH, >=NS, 64] f32     dout [BH, NS, 64, 64] bf16
     gamma, beta [BH, 64] f32
-    sw1, sw2   [BH, G + 1, 4, 64, 64] bf16: state before step m (m = 0..G), W1[:, chunk] /
-               W2[chunk, :] (the forward kernel's per-step checkpoint hi parts)
-    sb1 [BH, G + 1, 4, 64] f32, sb2 [BH, G + 1, 64] f32: biases before step m
+    sw1, sw2   [BH * groups, G + 1, 4, 64, 64] bf16: row bh * groups + g, column i = the state
+               before step g * G + i (i = 0..G), W1[:, chunk] / W2[chunk, :] (the per-step
+               checkpoint hi parts of the forward kernel restarted per group)
+    sb1 [BH * groups, G + 1, 4, 64] f32, sb2 [BH * groups, G + 1, 64] f32: biases, likewise
     dw1, dw2   [BH, 4, 64, 64] f32, db1 [BH, 4, 64] f32, db2 [BH, 64] f32: cotangent of the
-               state after the group
+               state after the last group
   ablate: for timing attribution only (results are WRONG): "X" (no cluster exchange), "R" (no
   forward recompute matmuls), "U" (stop each step after dQ: no reverse of the update).
   Results:
-    dq_part, dk_part [BH, C, G, 64, 64] bf16: per-CTA partials; dQ = sum_C dq_part + dout,
+    dq_part, dk_part [BH, C, NS, 64, 64] bf16: per-CTA partials; dQ = sum_C dq_part + dout,
                       dK = sum_C dk_part - dV
-    dv [BH, G, 64, 64] bf16; deta_part [BH, C, G, 64] f32 (deta = sum over C)
-    dgamma, dbeta [BH, 64] f32 (this group's contribution)
-    dw1, db1, dw2, db2: cotangent of the state before the group (same layout as the inputs)
+    dv [BH, NS, 64, 64] bf16; deta_part [BH, C, NS, 64] f32 (deta = sum over C)
+    dgamma, dbeta [BH, 64] f32 (these groups' contribution)
+    dw1, db1, dw2, db2: cotangent of the state before the first group (layout of the inputs)
   """
   if G % 2:
     raise ValueError(f"the group size must be even (two steps per loop iteration), got {G}")
+  if groups < 1:
+    raise ValueError(f"groups must be >= 1, got {groups}")
+  NS = groups * G
   C = config.cluster
   NL = NH // C  # hidden chunks of 64 per CTA
   bf16, f32 = jnp.bfloat16, jnp.float32
@@ -190,13 +198,14 @@ def build_backward(BH: int, G: int, ln_eps: float, *,
       return pl.run_state(fn)(tuple(plgpu.ACC.init(v) for v in vals))
 
     def issue_loads(m):
+      g, i = bh * groups + m // G, m % G  # the per-step states of step m: [g, i] and [g, i + 1]
       copies = ((q_ref.at[bh, m], q_s), (k_ref.at[bh, m], k_s), (v_ref.at[bh, m], v_s),
                 (do_ref.at[bh, m], do_s), (eta_ref.at[bh, m], eta_s),
-                (sw1_ref.at[bh, m, pl.ds(c0, NL)], w1_s), (sw2_ref.at[bh, m, pl.ds(c0, NL)], w2_s),
-                (sw1_ref.at[bh, m + 1, pl.ds(c0, NL)], nw1_s),
-                (sw2_ref.at[bh, m + 1, pl.ds(c0, NL)], nw2_s),
-                (sb1_ref.at[bh, m, pl.ds(c0, NL)], b1_s), (sb1_ref.at[bh, m + 1, pl.ds(c0, NL)], nb1_s),
-                (sb2_ref.at[bh, m], b2_s), (sb2_ref.at[bh, m + 1], nb2_s))
+                (sw1_ref.at[g, i, pl.ds(c0, NL)], w1_s), (sw2_ref.at[g, i, pl.ds(c0, NL)], w2_s),
+                (sw1_ref.at[g, i + 1, pl.ds(c0, NL)], nw1_s),
+                (sw2_ref.at[g, i + 1, pl.ds(c0, NL)], nw2_s),
+                (sb1_ref.at[g, i, pl.ds(c0, NL)], b1_s), (sb1_ref.at[g, i + 1, pl.ds(c0, NL)], nb1_s),
+                (sb2_ref.at[g, i], b2_s), (sb2_ref.at[g, i + 1], nb2_s))
       copy_in(copies, bars)
 
     def step(m, parity, carry):
@@ -232,13 +241,16 @@ def build_backward(BH: int, G: int, ln_eps: float, *,
       xhb, rstdb = _ln_stats(z2b, ln_eps)
 
       # ---- A: out = Q + gamma xhb + beta
-      ph("A_ln")
+      ph("A_gsum")  # (finer phases: A_*sum and A_db1 are column sums, cross-warp reductions)
       dof = do_s[...].astype(f32)
       dgam_a[...] = plgpu.load(dgam_a, layout=red0) + sum_c(dof * xhb)
       dbet_a[...] = plgpu.load(dbet_a, layout=red0) + sum_c(dof)
+      ph("A_ln")
       dxhb = gam * dof
       dz2b = col(rstdb) * (dxhb - col(mean_f(dxhb)) - xhb * col(mean_f(dxhb * xhb)))
+      ph("A_b2sum")
       db2_a[...] = plgpu.load(db2_a, layout=red0) + sum_c(dz2b)
+      ph("A_st")
       dz_s[...] = dz2b.astype(bf16)
       plgpu.commit_smem()
       ph("A_dw2")
@@ -250,11 +262,14 @@ def build_backward(BH: int, G: int, ln_eps: float, *,
       else:
         dW2 = acc_add(dW2, lambda: [[(xb_s.at[c].T, dz_s)] for c in range(NL)])
         d2b = dW2
-      ph("A_dz1b")
       for c in range(NL):  # X2b is consumed: its tiles take dZ1b
+        ph("A_dz1b_mm")
         z1b, pre = wgmma_multi([(q_s, nw1_s.at[c]), (dz_s, nw2_s.at[c].T)], shp)
+        ph("A_dz1b_ew")
         dz1b = pre * _gelu_grad(z1b + row(plgpu.load(nb1_s.at[c], layout=red0)))
+        ph("A_db1")
         db1_a[c] = plgpu.load(db1_a.at[c], layout=red0) + sum_c(dz1b)
+        ph("A_dz1b_st")
         xb_s[c] = dz1b.astype(bf16)
       plgpu.commit_smem()
       ph("A_dw1")
@@ -358,10 +373,10 @@ def build_backward(BH: int, G: int, ln_eps: float, *,
       ph.close()
       return dW1, dW2
 
-    def two_steps(j, carry):  # mini-batches G-1-2j, G-2-2j
-      return step(G - 2 - 2 * j, 1, step(G - 1 - 2 * j, 0, carry))
+    def two_steps(j, carry):  # mini-batches NS-1-2j, NS-2-2j (G is even: never across groups)
+      return step(NS - 2 - 2 * j, 1, step(NS - 1 - 2 * j, 0, carry))
 
-    dW1, dW2 = lax.fori_loop(0, G // 2, two_steps, (dw1_0, dw2_0))
+    dW1, dW2 = lax.fori_loop(0, NS // 2, two_steps, (dw1_0, dw2_0))
     plgpu.wait_smem_to_gmem(0)
     if C > 1:
       plgpu.barrier_arrive(cbar.at[0])  # every push into xbuf has landed and been read
@@ -383,7 +398,7 @@ def build_backward(BH: int, G: int, ln_eps: float, *,
 
   st = lambda *s: jax.ShapeDtypeStruct(s, bf16)
   sf = lambda *s: jax.ShapeDtypeStruct(s, f32)
-  out_type = (st(BH, C, G, 64, 64), st(BH, C, G, 64, 64), st(BH, G, 64, 64), sf(BH, C, G, 64),
+  out_type = (st(BH, C, NS, 64, 64), st(BH, C, NS, 64, 64), st(BH, NS, 64, 64), sf(BH, C, NS, 64),
               sf(BH, 64), sf(BH, 64), sf(BH, NH, 64, 64), sf(BH, NH, 64), sf(BH, NH, 64, 64),
               sf(BH, 64))
   vec = lambda *lead: plgpu.SMEM(lead + (64,), f32)
@@ -404,4 +419,5 @@ def build_backward(BH: int, G: int, ln_eps: float, *,
     scratch += [tile(NL - 2)]
   return per_head_kernel(body, out_type=out_type, scratch=scratch, BH=BH,
                          approx_math=config.approx_math, interpret=interpret, profile=profile,
+                         reduction_scratch=config.reduction_scratch,
                          **kwargs)

@@ -67,25 +67,37 @@ def _from_kernel_ckpts(ck, B, H):
 # accumulators, 2-CTA cluster. v3_precise: v3 with (hi, lo) update operands. v3_exact: v3 without
 # approximate math. v3_3pass: v3 with every state-trajectory matmul as 3-pass bf16 (hi, lo)
 # products (float32-accurate trajectory; its restarts too). v4 (default): v3 with mini-batch m-1's
-# query half inside step m (shared waits and exchange point). (H100: benchmarks/NOTES-ttt-mlp.md.)
-VARIANTS = ("v1", "v2", "v3", "v3_precise", "v3_exact", "v3_3pass", "v4")
+# query half inside step m (shared waits and exchange point). v5: v4 with gelu'(Z1) kept from the
+# forward half (no Z1 recompute in the gradient phase; AccTuningConfig.early_gelu_grad).
+# (H100: benchmarks/NOTES-ttt-mlp.md.)
+VARIANTS = ("v1", "v2", "v3", "v3_precise", "v3_exact", "v3_3pass", "v4", "v5")
+
+
+# SMEM bytes for the kernels' column-sum reductions (`mgpu_common.DEFAULT_REDUCTION_SCRATCH`).
+REDUCTION_SCRATCH = kernel_acc_mgpu.DEFAULT_REDUCTION_SCRATCH
 
 
 def _build(BH, NC, group, ln_eps, interpret, variant, outputs=True):
   """The forward kernel of `variant` (same argument/result layout for all of them).
 
-  outputs=False (v3/v4 only; the backward's restarts): the states alone, by v3 without its query
+  outputs=False (v3/v4/v5 only; the backward's restarts): the states alone, by v3 without its query
   half (the output array is then left unwritten).
   """
   if variant not in VARIANTS:
     raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
   iparams = jax.experimental.pallas.mosaic_gpu.InterpretGPUParams() if interpret else None
-  if variant.startswith(("v3", "v4")):  # the exchange has no interpret rule: cluster 1 there
+  if variant.startswith(("v3", "v4", "v5")):  # the exchange has no interpret rule: cluster 1 there
+    pipeline = variant in ("v4", "v5") and outputs
     cfg = kernel_acc_mgpu.AccTuningConfig(cluster=1 if interpret else 2,
                                           precise_update=variant == "v3_precise",
                                           approx_math=variant != "v3_exact",
-                                          pipeline=variant == "v4" and outputs, outputs=outputs,
-                                          three_pass=variant == "v3_3pass")
+                                          pipeline=pipeline, outputs=outputs,
+                                          three_pass=variant == "v3_3pass",
+                                          # (v3_3pass: its SMEM leaves room for 4 KiB at most)
+                                          reduction_scratch=REDUCTION_SCRATCH
+                                          if variant != "v3_3pass" else
+                                          min(REDUCTION_SCRATCH, 4096),
+                                          early_gelu_grad=variant == "v5" and pipeline)
     return kernel_acc_mgpu.build_forward_acc(BH, NC, group, ln_eps, config=cfg,
                                              interpret=iparams)
   return kernel_mgpu.build_forward(BH, NC, group, ln_eps, interpret=iparams,
@@ -165,49 +177,83 @@ def _bwd(group, ln_eps, interpret, variant, backward, res, dout):
 RESTART_OUTPUTS = True
 
 
+# Bytes of per-step restart states one backward launch may hold: the forward kernel is restarted
+# for several checkpoint groups at once (one launch, the groups side by side as extra "heads"),
+# then one backward-kernel launch walks all their steps. ~137 KiB per step and head (hi, lo,
+# biases, output); 2 GiB = 18 groups of 16 at H=48 (NC=282 in one launch). 0: one group per launch.
+BWD_LAUNCH_BYTES = 2 << 30
+_RESTART_STEP_BYTES = 2 * 2 * (4 * 64 * 64 * 2) + 64 * 64 * 2 + 4 * 64 * 4 + 64 * 4
+
+
+def groups_per_launch(NG: int, BH: int, G: int, budget: int = None) -> tuple[int, int]:
+  """(groups per backward launch S, launches L): S * L >= NG groups, S as even as the budget allows."""
+  budget = BWD_LAUNCH_BYTES if budget is None else budget
+  s_max = max(1, min(NG, budget // (BH * (G + 1) * _RESTART_STEP_BYTES)))
+  launches = -(-NG // s_max)
+  return -(-NG // launches), launches
+
+
+def _restart_windows(a, s, S, G):
+  """[BH, NP, ...] -> launch s's S restart windows [BH * S, G + 1, ...] (row bh * S + g: the
+  steps g G .. g G + G of the launch's groups; consecutive windows share their end step)."""
+  BH, tail = a.shape[0], a.shape[2:]
+  base = jax.lax.dynamic_slice_in_dim(a, s * S * G, S * G + 1, axis=1)  # [BH, S G + 1, ...]
+  body = base[:, :S * G].reshape((BH, S, G) + tail)
+  nxt = base[:, G::G][:, :, None]  # [BH, S, 1, ...]: the next group's first step
+  return jnp.concatenate([body, nxt], axis=2).reshape((BH * S, G + 1) + tail)
+
+
 def _bwd_pallas(group, ln_eps, interpret, variant, res, dout, **tuning):
-  """backward="pallas": per checkpoint group, last to first, (1) the forward kernel restarted
-  from the group's checkpoint with a checkpoint every mini-batch (the per-step states), (2) the
-  backward kernel (`kernel_bwd_mgpu`) over the group's steps in reverse, carrying the state
-  cotangent from group to group. Inputs are padded to NG * G + 1 mini-batches (eta = 0: no-op
-  steps, zero cotangents), so every group has the same shape and its G + 1-th state.
+  """backward="pallas": checkpoint groups in launches of S (`groups_per_launch`), last to first.
+  Per launch (1) the forward kernel restarted from the S groups' checkpoints at once, with a
+  checkpoint every mini-batch (the per-step states), (2) the backward kernel (`kernel_bwd_mgpu`)
+  over the S G steps in reverse, carrying the state cotangent from launch to launch. Inputs are
+  padded to NGP G + 1 mini-batches (eta = 0: no-op steps, zero cotangents), padded groups restart
+  from the last checkpoint, so every launch has the same shapes.
   """
   XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, ck = res
   B, H, NC, CS, F = XQ.shape
   BH, G = B * H, group
   NG = ck[0].shape[1]
-  NP = NG * G + 1
+  S, L = groups_per_launch(NG, BH, G)
+  NP = S * L * G + 1
   f32, bf16 = jnp.float32, jnp.bfloat16
   padded = lambda a, dt: jnp.pad(a.astype(dt).reshape((BH, NC) + a.shape[3:]),
                                  [(0, 0), (0, NP - NC)] + [(0, 0)] * (a.ndim - 3))
   q, k, v, do = (padded(a, bf16) for a in (XQ, XK, XV, dout))
   e = padded(eta, f32)
+  ck = tuple(jnp.pad(a, [(0, 0), (0, S * L - NG)] + [(0, 0)] * (a.ndim - 2), mode="edge")
+             for a in ck)
   gam, bet = _per_head(ln_weight, B), _per_head(ln_bias, B)
+  gam_s, bet_s = jnp.repeat(gam, S, axis=0), jnp.repeat(bet, S, axis=0)  # [BH * S, F]
   C = 1 if interpret else 2
   # v4's folding does not pay over a G + 1 step restart (H100 NC=1000 fwd+bwd 149 vs 142 ms): v3
-  fwd = _build(BH, G + 1, 1, float(ln_eps), interpret, "v3" if variant == "v4" else variant,
-               outputs=RESTART_OUTPUTS)
+  restart = "v3" if variant in ("v4", "v5") else variant
+  fwd = _build(BH * S, G + 1, 1, float(ln_eps), interpret, restart, outputs=RESTART_OUTPUTS)
   bwd = kernel_bwd_mgpu.build_backward(
-      BH, G, float(ln_eps), config=kernel_bwd_mgpu.BwdTuningConfig(cluster=C, **tuning),
+      BH, G, float(ln_eps), groups=S,
+      config=kernel_bwd_mgpu.BwdTuningConfig(cluster=C, reduction_scratch=REDUCTION_SCRATCH,
+                                             **tuning),
       interpret=jax.experimental.pallas.mosaic_gpu.InterpretGPUParams() if interpret else None)
 
-  def body(carry, g):
+  def body(carry, s):
     dw1, db1, dw2, db2, dgam, dbet = carry
-    sl = lambda a, n: jax.lax.dynamic_slice_in_dim(a, g * G, n, axis=1)
-    qg, kg, vg, eg = (sl(a, G + 1) for a in (q, k, v, e))
-    st0 = tuple(jax.lax.dynamic_index_in_dim(a, g, axis=1, keepdims=False) for a in ck)
-    _, sw1, _, sb1, sw2, _, sb2 = fwd(qg, kg, vg, eg, gam, bet, *st0)  # states [BH, G+1, ...]
+    win = lambda a: _restart_windows(a, s, S, G)
+    st0 = tuple(jax.lax.dynamic_slice_in_dim(a, s * S, S, axis=1).reshape((BH * S,) + a.shape[2:])
+                for a in ck)
+    _, sw1, _, sb1, sw2, _, sb2 = fwd(win(q), win(k), win(v), win(e), gam_s, bet_s, *st0)
+    sl = lambda a: jax.lax.dynamic_slice_in_dim(a, s * S * G, S * G, axis=1)
     dq, dk, dv, de, dgam_g, dbet_g, dw1, db1, dw2, db2 = bwd(
-        qg, kg, vg, eg, sl(do, G), gam, bet, sw1, sb1, sw2, sb2, dw1, db1, dw2, db2)
+        sl(q), sl(k), sl(v), sl(e), sl(do), gam, bet, sw1, sb1, sw2, sb2, dw1, db1, dw2, db2)
     return (dw1, db1, dw2, db2, dgam + dgam_g, dbet + dbet_g), (dq, dk, dv, de)
 
   z = lambda *s: jnp.zeros(s, f32)
   init = (z(BH, 4, 64, 64), z(BH, 4, 64), z(BH, 4, 64, 64), z(BH, 64), z(BH, 64), z(BH, 64))
   (dw1, db1, dw2, db2, dgam, dbet), (dq, dk, dv, de) = jax.lax.scan(
-      body, init, jnp.arange(NG), reverse=True)
+      body, init, jnp.arange(L), reverse=True)
 
-  def steps(a):  # [NG, BH, G, ...] -> [B, H, NC, ...] float32
-    a = jnp.moveaxis(a.astype(f32), 0, 1).reshape((BH, NG * G) + a.shape[3:])[:, :NC]
+  def steps(a):  # [L, BH, S G, ...] -> [B, H, NC, ...] float32
+    a = jnp.moveaxis(a.astype(f32), 0, 1).reshape((BH, L * S * G) + a.shape[3:])[:, :NC]
     return a.reshape((B, H, NC) + a.shape[2:])
 
   dv = steps(dv)

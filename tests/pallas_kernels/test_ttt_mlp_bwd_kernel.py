@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_kernels.ttt_mlp import kernel_bwd_mgpu, ttt_mlp_pallas
+from pallas_kernels.ttt_mlp import ttt_mlp as T
 from kernel_testing import rel, ttt_inputs
 from ttt_dit.ttt import inner_loop
 
@@ -43,28 +44,69 @@ def test_backward_kernel_gradients_batch_and_groups_interpret(backward):
     assert err < 2e-2, (name, err)
 
 
-def _bwd_args(bh, g):
+def test_groups_per_launch_and_restart_windows():
+  """Launch sizing covers every group with launches as even as the byte budget allows; the restart
+  windows are the groups' G + 1 steps, consecutive windows sharing their end step."""
+  per_group = 2 * 3 * T._RESTART_STEP_BYTES  # BH = 2, G = 2
+  assert T.groups_per_launch(3, 2, 2, 0) == (1, 3)
+  assert T.groups_per_launch(3, 2, 2, 2 * per_group) == (2, 2)  # 4 slots for 3 groups
+  assert T.groups_per_launch(3, 2, 2, 10 * per_group) == (3, 1)
+  assert T.groups_per_launch(63, 48, 16, 18 * 48 * 17 * T._RESTART_STEP_BYTES) == (16, 4)
+  a = jnp.arange(2 * 9).reshape(2, 9)  # [BH, NP]: S = 2 groups of G = 2 per launch, 2 launches
+  w = T._restart_windows(a, 1, 2, 2)  # launch 1: steps 4..8
+  assert w.tolist() == [[4, 5, 6], [6, 7, 8], [13, 14, 15], [15, 16, 17]]
+
+
+@pytest.mark.parametrize("groups_per_launch", [1, 2])
+def test_backward_launch_grouping_does_not_change_gradients(groups_per_launch, monkeypatch):
+  """NC = 5, G = 2 (3 groups, the last short): the backward with 1 or 2 groups per launch (2: one
+  padded group restarted from the last checkpoint) equals the one-launch backward (3 groups):
+  same per-step arithmetic, so rel L2 < 1e-6 (only LN weight/bias sums change order); and each is
+  within 2e-2 of jax.grad of the float32 XLA scan."""
+  B, H, NC, G = 1, 2, 5, 2
+  args = ttt_inputs(B, H, NC, 7)
+  cot = jax.random.normal(jax.random.PRNGKey(12), (B, H, NC, 64, 64))
+  per_group = B * H * (G + 1) * T._RESTART_STEP_BYTES
+
+  def grads(budget):
+    monkeypatch.setattr(T, "BWD_LAUNCH_BYTES", budget)
+    return jax.grad(lambda a: jnp.sum(ttt_mlp_pallas(
+        *a, checkpoint_group_size=G, interpret=True).astype(jnp.float32) * cot))(args)
+
+  one = grads(3 * per_group)
+  got = grads(groups_per_launch * per_group)
+  want = jax.grad(lambda a: jnp.sum(inner_loop.ttt_mlp(
+      *a, checkpoint_group_size=G).astype(jnp.float32) * cot))(
+          tuple(a.astype(jnp.float32) for a in args))
+  for name, x, y, z in zip(NAMES, got, one, want):
+    assert rel(x, y) < 1e-6, (name, rel(x, y))
+    assert rel(x, z) < 2e-2, (name, rel(x, z))
+
+
+def _bwd_args(bh, g, groups=1):
   S = jax.ShapeDtypeStruct
   bf, f32 = jnp.bfloat16, jnp.float32
-  return ((S((bh, g + 1, 64, 64), bf),) * 3
-          + (S((bh, g + 1, 64), f32), S((bh, g, 64, 64), bf), S((bh, 64), f32), S((bh, 64), f32),
-             S((bh, g + 1, 4, 64, 64), bf), S((bh, g + 1, 4, 64), f32),
-             S((bh, g + 1, 4, 64, 64), bf), S((bh, g + 1, 64), f32), S((bh, 4, 64, 64), f32),
+  ns, rows = groups * g, bh * groups
+  return ((S((bh, ns + 1, 64, 64), bf),) * 3
+          + (S((bh, ns + 1, 64), f32), S((bh, ns, 64, 64), bf), S((bh, 64), f32), S((bh, 64), f32),
+             S((rows, g + 1, 4, 64, 64), bf), S((rows, g + 1, 4, 64), f32),
+             S((rows, g + 1, 4, 64, 64), bf), S((rows, g + 1, 64), f32), S((bh, 4, 64, 64), f32),
              S((bh, 4, 64), f32), S((bh, 4, 64, 64), f32), S((bh, 64), f32)))
 
 
-@pytest.mark.parametrize("dw_gmem", [False, True])
-def test_backward_kernel_cluster2_lowers_for_cuda(dw_gmem):
+@pytest.mark.parametrize("dw_gmem,groups", [(False, 1), (True, 1), (False, 3)])
+def test_backward_kernel_cluster2_lowers_for_cuda(dw_gmem, groups):
   """The GPU configuration (cluster 2, 2 exchange slots, SMEM under the 227 KiB limit) lowers;
-  also with dW kept in GMEM (dw_gmem)."""
+  also with dW kept in GMEM (dw_gmem) and over 3 groups in one launch."""
   bh, g = 4, 16
   fn = kernel_bwd_mgpu.build_backward(
-      bh, g, 1e-6, config=kernel_bwd_mgpu.BwdTuningConfig(cluster=2, dw_gmem=dw_gmem))
-  args = _bwd_args(bh, g)
+      bh, g, 1e-6, groups=groups,
+      config=kernel_bwd_mgpu.BwdTuningConfig(cluster=2, dw_gmem=dw_gmem))
+  args = _bwd_args(bh, g, groups)
   lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
   assert "mosaic_gpu" in lowered.as_text().lower()
   outs = jax.eval_shape(fn, *args)
-  assert outs[0].shape == (bh, 2, g, 64, 64) and outs[6].shape == (bh, 4, 64, 64)
+  assert outs[0].shape == (bh, 2, groups * g, 64, 64) and outs[6].shape == (bh, 4, 64, 64)
 
 
 def test_backward_kernel_rejects_odd_group():

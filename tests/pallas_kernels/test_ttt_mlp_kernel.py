@@ -23,7 +23,7 @@ def _inputs(seed: int = 0):
   return tuple(a.astype(jnp.float32) for a in ttt_inputs(B, H, NC, seed))
 
 
-@pytest.mark.parametrize("variant", ["v2", "v3", "v3_precise", "v3_3pass", "v4"])
+@pytest.mark.parametrize("variant", ["v2", "v3", "v3_precise", "v3_3pass", "v4", "v5"])
 def test_forward_matches_xla_scan_interpret(variant):
   """Kernel (interpret mode) outputs vs the float32 XLA scan: bf16 matmuls, so rel L2 < 1e-2.
 
@@ -44,11 +44,13 @@ def test_forward_matches_xla_scan_interpret(variant):
   assert rel(frozen - args[0], delta_ref) > 10 * err
 
 
-def test_checkpoints_match_xla_states_interpret():
+@pytest.mark.parametrize("variant", ["v4", "v5"])
+def test_checkpoints_match_xla_states_interpret(variant):
   """The kernel's checkpoint states equal the XLA scan's state at each group boundary."""
   args = _inputs(1)
   _, ckpts = jax.jit(lambda *a: __import__("pallas_kernels.ttt_mlp.ttt_mlp", fromlist=["x"])
-                     ._forward(*a, group=GROUP, ln_eps=1e-6, interpret=True))(*args)
+                     ._forward(*a, group=GROUP, ln_eps=1e-6, interpret=True,
+                               variant=variant))(*args)
   assert ckpts[0].shape == (2, B, H, F, 4 * F)
   for g, m in enumerate((0, GROUP)):
     sl = lambda a: a[:, :, :m]
@@ -59,6 +61,26 @@ def test_checkpoints_match_xla_states_interpret():
                                              checkpoint_group_size=GROUP)
     for got, w in zip(ckpts, want):
       assert rel(got[g], w) < 1e-2, (g, rel(got[g], w))
+
+
+def test_early_gelu_grad_moves_states_at_bf16_level_only_interpret():
+  """v5 (gelu' kept as bf16 from the forward half) is really another code path than v4: its states
+  differ from v4's, by bf16 rounding only (rel 1e-2: the tolerance of the other state tests)."""
+  from pallas_kernels.ttt_mlp import ttt_mlp as T
+  args = _inputs(1)
+  ck = {v: jax.jit(lambda *a, v=v: T._forward(*a, group=1, ln_eps=1e-6, interpret=True,
+                                                 variant=v))(*args)[1] for v in ("v4", "v5")}
+  for i in (0, 1, 2, 3):  # W1, b1, W2, b2
+    assert jnp.array_equal(ck["v4"][i][0], ck["v5"][i][0])  # the initial state
+    assert rel(ck["v5"][i][1:], ck["v4"][i][1:]) < 1e-2, (i, rel(ck["v5"][i][1:], ck["v4"][i][1:]))
+  assert not jnp.array_equal(ck["v4"][0], ck["v5"][0])  # W1's update takes G1 = (G2 W2^T) gelu'
+
+
+def test_early_gelu_grad_needs_pipeline():
+  """early_gelu_grad lives in the pipelined step only: other steps refuse it."""
+  with pytest.raises(ValueError, match="early_gelu_grad"):
+    kernel_acc_mgpu.AccTuningConfig(early_gelu_grad=True)
+  kernel_acc_mgpu.AccTuningConfig(pipeline=True, early_gelu_grad=True)
 
 
 def test_three_pass_trajectory_is_float32_accurate_interpret():
@@ -117,7 +139,8 @@ def test_gradients_match_xla_scan_interpret(backward):
     assert err < 2e-2, (name, err)
 
 
-@pytest.mark.parametrize("variant", ["v2", "v3_cluster2", "v4_cluster2", "v3_3pass_cluster2"])
+@pytest.mark.parametrize("variant", ["v2", "v3_cluster2", "v4_cluster2", "v5_cluster2",
+                                     "v3_3pass_cluster2"])
 def test_kernel_lowers_for_cuda(variant):
   """The compiled (non-interpret) kernel lowers to a Mosaic GPU module for CUDA on this CPU box.
 
@@ -128,8 +151,9 @@ def test_kernel_lowers_for_cuda(variant):
   if variant == "v2":
     fn = kernel_mgpu.build_forward(bh, nc, g, 1e-6)
   else:
-    cfg = kernel_acc_mgpu.AccTuningConfig(cluster=2, pipeline=variant == "v4_cluster2",
-                                          three_pass=variant == "v3_3pass_cluster2")
+    cfg = kernel_acc_mgpu.AccTuningConfig(
+        cluster=2, pipeline=variant in ("v4_cluster2", "v5_cluster2"),
+        three_pass=variant == "v3_3pass_cluster2", early_gelu_grad=variant == "v5_cluster2")
     fn = kernel_acc_mgpu.build_forward_acc(bh, nc, g, 1e-6, config=cfg)
   S = jax.ShapeDtypeStruct
   bf, f32 = jnp.bfloat16, jnp.float32
