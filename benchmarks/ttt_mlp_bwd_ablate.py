@@ -99,25 +99,28 @@ def restart_outputs(H=48, NCs=(282, 1000), G=16, reps=7):
 
 def ab_constant(name: str, values: tuple, H=48, NCs=(282, 1000), G=16, reps=5):
   """A/B of a module constant of `pallas_kernels.ttt_mlp.ttt_mlp` (e.g. BWD_LAUNCH_BYTES,
-  REDUCTION_SCRATCH): per NC the jitted forward and the whole backward (custom_vjp bwd) traced
+  REDUCTION_SCRATCH), or of `ttt_mlp_pallas(backward=...)` when name == "backward": per NC the jitted forward and the whole backward (custom_vjp bwd) traced
   with each value, timed interleaved (2 rounds), and the max rel difference of outputs and the 10
   gradients against the first value."""
   print("device:", jax.devices()[0].device_kind, flush=True)
-  default = getattr(T, name)
+  default = getattr(T, name) if name != "backward" else None
   for i, NC in enumerate(NCs):
     args = make_inputs(jax.random.PRNGKey(1000 + i), 1, H, NC)
-    f = lambda *a: T.ttt_mlp_pallas(*a, checkpoint_group_size=G)
     cot = None
     fwds, bwds, res = {}, {}, {}
     for v in values:
-      setattr(T, name, v)
-      fwds[v] = jax.jit(f)
+      if name == "backward":  # name = "backward": values are `ttt_mlp_pallas(backward=...)` names
+        fwds[v] = jax.jit(functools.partial(T.ttt_mlp_pallas, checkpoint_group_size=G, backward=v))
+      else:
+        setattr(T, name, v)
+        fwds[v] = jax.jit(functools.partial(T.ttt_mlp_pallas, checkpoint_group_size=G))
       out, vjp = jax.vjp(fwds[v], *args)
       if cot is None:
         cot = jax.random.normal(jax.random.PRNGKey(2), out.shape, jnp.float32).astype(out.dtype)
       bwds[v] = jax.jit(vjp)
       res[v] = (out,) + tuple(jax.block_until_ready(bwds[v](cot)))  # traced with this value
-    setattr(T, name, default)
+    if name != "backward":
+      setattr(T, name, default)
     ref = res[values[0]]
     for v in values[1:]:
       print(f"NC={NC} {name}={v}: max rel diff vs {values[0]} (out, 10 grads) "
@@ -130,7 +133,8 @@ def ab_constant(name: str, values: tuple, H=48, NCs=(282, 1000), G=16, reps=5):
 
 if __name__ == "__main__":
   if len(sys.argv) > 2 and sys.argv[1] == "ab":  # ab NAME v1,v2[,...] [NC,...]
-    sys.exit(ab_constant(sys.argv[2], tuple(int(x) for x in sys.argv[3].split(",")),
+    conv = str if sys.argv[2] == "backward" else int
+    sys.exit(ab_constant(sys.argv[2], tuple(conv(x) for x in sys.argv[3].split(",")),
                          **({"NCs": tuple(int(x) for x in sys.argv[4].split(","))}
                             if len(sys.argv) > 4 else {})))
   if len(sys.argv) > 1 and sys.argv[1] == "restart_outputs":

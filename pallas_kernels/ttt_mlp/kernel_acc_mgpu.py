@@ -74,6 +74,15 @@ class AccTuningConfig:
   # chunks, one wait) instead of recomputing Z1_c = K W1_c and its tanh. gelu' is rounded to bf16
   # before G1 = (G2 W2^T) * gelu' (G1 is a bf16 update operand anyway): outputs move at bf16 level.
   early_gelu_grad: bool = False
+  # For the backward's restarts (v3 path only): per step, also write the key and query halves'
+  # forward activations the backward kernel would otherwise recompute: X2 chunks (bf16, the
+  # bf16 values the matmuls used) and Z2 (float32, all-reduced, + b2) of the keys and the queries.
+  save_activations: bool = False
+  # v4p (with pipeline only): step m+1's K, V, eta are loaded by TMA while step m's update runs
+  # (their single buffers are dead by then) and Q_{m+1} once step m's output has left its buffer,
+  # so a step starts with its inputs in SMEM instead of a synchronous load round trip. No extra
+  # SMEM (unlike `prefetch`, whose double buffers and per-step slot choice made v3 slower).
+  prefetch_next: bool = False
 
   def __post_init__(self):
     if self.cluster not in (1, 2):
@@ -85,6 +94,13 @@ class AccTuningConfig:
       raise ValueError("pipeline=True is built without prefetch, precise_update and outputs=False; "
                        f"got prefetch={self.prefetch}, precise_update={self.precise_update}, "
                        f"outputs={self.outputs}")
+    if self.save_activations and (self.pipeline or self.three_pass or self.prefetch
+                                  or self.precise_update or not self.outputs):
+      raise ValueError("save_activations=True is built only on the plain v3 step with outputs "
+                       "(no pipeline, three_pass, prefetch, precise_update; outputs=True)")
+    if self.prefetch_next and not self.pipeline:
+      raise ValueError("prefetch_next=True is built only with pipeline=True (step_pipelined); "
+                       f"got pipeline={self.pipeline}")
     if self.early_gelu_grad and not self.pipeline:
       raise ValueError("early_gelu_grad=True is built only with pipeline=True (step_pipelined); "
                        f"got pipeline={self.pipeline}")
@@ -120,10 +136,18 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
     else:
       pl.when(r == 0)(fn)
 
-  def body(q_ref, k_ref, v_ref, eta_ref, g_ref, bt_ref, w1h_ref, w1l_ref, b1_ref, w2h_ref,
-           w2l_ref, b2_ref, o_ref, cw1h, cw1l, cb1, cw2h, cw2l, cb2,
-           q_sb, k_sb, v_sb, ek_s, g2_s, g1_s, ex2_s, x_s, w1h, w2h, lo_s,
-           eta_sb, b1_s, b2_s, gam_s, bet_s, bars, *rest):
+  NSAVE = 4 if config.save_activations else 0  # extra outputs; 2 f32 staging tiles at the end
+
+  def body(*refs):
+    if not NSAVE:
+      return body_(*refs, saves=None)
+    # refs: 12 inputs, 7 outputs, NSAVE saved-activation outputs, scratch (staging tiles last)
+    return body_(*refs[:19], *refs[19 + NSAVE:-2], saves=refs[19:19 + NSAVE] + refs[-2:])
+
+  def body_(q_ref, k_ref, v_ref, eta_ref, g_ref, bt_ref, w1h_ref, w1l_ref, b1_ref, w2h_ref,
+            w2l_ref, b2_ref, o_ref, cw1h, cw1l, cb1, cw2h, cw2l, cb2,
+            q_sb, k_sb, v_sb, ek_s, g2_s, g1_s, ex2_s, x_s, w1h, w2h, lo_s,
+            eta_sb, b1_s, b2_s, gam_s, bet_s, bars, *rest, saves):
     # precise_update, three_pass: [2, 64, 64] -eta G2 (hi, lo); pipeline: [1, 64, 64] -eta G2
     eg2_s = rest[0] if config.precise_update or config.pipeline or config.three_pass else None
     xch = rest[1:] if eg2_s is not None else rest
@@ -291,8 +315,12 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
             (ex2_s.at[c], w2h.at[c]), (ex2_s.at[c], w2l(c)), (x_s.at[c], w2h.at[c]))])
       else:
         pk = mlp_fwd_partial(k_s)
+      if saves is not None:  # the keys' X2 chunks (committed by mlp_forward)
+        plgpu.copy_smem_to_gmem(x_s, saves[0].at[bh, m, pl.ds(c0, NL)])
       ph("xchg")
       z2 = allreduce(pk, 0) + _row_bcast(b2v, shp)
+      if saves is not None:
+        save_f32(z2, saves[4], saves[1].at[bh, m])
       # ---- (4)-(6): fused LayerNorm + L2 backward (replicated on every CTA)
       ph("ln")
       g2 = _ln_l2_grad(z2, v_s[...].astype(f32) - kf, gam, bet, ln_eps)
@@ -346,15 +374,31 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
       # ---- (9)-(10): apply the new state to the queries
       ph("query")
       b2n = plgpu.load(b2_s, layout=red0)
+      if saves is not None:  # the keys' X2 TMA reads x_s, which the queries' X2 overwrites
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
       pq = mlp_fwd_partial(q_s)
       push(pq, 1)
-      query_output(q_s, pq, b2n, gam, bet, m, 1)
+      if saves is not None:
+        plgpu.copy_smem_to_gmem(x_s, saves[2].at[bh, m, pl.ds(c0, NL)])
+      query_output(q_s, pq, b2n, gam, bet, m, 1,
+                   save=None if saves is None else (saves[5], saves[3].at[bh, m]))
+      if saves is not None:  # staging tiles and x_s are rewritten next step
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
       ph.close()
       return w1, w2
 
-    def query_output(q_s, z2b_partial, b2v, gam, bet, m, slot):
-      """Mini-batch m's output from this CTA's Z2_bar partial: exchange, LayerNorm, residual, TMA."""
+    def save_f32(x, staging, dst):
+      """[64, 64] f32 value -> dst (HBM) through an f32 SMEM tile, by the cluster's first CTA."""
+      staging[...] = x
+      plgpu.commit_smem()
+      on_rank0(r, lambda: plgpu.copy_smem_to_gmem(staging, dst))
+
+    def query_output(q_s, z2b_partial, b2v, gam, bet, m, slot, save=None):
+      """Mini-batch m's output from this CTA's Z2_bar partial: exchange, LayerNorm, residual, TMA.
+      save: (f32 staging tile, HBM destination) for Z2_bar (save_activations)."""
       z2b = pull(z2b_partial, slot) + _row_bcast(b2v, shp)
+      if save is not None:
+        save_f32(z2b, *save)
       xhb, _ = _ln_stats(z2b, ln_eps)
       out = q_s[...].astype(f32) + _row_bcast(gam, shp) * xhb + _row_bcast(bet, shp)
 
@@ -383,8 +427,12 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
         write_checkpoint(m // group, w1, w2)
 
       ph("load")
-      copy_in([(src.at[bh, m], dst) for src, dst in ((q_ref, q_cur), (k_ref, k_s), (v_ref, v_s),
-                                                       (eta_ref, eta_s))], bars)
+      if config.prefetch_next:  # issued by step m-1 (or before the loop): barriers 0-3
+        for i in range(4):
+          plgpu.barrier_wait(bars.at[i])
+      else:
+        copy_in([(src.at[bh, m], dst) for src, dst in ((q_ref, q_cur), (k_ref, k_s),
+                                                       (v_ref, v_s), (eta_ref, eta_s))], bars)
 
       eta_c = plgpu.load(eta_s, layout=red1)  # [64] over rows j
       gam = plgpu.load(gam_s, layout=red0)  # [64] over columns f
@@ -460,12 +508,21 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
           def _():
             pull(pq, 1)
       ph("update")
+      if config.prefetch_next:  # K, V, eta of step m: last read before g1's commit (wgmmas waited)
+        @pl.when(m + 1 < NC)
+        def _():
+          for i, (src, dst) in enumerate(((k_ref, k_s), (v_ref, v_s), (eta_ref, eta_s))):
+            plgpu.copy_gmem_to_smem(src.at[bh, m + 1], dst, bars.at[1 + i])
       w1, w2 = update_state(w1, w2, 0, during=previous_queries)
       ph("store_w")
       for c in range(NL):
         w1h[c] = w1[c].astype(bf16)
         w2h[c] = w2[c].astype(bf16)
       plgpu.commit_smem()
+      if config.prefetch_next:  # Q_{m+1} into Q_{m-1}'s buffer: its output TMA was waited for
+        @pl.when(m + 1 < NC)  # (read-only) and the commit above ordered every thread's reads
+        def _():
+          plgpu.copy_gmem_to_smem(q_ref.at[bh, m + 1], q_prev, bars.at[0])
       ph.close()
       return w1, w2
 
@@ -473,6 +530,10 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
       # Q_0 also into the "previous queries" slot: step 0's query half then reads finite values
       plgpu.copy_gmem_to_smem(q_ref.at[bh, 0], q_sb.at[1], bars.at[0])
       plgpu.barrier_wait(bars.at[0])
+      if config.prefetch_next:  # step 0's inputs (step m issues step m+1's)
+        for i, (src, dst) in enumerate(((q_ref, q_sb.at[0]), (k_ref, k_sb.at[0]),
+                                        (v_ref, v_sb.at[0]), (eta_ref, eta_sb.at[0]))):
+          plgpu.copy_gmem_to_smem(src.at[bh, 0], dst, bars.at[i])
       w1, w2 = lax.fori_loop(0, NC, step_pipelined, (w1_0, w2_0))
       del w1, w2
       # ---- the last mini-batch's queries with the final state
@@ -495,6 +556,9 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
   sf = lambda *s: jax.ShapeDtypeStruct(s, f32)
   out_type = (st(BH, NC, CS, F), st(BH, NG, NH, 64, 64), st(BH, NG, NH, 64, 64),
               sf(BH, NG, NH, 64), st(BH, NG, NH, 64, 64), st(BH, NG, NH, 64, 64), sf(BH, NG, 64))
+  if NSAVE:  # keys' X2 chunks, keys' Z2, queries' X2 chunks, queries' Z2 per step
+    out_type += (st(BH, NC, NH, 64, 64), sf(BH, NC, 64, 64), st(BH, NC, NH, 64, 64),
+                 sf(BH, NC, 64, 64))
   scratch = [tile(NQ), tile(NB), tile(NB), tile(), tile(),  # q, k, v, -eta K, G2
              tile(NL), tile(NL), tile(NL),  # G1_c, -eta X2_c, X2 (forward)
              tile(NL), tile(NL), tile(2 * NL),  # W1 bf16, W2 bf16, lo (checkpoints / init)
@@ -512,6 +576,8 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
                 plgpu.Barrier(num_arrivals=C - 1, num_barriers=1),
                 plgpu.ClusterBarrier(collective_axes=("c",), num_barriers=1)]
     kwargs.update(cluster=(C,), cluster_names=("c",))
+  if NSAVE:  # f32 staging of the keys' and the queries' Z2 (kept last: see body)
+    scratch += [plgpu.SMEM(shp, f32, transforms=tr32), plgpu.SMEM(shp, f32, transforms=tr32)]
   return per_head_kernel(body, out_type=out_type, scratch=scratch, BH=BH,
                          approx_math=config.approx_math, interpret=interpret, profile=profile,
                          reduction_scratch=config.reduction_scratch,

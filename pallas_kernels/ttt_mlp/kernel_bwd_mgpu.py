@@ -54,6 +54,10 @@ class BwdTuningConfig:
   # threads around each of the two updates per step, instead of 128 accumulator registers per
   # thread carried through the step loop (register pressure / spills in the update reverse).
   dw_gmem: bool = False
+  # The key and query halves' forward activations (X2 chunks, Z2) come from the restart
+  # (`AccTuningConfig(save_activations=True)`) as 4 extra inputs instead of being recomputed:
+  # no forward matmuls and 1 cluster exchange per step instead of 3 (same values, bitwise).
+  saved_forward: bool = False
 
   def __post_init__(self):
     if self.cluster not in (1, 2):
@@ -91,6 +95,9 @@ def build_backward(BH: int, G: int, ln_eps: float, *, groups: int = 1,
     sb1 [BH * groups, G + 1, 4, 64] f32, sb2 [BH * groups, G + 1, 64] f32: biases, likewise
     dw1, dw2   [BH, 4, 64, 64] f32, db1 [BH, 4, 64] f32, db2 [BH, 64] f32: cotangent of the
                state after the last group
+  saved_forward: 4 more arguments after db2: kx2 [BH * groups, G + 1, 4, 64, 64] bf16, kz2
+  [BH * groups, G + 1, 64, 64] f32, qx2, qz2 (likewise): the keys' / queries' X2 chunks and Z2
+  (+ b2) of each step, as the restart saved them.
   ablate: for timing attribution only (results are WRONG): "X" (no cluster exchange), "R" (no
   forward recompute matmuls), "U" (stop each step after dQ: no reverse of the update).
   Results:
@@ -119,13 +126,20 @@ def build_backward(BH: int, G: int, ln_eps: float, *, groups: int = 1,
   mean_f = lambda x: jnp.mean(x, axis=1)
   sum_c = lambda x: jnp.sum(x, axis=0)
 
-  def body(q_ref, k_ref, v_ref, eta_ref, do_ref, g_ref, bt_ref, sw1_ref, sb1_ref, sw2_ref,
+  SF = config.saved_forward
+
+  def body(*refs):
+    if not SF:
+      return body_(*refs, saved=None)
+    return body_(*refs[:15], *refs[19:], saved=refs[15:19])  # the 4 saved inputs follow db2_in
+
+  def body_(q_ref, k_ref, v_ref, eta_ref, do_ref, g_ref, bt_ref, sw1_ref, sb1_ref, sw2_ref,
            sb2_ref, dw1_in, db1_in, dw2_in, db2_in,
            dq_ref, dk_ref, dv_ref, de_ref, dgam_ref, dbet_ref, dw1_out, db1_out, dw2_out,
            db2_out,
            q_s, k_s, v_s, do_s, w1_s, w2_s, nw1_s, nw2_s, x_s, xb_s, g1_s, g2_s, dz_s, xh_s,
            eta_s, b1_s, nb1_s, b2_s, nb2_s, gam_s, bet_s, de_s, db1_a, db2_a, dgam_a, dbet_a,
-           xb0, xb1, bars, *rest):
+           xb0, xb1, bars, *rest, saved):
     bh = lax.axis_index("bh")
     r = lax.axis_index("c") if C > 1 else 0
     c0 = r * NL
@@ -197,7 +211,7 @@ def build_backward(BH: int, G: int, ln_eps: float, *, groups: int = 1,
             plgpu.wgmma(acc, a, b)
       return pl.run_state(fn)(tuple(plgpu.ACC.init(v) for v in vals))
 
-    def issue_loads(m):
+    def issue_loads(m, parity):
       g, i = bh * groups + m // G, m % G  # the per-step states of step m: [g, i] and [g, i + 1]
       copies = ((q_ref.at[bh, m], q_s), (k_ref.at[bh, m], k_s), (v_ref.at[bh, m], v_s),
                 (do_ref.at[bh, m], do_s), (eta_ref.at[bh, m], eta_s),
@@ -206,16 +220,22 @@ def build_backward(BH: int, G: int, ln_eps: float, *, groups: int = 1,
                 (sw2_ref.at[g, i + 1, pl.ds(c0, NL)], nw2_s),
                 (sb1_ref.at[g, i, pl.ds(c0, NL)], b1_s), (sb1_ref.at[g, i + 1, pl.ds(c0, NL)], nb1_s),
                 (sb2_ref.at[g, i], b2_s), (sb2_ref.at[g, i + 1], nb2_s))
+      if SF:  # X2 chunks of keys and queries; the keys' Z2 into the exchange slot this step
+        kx2, kz2, qx2, _ = saved  # does not receive in (see `step`)
+        copies += ((kx2.at[g, i, pl.ds(c0, NL)], x_s), (qx2.at[g, i, pl.ds(c0, NL)], xb_s),
+                   (kz2.at[g, i], xbuf[1 - parity]))
       copy_in(copies, bars)
 
     def step(m, parity, carry):
       """Mini-batch m. Exchanges k = 0, 1, 2 use slot (k + parity) % 2: two steps alternate, so
       consecutive exchanges never share a slot (a peer may push the next one before this CTA has
-      read the last one)."""
+      read the last one). saved_forward: only exchange 2 (slot parity) remains, so steps alternate
+      slots; the other slot (1 - parity) stages the saved Z2 tiles: the peer pushes into it next
+      only in the next step's exchange, after this CTA's push of this step, which comes later."""
       dW1, dW2 = carry  # NL x [64, 64] f32: cotangents of W1[:, chunk], W2[chunk, :]
       ph = Phases()  # named regions: what a `Profile` times
       ph("load")
-      issue_loads(m)
+      issue_loads(m, parity)
       E = col(plgpu.load(eta_s, layout=red1))  # eta per row
       gam = row(plgpu.load(gam_s, layout=red0))
       bet = row(plgpu.load(bet_s, layout=red0))
@@ -223,8 +243,12 @@ def build_backward(BH: int, G: int, ln_eps: float, *, groups: int = 1,
       # ---- R: the step's forward from W_m (keys) and W_{m+1} (queries)
       ph("R_key")
       mlp = mlp_forward if "R" not in ablate else lambda xs, **_: xs[...].astype(f32)
-      z2 = allreduce(mlp(k_s, w1h=w1_s, w2h=w2_s, b1_s=b1_s, x_s=x_s, chunks=NL), parity)
-      z2 = z2 + row(plgpu.load(b2_s, layout=red0))
+      stage = xbuf[1 - parity]  # saved_forward: Z2 (keys, then queries) arrives here
+      if SF:
+        z2 = plgpu.layout_cast(stage[...], plgpu.Layout.WGMMA)  # (+ b2 already)
+      else:
+        z2 = allreduce(mlp(k_s, w1h=w1_s, w2h=w2_s, b1_s=b1_s, x_s=x_s, chunks=NL), parity)
+        z2 = z2 + row(plgpu.load(b2_s, layout=red0))
       kf = k_s[...].astype(f32)
       xh, rstd = _ln_stats(z2, ln_eps)
       h = gam * xh + bet - (v_s[...].astype(f32) - kf)  # g = gamma h
@@ -235,9 +259,14 @@ def build_backward(BH: int, G: int, ln_eps: float, *, groups: int = 1,
       v_s[...] = h.astype(bf16)  # V is not needed again
       plgpu.commit_smem()
       ph("R_query")
-      z2b = allreduce(mlp(q_s, w1h=nw1_s, w2h=nw2_s, b1_s=nb1_s, x_s=xb_s, chunks=NL),
-                      1 - parity)
-      z2b = z2b + row(plgpu.load(nb2_s, layout=red0))
+      if SF:  # the committed barrier above ordered every thread's read of the keys' Z2
+        plgpu.copy_gmem_to_smem(saved[3].at[bh * groups + m // G, m % G], stage, bars.at[0])
+        plgpu.barrier_wait(bars.at[0])
+        z2b = plgpu.layout_cast(stage[...], plgpu.Layout.WGMMA)
+      else:
+        z2b = allreduce(mlp(q_s, w1h=nw1_s, w2h=nw2_s, b1_s=nb1_s, x_s=xb_s, chunks=NL),
+                        1 - parity)
+        z2b = z2b + row(plgpu.load(nb2_s, layout=red0))
       xhb, rstdb = _ln_stats(z2b, ln_eps)
 
       # ---- A: out = Q + gamma xhb + beta
@@ -409,7 +438,7 @@ def build_backward(BH: int, G: int, ln_eps: float, *, groups: int = 1,
              vec(), vec(NL), vec(NL), vec(), vec(), vec(), vec(), vec(),  # eta b1 nb1 b2 nb2 g b de
              vec(NL), vec(), vec(), vec(),  # db1, db2, dgamma, dbeta accumulators
              *[plgpu.SMEM(shp, f32, transforms=tr32) for _ in range(2)],  # exchange / staging
-             plgpu.Barrier(num_barriers=13)]
+             plgpu.Barrier(num_barriers=16 if SF else 13)]
   kwargs = {}
   if C > 1:
     scratch += [*[plgpu.Barrier(num_arrivals=C - 1, num_barriers=1) for _ in range(2)],

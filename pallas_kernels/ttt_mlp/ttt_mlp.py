@@ -68,17 +68,21 @@ def _from_kernel_ckpts(ck, B, H):
 # approximate math. v3_3pass: v3 with every state-trajectory matmul as 3-pass bf16 (hi, lo)
 # products (float32-accurate trajectory; its restarts too). v4 (default): v3 with mini-batch m-1's
 # query half inside step m (shared waits and exchange point). v5: v4 with gelu'(Z1) kept from the
-# forward half (no Z1 recompute in the gradient phase; AccTuningConfig.early_gelu_grad).
-# (H100: benchmarks/NOTES-ttt-mlp.md.)
-VARIANTS = ("v1", "v2", "v3", "v3_precise", "v3_exact", "v3_3pass", "v4", "v5")
+# forward half (no Z1 recompute in the gradient phase; AccTuningConfig.early_gelu_grad; H100:
+# slower). v4p: v4 with step m+1's inputs loaded during step m (AccTuningConfig.prefetch_next;
+# not yet timed on a GPU). (H100: benchmarks/NOTES-ttt-mlp.md.)
+VARIANTS = ("v1", "v2", "v3", "v3_precise", "v3_exact", "v3_3pass", "v4", "v5", "v4p")
 
 
 # SMEM bytes for the kernels' column-sum reductions (`mgpu_common.DEFAULT_REDUCTION_SCRATCH`).
 REDUCTION_SCRATCH = kernel_acc_mgpu.DEFAULT_REDUCTION_SCRATCH
 
 
-def _build(BH, NC, group, ln_eps, interpret, variant, outputs=True):
+def _build(BH, NC, group, ln_eps, interpret, variant, outputs=True, save_activations=False):
   """The forward kernel of `variant` (same argument/result layout for all of them).
+
+  save_activations (v3 only): 4 more results, the per-step forward activations the backward
+  kernel's `saved_forward` takes (kernel_acc_mgpu.AccTuningConfig.save_activations).
 
   outputs=False (v3/v4/v5 only; the backward's restarts): the states alone, by v3 without its query
   half (the output array is then left unwritten).
@@ -87,17 +91,19 @@ def _build(BH, NC, group, ln_eps, interpret, variant, outputs=True):
     raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
   iparams = jax.experimental.pallas.mosaic_gpu.InterpretGPUParams() if interpret else None
   if variant.startswith(("v3", "v4", "v5")):  # the exchange has no interpret rule: cluster 1 there
-    pipeline = variant in ("v4", "v5") and outputs
+    pipeline = variant in ("v4", "v5", "v4p") and outputs
     cfg = kernel_acc_mgpu.AccTuningConfig(cluster=1 if interpret else 2,
                                           precise_update=variant == "v3_precise",
                                           approx_math=variant != "v3_exact",
                                           pipeline=pipeline, outputs=outputs,
                                           three_pass=variant == "v3_3pass",
+                                          save_activations=save_activations,
                                           # (v3_3pass: its SMEM leaves room for 4 KiB at most)
                                           reduction_scratch=REDUCTION_SCRATCH
                                           if variant != "v3_3pass" else
                                           min(REDUCTION_SCRATCH, 4096),
-                                          early_gelu_grad=variant == "v5" and pipeline)
+                                          early_gelu_grad=variant == "v5" and pipeline,
+                                          prefetch_next=variant == "v4p" and pipeline)
     return kernel_acc_mgpu.build_forward_acc(BH, NC, group, ln_eps, config=cfg,
                                              interpret=iparams)
   return kernel_mgpu.build_forward(BH, NC, group, ln_eps, interpret=iparams,
@@ -132,8 +138,10 @@ def _forward(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, group, ln_e
 
 # jax.vjp of the dual-form scan | hand-derived primal steps (XLA) | the Mosaic GPU backward kernel
 # | the same kernel with BwdTuningConfig(dw_gmem=True) (opt-in variant: dW kept in GMEM, not regs)
-BACKWARDS = ("xla_vjp", "reference", "pallas", "pallas_dw_gmem")
-_KERNEL_BACKWARDS = {"pallas": {}, "pallas_dw_gmem": {"dw_gmem": True}}
+# | the kernel fed the restart's saved forward activations (no recompute; opt-in until timed)
+BACKWARDS = ("xla_vjp", "reference", "pallas", "pallas_dw_gmem", "pallas_saved")
+_KERNEL_BACKWARDS = {"pallas": {}, "pallas_dw_gmem": {"dw_gmem": True},
+                     "pallas_saved": {"saved_forward": True}}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13, 14))
@@ -184,12 +192,14 @@ RESTART_OUTPUTS = True
 # least memory; H100, same start: NC=282 and 1000 backward times equal to 0.1% either way.
 BWD_LAUNCH_BYTES = 0
 _RESTART_STEP_BYTES = 2 * 2 * (4 * 64 * 64 * 2) + 64 * 64 * 2 + 4 * 64 * 4 + 64 * 4
+_SAVED_STEP_BYTES = 2 * (4 * 64 * 64 * 2) + 2 * 64 * 64 * 4  # + X2 chunks and Z2 of keys, queries
 
 
-def groups_per_launch(NG: int, BH: int, G: int, budget: int = None) -> tuple[int, int]:
+def groups_per_launch(NG: int, BH: int, G: int, budget: int = None,
+                      step_bytes: int = _RESTART_STEP_BYTES) -> tuple[int, int]:
   """(groups per backward launch S, launches L): S * L >= NG groups, S as even as the budget allows."""
   budget = BWD_LAUNCH_BYTES if budget is None else budget
-  s_max = max(1, min(NG, budget // (BH * (G + 1) * _RESTART_STEP_BYTES)))
+  s_max = max(1, min(NG, budget // (BH * (G + 1) * step_bytes)))
   launches = -(-NG // s_max)
   return -(-NG // launches), launches
 
@@ -216,7 +226,9 @@ def _bwd_pallas(group, ln_eps, interpret, variant, res, dout, **tuning):
   B, H, NC, CS, F = XQ.shape
   BH, G = B * H, group
   NG = ck[0].shape[1]
-  S, L = groups_per_launch(NG, BH, G)
+  saved = tuning.get("saved_forward", False)
+  S, L = groups_per_launch(NG, BH, G, step_bytes=_RESTART_STEP_BYTES
+                           + (_SAVED_STEP_BYTES if saved else 0))
   NP = S * L * G + 1
   f32, bf16 = jnp.float32, jnp.bfloat16
   padded = lambda a, dt: jnp.pad(a.astype(dt).reshape((BH, NC) + a.shape[3:]),
@@ -229,8 +241,9 @@ def _bwd_pallas(group, ln_eps, interpret, variant, res, dout, **tuning):
   gam_s, bet_s = jnp.repeat(gam, S, axis=0), jnp.repeat(bet, S, axis=0)  # [BH * S, F]
   C = 1 if interpret else 2
   # v4's folding does not pay over a G + 1 step restart (H100 NC=1000 fwd+bwd 149 vs 142 ms): v3
-  restart = "v3" if variant in ("v4", "v5") else variant
-  fwd = _build(BH * S, G + 1, 1, float(ln_eps), interpret, restart, outputs=RESTART_OUTPUTS)
+  restart = "v3" if variant in ("v4", "v5", "v4p") or saved else variant
+  fwd = _build(BH * S, G + 1, 1, float(ln_eps), interpret, restart,
+               outputs=RESTART_OUTPUTS or saved, save_activations=saved)
   bwd = kernel_bwd_mgpu.build_backward(
       BH, G, float(ln_eps), groups=S,
       config=kernel_bwd_mgpu.BwdTuningConfig(cluster=C, reduction_scratch=REDUCTION_SCRATCH,
@@ -242,10 +255,11 @@ def _bwd_pallas(group, ln_eps, interpret, variant, res, dout, **tuning):
     win = lambda a: _restart_windows(a, s, S, G)
     st0 = tuple(jax.lax.dynamic_slice_in_dim(a, s * S, S, axis=1).reshape((BH * S,) + a.shape[2:])
                 for a in ck)
-    _, sw1, _, sb1, sw2, _, sb2 = fwd(win(q), win(k), win(v), win(e), gam_s, bet_s, *st0)
+    _, sw1, _, sb1, sw2, _, sb2, *acts = fwd(win(q), win(k), win(v), win(e), gam_s, bet_s, *st0)
     sl = lambda a: jax.lax.dynamic_slice_in_dim(a, s * S * G, S * G, axis=1)
     dq, dk, dv, de, dgam_g, dbet_g, dw1, db1, dw2, db2 = bwd(
-        sl(q), sl(k), sl(v), sl(e), sl(do), gam, bet, sw1, sb1, sw2, sb2, dw1, db1, dw2, db2)
+        sl(q), sl(k), sl(v), sl(e), sl(do), gam, bet, sw1, sb1, sw2, sb2, dw1, db1, dw2, db2,
+        *acts)  # (saved_forward: kx2, kz2, qx2, qz2)
     return (dw1, db1, dw2, db2, dgam + dgam_g, dbet + dbet_g), (dq, dk, dv, de)
 
   z = lambda *s: jnp.zeros(s, f32)

@@ -19,7 +19,7 @@ from ttt_dit.ttt import inner_loop
 NAMES = ("XQ", "XK", "XV", "eta", "ln_weight", "ln_bias", "W1", "b1", "W2", "b2")
 
 
-@pytest.mark.parametrize("backward", ["pallas", "pallas_dw_gmem"])
+@pytest.mark.parametrize("backward", ["pallas", "pallas_dw_gmem", "pallas_saved"])
 def test_backward_kernel_gradients_batch_and_groups_interpret(backward):
   """B = 2 (state cotangents summed over the batch), NC = 3 with G = 2: two groups (the state
   cotangent carried between them), the last one short. Every gradient vs jax.grad of the float32
@@ -83,6 +83,20 @@ def test_backward_launch_grouping_does_not_change_gradients(groups_per_launch, m
     assert rel(x, z) < 2e-2, (name, rel(x, z))
 
 
+def test_saved_forward_backward_is_bitwise_the_recomputing_one():
+  """backward="pallas_saved" (the restart saves X2 / Z2 of keys and queries; the backward kernel
+  loads them instead of recomputing) gives bitwise the gradients of "pallas" (interpret, cluster
+  1, NC = 3, G = 2: two groups, the last short)."""
+  B, H, NC, G = 1, 1, 3, 2
+  args = ttt_inputs(B, H, NC, 5)
+  cot = jax.random.normal(jax.random.PRNGKey(11), (B, H, NC, 64, 64))
+  grads = [jax.grad(lambda a: jnp.sum(ttt_mlp_pallas(
+      *a, checkpoint_group_size=G, interpret=True, backward=bw).astype(jnp.float32) * cot))(args)
+           for bw in ("pallas", "pallas_saved")]
+  for name, x, y in zip(NAMES, *grads):
+    assert bool(jnp.array_equal(x, y)), (name, rel(y, x))
+
+
 def _bwd_args(bh, g, groups=1):
   S = jax.ShapeDtypeStruct
   bf, f32 = jnp.bfloat16, jnp.float32
@@ -94,15 +108,19 @@ def _bwd_args(bh, g, groups=1):
              S((bh, 4, 64), f32), S((bh, 4, 64, 64), f32), S((bh, 64), f32)))
 
 
-@pytest.mark.parametrize("dw_gmem,groups", [(False, 1), (True, 1), (False, 3)])
-def test_backward_kernel_cluster2_lowers_for_cuda(dw_gmem, groups):
+@pytest.mark.parametrize("dw_gmem,groups,saved", [(False, 1, False), (True, 1, False),
+                                                  (False, 3, False), (False, 2, True)])
+def test_backward_kernel_cluster2_lowers_for_cuda(dw_gmem, groups, saved):
   """The GPU configuration (cluster 2, 2 exchange slots, SMEM under the 227 KiB limit) lowers;
-  also with dW kept in GMEM (dw_gmem) and over 3 groups in one launch."""
+  also with dW kept in GMEM (dw_gmem), over 3 groups in one launch, and fed saved activations."""
   bh, g = 4, 16
   fn = kernel_bwd_mgpu.build_backward(
       bh, g, 1e-6, groups=groups,
-      config=kernel_bwd_mgpu.BwdTuningConfig(cluster=2, dw_gmem=dw_gmem))
+      config=kernel_bwd_mgpu.BwdTuningConfig(cluster=2, dw_gmem=dw_gmem, saved_forward=saved))
   args = _bwd_args(bh, g, groups)
+  if saved:  # kx2, kz2, qx2, qz2
+    args += (jax.ShapeDtypeStruct((bh * groups, g + 1, 4, 64, 64), jnp.bfloat16),
+             jax.ShapeDtypeStruct((bh * groups, g + 1, 64, 64), jnp.float32)) * 2
   lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
   assert "mosaic_gpu" in lowered.as_text().lower()
   outs = jax.eval_shape(fn, *args)

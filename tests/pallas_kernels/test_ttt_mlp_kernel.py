@@ -76,6 +76,19 @@ def test_early_gelu_grad_moves_states_at_bf16_level_only_interpret():
   assert not jnp.array_equal(ck["v4"][0], ck["v5"][0])  # W1's update takes G1 = (G2 W2^T) gelu'
 
 
+def test_prefetch_next_is_bitwise_v4_interpret():
+  """v4p (step m+1's Q/K/V/eta loaded during step m) only moves loads: outputs and every
+  checkpoint bitwise equal to v4's (interpret runs copies at issue time, so a load issued while
+  its buffer is still read would change the results)."""
+  from pallas_kernels.ttt_mlp import ttt_mlp as T
+  args = _inputs(2)
+  res = {v: jax.jit(lambda *a, v=v: T._forward_raw(*a, group=2, ln_eps=1e-6, interpret=True,
+                                                   variant=v))(*args) for v in ("v4", "v4p")}
+  assert jnp.array_equal(res["v4"][0], res["v4p"][0])
+  for a, b in zip(res["v4"][1], res["v4p"][1]):
+    assert jnp.array_equal(a, b)
+
+
 def test_early_gelu_grad_needs_pipeline():
   """early_gelu_grad lives in the pipelined step only: other steps refuse it."""
   with pytest.raises(ValueError, match="early_gelu_grad"):
@@ -140,7 +153,7 @@ def test_gradients_match_xla_scan_interpret(backward):
 
 
 @pytest.mark.parametrize("variant", ["v2", "v3_cluster2", "v4_cluster2", "v5_cluster2",
-                                     "v3_3pass_cluster2"])
+                                     "v4p_cluster2", "v3_3pass_cluster2", "v3_saves_cluster2"])
 def test_kernel_lowers_for_cuda(variant):
   """The compiled (non-interpret) kernel lowers to a Mosaic GPU module for CUDA on this CPU box.
 
@@ -152,8 +165,10 @@ def test_kernel_lowers_for_cuda(variant):
     fn = kernel_mgpu.build_forward(bh, nc, g, 1e-6)
   else:
     cfg = kernel_acc_mgpu.AccTuningConfig(
-        cluster=2, pipeline=variant in ("v4_cluster2", "v5_cluster2"),
-        three_pass=variant == "v3_3pass_cluster2", early_gelu_grad=variant == "v5_cluster2")
+        cluster=2, pipeline=variant in ("v4_cluster2", "v5_cluster2", "v4p_cluster2"),
+        prefetch_next=variant == "v4p_cluster2",
+        three_pass=variant == "v3_3pass_cluster2", early_gelu_grad=variant == "v5_cluster2",
+        save_activations=variant == "v3_saves_cluster2")
     fn = kernel_acc_mgpu.build_forward_acc(bh, nc, g, 1e-6, config=cfg)
   S = jax.ShapeDtypeStruct
   bf, f32 = jnp.bfloat16, jnp.float32
@@ -167,6 +182,8 @@ def test_kernel_lowers_for_cuda(variant):
   assert "mosaic_gpu" in text.lower()
   outs = jax.eval_shape(fn, *args)
   assert outs[0].shape == (bh, nc, 64, 64) and outs[1].shape == (bh, 3, 4, 64, 64)
+  if variant == "v3_saves_cluster2":  # keys' X2 chunks, Z2; queries' X2 chunks, Z2 per step
+    assert [o.shape for o in outs[7:]] == [(bh, nc, 4, 64, 64), (bh, nc, 64, 64)] * 2
 
 
 def test_unsupported_shape_falls_back_to_xla():
