@@ -3,6 +3,8 @@
 Per checkpoint group (B=1, H=48, G=16, NC=282 inputs): the forward kernel restarted with a
 checkpoint every mini-batch, the backward kernel (full and with phases removed: WRONG results, for
 attribution only), and the whole backward (the custom_vjp's bwd, jitted) at NC=282.
+`restart_outputs`: the restart with and without its query half. `ab NAME A,B [NC,...]`: A/B of a
+`ttt_mlp` module constant or of `backward=` (forward and whole backward timed interleaved).
 """
 
 from __future__ import annotations
