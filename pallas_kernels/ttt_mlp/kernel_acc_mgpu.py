@@ -16,10 +16,12 @@ Differences from v1/v2 (`kernel_mgpu.py`, state as bf16 (hi, lo) pairs in SMEM):
 Checkpoints keep v1/v2's layout: (hi, lo) bf16 pairs per chunk, b1/b2 float32.
 Options (AccTuningConfig): `pipeline` (v4, the default of `ttt_mlp_pallas`: mini-batch m-1's query
 half inside step m, which uses the same state), `early_gelu_grad` (v5: v4 with gelu'(K W1 + b1)
-kept from the forward half, so the gradient phase has no Z1 recompute), `three_pass` (v3_3pass:
-the state trajectory's matmuls as 3-pass bf16 (hi, lo) products, float32-accurate),
-`outputs=False` (states only, for the backward's restarts), `precise_update`, `prefetch`,
-`approx_math`.
+kept from the forward half, so the gradient phase has no Z1 recompute), `prefetch_next` (v4p:
+v4 with the next step's inputs loaded during the update), `three_pass` (v3_3pass: the state
+trajectory's matmuls as 3-pass bf16 (hi, lo) products, float32-accurate), `outputs=False` (states
+only, for the backward's restarts), `save_activations` (the restarts of backward="pallas_saved":
+also the per-step X2 and Z2 of keys and queries), `precise_update`, `prefetch`, `approx_math`,
+`reduction_scratch`.
 
 Covered only by the GPU run (benchmarks/ttt_mlp_kernel.py): cluster=2 (the DSMEM exchange and its
 barriers) and the in-place accumulation into the carried state (interpret mode has no rule for
