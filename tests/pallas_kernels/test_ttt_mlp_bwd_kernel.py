@@ -83,10 +83,12 @@ def test_backward_launch_grouping_does_not_change_gradients(groups_per_launch, m
     assert rel(x, z) < 2e-2, (name, rel(x, z))
 
 
-def test_saved_forward_backward_is_bitwise_the_recomputing_one():
+@pytest.mark.parametrize("launch_bytes", [0, 1 << 30])
+def test_saved_forward_backward_is_bitwise_the_recomputing_one(launch_bytes, monkeypatch):
   """backward="pallas_saved" (the restart saves X2 / Z2 of keys and queries; the backward kernel
   loads them instead of recomputing) gives bitwise the gradients of "pallas" (interpret, cluster
-  1, NC = 3, G = 2: two groups, the last short)."""
+  1, NC = 3, G = 2: two groups, the last short; one group per launch, or both in one launch)."""
+  monkeypatch.setattr(T, "BWD_LAUNCH_BYTES", launch_bytes)
   B, H, NC, G = 1, 1, 3, 2
   args = ttt_inputs(B, H, NC, 5)
   cot = jax.random.normal(jax.random.PRNGKey(11), (B, H, NC, 64, 64))
