@@ -269,6 +269,19 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
       on_rank0(r, lambda: plgpu.copy_smem_to_gmem(b2_s, cb2.at[bh, gi]))
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
+    def start_step(m, w1, w2) -> Phases:
+      """A step's named phases (what a `Profile` times), its checkpoint every `group` steps;
+      returns them with the "load" phase open."""
+      ph = Phases()
+      ph("ckpt")
+
+      @pl.when(m % group == 0)
+      def _():
+        write_checkpoint(m // group, w1, w2)
+
+      ph("load")
+      return ph
+
     def issue_loads(m, slot):
       """TMA of mini-batch m's Q, K, V, eta into buffer `slot` (barriers 4 slot .. 4 slot + 3)."""
       for i, (src, dst) in enumerate(((q_ref, q_sb), (k_ref, k_sb), (v_ref, v_sb),
@@ -279,14 +292,7 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
       w1, w2 = carry  # NL x [64, 64] f32 each: W1[:, chunk], W2[chunk, :]
       slot = m % NB if NB > 1 else 0
       q_s, k_s, v_s, eta_s = (b.at[slot] for b in (q_sb, k_sb, v_sb, eta_sb))
-      ph = Phases()  # named regions: what a `Profile` times
-      ph("ckpt")
-
-      @pl.when(m % group == 0)
-      def _():
-        write_checkpoint(m // group, w1, w2)
-
-      ph("load")
+      ph = start_step(m, w1, w2)
       if NB == 1:
         issue_loads(m, 0)
       else:  # the other buffer was last read by step m-1 (its output TMA already waited)
@@ -421,14 +427,7 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
       w1, w2 = carry  # NL x [64, 64] f32 each: W1[:, chunk], W2[chunk, :]
       q_prev, q_cur = q_sb.at[(m + 1) % 2], q_sb.at[m % 2]  # Q_{m-1}, Q_m
       k_s, v_s, eta_s = k_sb.at[0], v_sb.at[0], eta_sb.at[0]
-      ph = Phases()  # named regions: what a `Profile` times
-      ph("ckpt")
-
-      @pl.when(m % group == 0)
-      def _():
-        write_checkpoint(m // group, w1, w2)
-
-      ph("load")
+      ph = start_step(m, w1, w2)
       if config.prefetch_next:  # issued by step m-1 (or before the loop): barriers 0-3
         for i in range(4):
           plgpu.barrier_wait(bars.at[i])
