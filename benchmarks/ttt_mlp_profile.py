@@ -2,9 +2,10 @@
 
 Each kernel's step is split into named phases (`mgpu_common.Phases`: "load", "z1", "xchg", ...).
 With `Profile` the kernel records SM clock cycles at every phase boundary per warpgroup; this
-script runs the forward (v4 and the v3 restart) over `--nc` mini-batches and the backward kernel
-over one checkpoint group, and prints per phase the median cycles per occurrence over all CTAs
-(and us at the SM clock given by --ghz), next to the unprofiled kernel's wall time per step.
+script runs forward variants (`--which` v3, v4, v4p, v5) over `--nc` mini-batches and the backward
+kernel (bwd) over `--bwd_steps` steps, for each `--red` reduction scratch size, and prints per
+phase the median and mean cycles per occurrence over all CTAs and the us per step at the SM clock
+`--ghz`, next to the unprofiled kernel's wall time per step.
 
   python -m benchmarks.ttt_mlp_profile --nc 48 --out /tmp/prof   (GPU only)
 """
@@ -103,9 +104,9 @@ def main(argv=None):
   for which, red in itertools.product(a.which.split(","), (int(r) for r in a.red.split(","))):
     d = tempfile.mkdtemp(prefix=f"prof_{which}_")
     title = f"{which} reduction_scratch={red}"
-    if which in ("v5", "v4", "v3"):
+    if which in ("v5", "v4p", "v4", "v3"):
       cfg = kernel_acc_mgpu.AccTuningConfig(pipeline=which != "v3", early_gelu_grad=which == "v5",
-                                            reduction_scratch=red)
+                                            prefetch_next=which == "v4p", reduction_scratch=red)
       plain = jax.jit(kernel_acc_mgpu.build_forward_acc(H, NC, G, 1e-6, config=cfg))
       wall = median_ms(plain, fargs, a.reps) * 1e3 / NC
       prof = jax.jit(kernel_acc_mgpu.build_forward_acc(
@@ -128,7 +129,7 @@ def main(argv=None):
                                                     profile=Profile(d, space=28 * S + 16)))
       steps = S
     else:
-      raise ValueError(f"--which: unknown kernel {which!r} (v5, v4, v3, bwd)")
+      raise ValueError(f"--which: unknown kernel {which!r} (v5, v4p, v4, v3, bwd)")
     same = all(bool(jnp.array_equal(x, y)) for x, y in zip(plain(*kargs), prof(*kargs)))
     print(f"{title}: profiled results bitwise equal to unprofiled: {same}", flush=True)
     summary[title] = {"wall_us_per_step": wall,
