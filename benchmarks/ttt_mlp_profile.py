@@ -2,7 +2,7 @@
 
 Each kernel's step is split into named phases (`mgpu_common.Phases`: "load", "z1", "xchg", ...).
 With `Profile` the kernel records SM clock cycles at every phase boundary per warpgroup; this
-script runs forward variants (`--which` v3, v4, v4p, v5) over `--nc` mini-batches and the backward
+script runs forward variants (`--which` v3, v4, v4p, v5, v6) over `--nc` mini-batches and the backward
 kernel (bwd) over `--bwd_steps` steps, for each `--red` reduction scratch size, and prints per
 phase the median and mean cycles per occurrence over all CTAs and the us per step at the SM clock
 `--ghz`, next to the unprofiled kernel's wall time per step.
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from benchmarks.kernel_common import median_ms
 from benchmarks.ttt_mlp_kernel import make_inputs
 from pallas_kernels.mgpu_common import Profile
-from pallas_kernels.ttt_mlp import kernel_acc_mgpu, kernel_bwd_mgpu
+from pallas_kernels.ttt_mlp import kernel_acc_mgpu, kernel_bwd_mgpu, kernel_wg2_mgpu
 from pallas_kernels.ttt_mlp import ttt_mlp as T
 
 
@@ -112,6 +112,13 @@ def main(argv=None):
       prof = jax.jit(kernel_acc_mgpu.build_forward_acc(
           H, NC, G, 1e-6, config=cfg, profile=Profile(d, space=12 * NC + 16)))
       kargs, steps = fargs, NC
+    elif which == "v6":  # two warpgroups per CTA: each records its own trace
+      cfg6 = kernel_wg2_mgpu.Wg2TuningConfig(reduction_scratch=red)
+      plain = jax.jit(kernel_wg2_mgpu.build_forward_wg2(H, NC, G, 1e-6, config=cfg6))
+      wall = median_ms(plain, fargs, a.reps) * 1e3 / NC
+      prof = jax.jit(kernel_wg2_mgpu.build_forward_wg2(
+          H, NC, G, 1e-6, config=cfg6, profile=Profile(d, space=12 * NC + 16)))
+      kargs, steps = fargs, NC
     elif which == "bwd":
       S = a.bwd_steps
       q, k, v = (x.reshape(H, NC, 64, 64)[:, :S + 1] for x in fargs[:3])
@@ -129,7 +136,7 @@ def main(argv=None):
                                                     profile=Profile(d, space=28 * S + 16)))
       steps = S
     else:
-      raise ValueError(f"--which: unknown kernel {which!r} (v5, v4p, v4, v3, bwd)")
+      raise ValueError(f"--which: unknown kernel {which!r} (v6, v5, v4p, v4, v3, bwd)")
     same = all(bool(jnp.array_equal(x, y)) for x, y in zip(plain(*kargs), prof(*kargs)))
     print(f"{title}: profiled results bitwise equal to unprofiled: {same}", flush=True)
     summary[title] = {"wall_us_per_step": wall,

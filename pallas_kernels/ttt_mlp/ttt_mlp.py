@@ -4,11 +4,13 @@ Forward: `kernel_acc_mgpu.build_forward_acc` (variant "v4", the default: float32
 accumulators, hidden dim over a 2-CTA cluster, mini-batch m-1's queries folded into step m; "v3"
 without that folding; cluster 1 in interpret mode) or `kernel_mgpu.build_forward` ("v1"/"v2":
 state as bf16 (hi, lo) pairs in SMEM); checkpoints every G mini-batches.
-Backward: for each checkpoint group, in reverse, the XLA dual-form scan (`ttt_dit.ttt.inner_loop`)
-is restarted from the kernel's checkpoint and differentiated with `jax.vjp`; the state cotangent is
-carried from group to group (`backward="reference"`: the hand-derived recompute-then-reverse of
-`backward_reference.group_vjp` instead; `backward="pallas"`: per group the forward kernel restarted
-from the checkpoint with a checkpoint every step, then the backward kernel `kernel_bwd_mgpu`).
+Backward (`backward=`, default "pallas_saved"): for each checkpoint group, last to first, the
+forward kernel restarted from the group's checkpoint with a checkpoint every mini-batch (and, for
+"pallas_saved", the forward activations X2 / Z2 of keys and queries), then the backward kernel
+`kernel_bwd_mgpu` reverses the group's steps; the state cotangent is carried from group to group.
+"pallas" recomputes those activations in the backward kernel; "xla_vjp" restarts the XLA dual-form
+scan (`ttt_dit.ttt.inner_loop`) and differentiates it with `jax.vjp`; "reference" runs the
+hand-derived recompute-then-reverse of `backward_reference.group_vjp` in XLA.
 Unsupported shapes/platforms fall back to the XLA scan with one log line.
 """
 
@@ -21,7 +23,8 @@ import jax.numpy as jnp
 from absl import logging
 
 from pallas_kernels import checkpoint_vjp, platform
-from pallas_kernels.ttt_mlp import backward_reference, kernel_acc_mgpu, kernel_bwd_mgpu, kernel_mgpu
+from pallas_kernels.ttt_mlp import (backward_reference, kernel_acc_mgpu, kernel_bwd_mgpu,
+                                    kernel_mgpu, kernel_wg2_mgpu)
 from ttt_dit.ttt import inner_loop
 
 Array = jax.Array
@@ -70,8 +73,9 @@ def _from_kernel_ckpts(ck, B, H):
 # query half inside step m (shared waits and exchange point). v5: v4 with gelu'(Z1) kept from the
 # forward half (no Z1 recompute in the gradient phase; AccTuningConfig.early_gelu_grad; H100:
 # slower). v4p: v4 with step m+1's inputs loaded during step m (AccTuningConfig.prefetch_next;
-# not yet timed on a GPU). (H100: benchmarks/NOTES-ttt-mlp.md.)
-VARIANTS = ("v1", "v2", "v3", "v3_precise", "v3_exact", "v3_3pass", "v4", "v5", "v4p")
+# H100: 32% slower, more register spills). v6: v4 with the CTA's hidden chunks split over two
+# consumer warpgroups (kernel_wg2_mgpu; b1 as a row-replicated accumulator). (H100: benchmarks/NOTES-ttt-mlp.md.)
+VARIANTS = ("v1", "v2", "v3", "v3_precise", "v3_exact", "v3_3pass", "v4", "v5", "v4p", "v6")
 
 
 # SMEM bytes for the kernels' column-sum reductions (`mgpu_common.DEFAULT_REDUCTION_SCRATCH`).
@@ -90,6 +94,13 @@ def _build(BH, NC, group, ln_eps, interpret, variant, outputs=True, save_activat
   if variant not in VARIANTS:
     raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
   iparams = jax.experimental.pallas.mosaic_gpu.InterpretGPUParams() if interpret else None
+  if variant == "v6" and outputs and not save_activations:  # (restarts: v3, as for v4)
+    cfg6 = kernel_wg2_mgpu.Wg2TuningConfig(cluster=1 if interpret else 2,
+                                           reduction_scratch=REDUCTION_SCRATCH)
+    return kernel_wg2_mgpu.build_forward_wg2(BH, NC, group, ln_eps, config=cfg6,
+                                             interpret=iparams)
+  if variant == "v6":
+    variant = "v3"
   if variant.startswith(("v3", "v4", "v5")):  # the exchange has no interpret rule: cluster 1 there
     pipeline = variant in ("v4", "v5", "v4p") and outputs
     cfg = kernel_acc_mgpu.AccTuningConfig(cluster=1 if interpret else 2,
@@ -138,7 +149,8 @@ def _forward(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, group, ln_e
 
 # jax.vjp of the dual-form scan | hand-derived primal steps (XLA) | the Mosaic GPU backward kernel
 # | the same kernel with BwdTuningConfig(dw_gmem=True) (opt-in variant: dW kept in GMEM, not regs)
-# | the kernel fed the restart's saved forward activations (no recompute; opt-in until timed)
+# | the kernel fed the restart's saved forward activations (no recompute; the default: H100, same
+# start, whole backward 40.0 -> 36.3 ms at NC=282 and 134.0 -> 123.6 ms at NC=1000, bitwise equal)
 BACKWARDS = ("xla_vjp", "reference", "pallas", "pallas_dw_gmem", "pallas_saved")
 _KERNEL_BACKWARDS = {"pallas": {}, "pallas_dw_gmem": {"dw_gmem": True},
                      "pallas_saved": {"saved_forward": True}}
@@ -241,7 +253,7 @@ def _bwd_pallas(group, ln_eps, interpret, variant, res, dout, **tuning):
   gam_s, bet_s = jnp.repeat(gam, S, axis=0), jnp.repeat(bet, S, axis=0)  # [BH * S, F]
   C = 1 if interpret else 2
   # v4's folding does not pay over a G + 1 step restart (H100 NC=1000 fwd+bwd 149 vs 142 ms): v3
-  restart = "v3" if variant in ("v4", "v5", "v4p") or saved else variant
+  restart = "v3" if variant in ("v4", "v5", "v4p", "v6") or saved else variant
   fwd = _build(BH * S, G + 1, 1, float(ln_eps), interpret, restart,
                outputs=RESTART_OUTPUTS or saved, save_activations=saved)
   bwd = kernel_bwd_mgpu.build_backward(
@@ -291,13 +303,15 @@ _ttt_mlp_kernel.defvjp(_fwd, _bwd)
 
 def ttt_mlp_pallas(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *,
                    checkpoint_group_size: int = 16, ln_eps: float = 1e-6, interpret: bool = False,
-                   variant: str = "v4", backward: str = "pallas"):
+                   variant: str = "v4", backward: str = "pallas_saved"):
   """TTT-MLP with the fused kernels; same contract as `ttt_dit.ttt.inner_loop.ttt_mlp`.
 
   Returns [B, H, NC, CS, F] in XQ's dtype. `interpret=True` runs the kernel in Mosaic GPU interpret
   mode (CPU tests); `variant` picks the forward kernel (VARIANTS; "v4" default); `backward` picks
-  the VJP (BACKWARDS; "pallas", the default = the backward kernel, which rounds an odd checkpoint
-  group up to even; H100 NC=282: ~41 ms fwd+bwd vs 220 ms with "xla_vjp"; "pallas_dw_gmem": the
+  the VJP (BACKWARDS; "pallas_saved", the default = the backward kernel fed the restart's saved
+  forward activations, which rounds an odd checkpoint group up to even; H100 NC=282: ~42 ms
+  fwd+bwd vs 220 ms with "xla_vjp"; "pallas": the same kernel recomputing those activations, 8-10%
+  slower, bitwise the same gradients; "pallas_dw_gmem": the
   same kernel with dW in GMEM instead of registers, same gradients, not consistently faster:
   opt-in). Unsupported shapes or devices log one line and use the XLA scan.
   """

@@ -23,7 +23,7 @@ def _inputs(seed: int = 0):
   return tuple(a.astype(jnp.float32) for a in ttt_inputs(B, H, NC, seed))
 
 
-@pytest.mark.parametrize("variant", ["v2", "v3", "v3_precise", "v3_3pass", "v4", "v5"])
+@pytest.mark.parametrize("variant", ["v2", "v3", "v3_precise", "v3_3pass", "v4", "v5", "v6"])
 def test_forward_matches_xla_scan_interpret(variant):
   """Kernel (interpret mode) outputs vs the float32 XLA scan: bf16 matmuls, so rel L2 < 1e-2.
 
@@ -44,7 +44,7 @@ def test_forward_matches_xla_scan_interpret(variant):
   assert rel(frozen - args[0], delta_ref) > 10 * err
 
 
-@pytest.mark.parametrize("variant", ["v4", "v5"])
+@pytest.mark.parametrize("variant", ["v4", "v5", "v6"])
 def test_checkpoints_match_xla_states_interpret(variant):
   """The kernel's checkpoint states equal the XLA scan's state at each group boundary."""
   args = _inputs(1)
@@ -74,6 +74,27 @@ def test_early_gelu_grad_moves_states_at_bf16_level_only_interpret():
     assert jnp.array_equal(ck["v4"][i][0], ck["v5"][i][0])  # the initial state
     assert rel(ck["v5"][i][1:], ck["v4"][i][1:]) < 1e-2, (i, rel(ck["v5"][i][1:], ck["v4"][i][1:]))
   assert not jnp.array_equal(ck["v4"][0], ck["v5"][0])  # W1's update takes G1 = (G2 W2^T) gelu'
+
+
+def test_two_warpgroups_are_race_free_interpret():
+  """v6 (two warpgroups per CTA, hand-offs through SMEM and mbarriers) under the interpreter's
+  happens-before race detector: no races over three steps with checkpoints at steps 0 and 2.
+  (Dropping wg 0's wait for wg 1's update operands, sync[1], is reported as a race.)"""
+  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ip
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  from pallas_kernels.ttt_mlp import kernel_wg2_mgpu
+  from pallas_kernels.ttt_mlp import ttt_mlp as T
+  args = _inputs(3)
+  bf = lambda a: a.astype(jnp.bfloat16).reshape(B * H, NC, CS, F)
+  fn = kernel_wg2_mgpu.build_forward_wg2(
+      B * H, NC, GROUP, 1e-6, config=kernel_wg2_mgpu.Wg2TuningConfig(cluster=1),
+      interpret=plgpu.InterpretGPUParams(detect_races=True))
+  ip.reset_gpu_interpret_mode_state()
+  out = fn(bf(args[0]), bf(args[1]), bf(args[2]), args[3].reshape(B * H, NC, CS),
+           T._per_head(args[4], B), T._per_head(args[5], B), *T._to_kernel_state(*args[6:], B))
+  jax.block_until_ready(out)
+  assert not ip.get_races().races_found
+  assert bool(jnp.isfinite(out[0].astype(jnp.float32)).all())
 
 
 def test_prefetch_next_is_bitwise_v4_interpret():
@@ -153,7 +174,8 @@ def test_gradients_match_xla_scan_interpret(backward):
 
 
 @pytest.mark.parametrize("variant", ["v2", "v3_cluster2", "v4_cluster2", "v5_cluster2",
-                                     "v4p_cluster2", "v3_3pass_cluster2", "v3_saves_cluster2"])
+                                     "v4p_cluster2", "v3_3pass_cluster2", "v3_saves_cluster2",
+                                     "v6_cluster2"])
 def test_kernel_lowers_for_cuda(variant):
   """The compiled (non-interpret) kernel lowers to a Mosaic GPU module for CUDA on this CPU box.
 
@@ -163,6 +185,9 @@ def test_kernel_lowers_for_cuda(variant):
   bh, nc, g = 4, 40, 16
   if variant == "v2":
     fn = kernel_mgpu.build_forward(bh, nc, g, 1e-6)
+  elif variant == "v6_cluster2":  # two warpgroups per CTA
+    from pallas_kernels.ttt_mlp import kernel_wg2_mgpu
+    fn = kernel_wg2_mgpu.build_forward_wg2(bh, nc, g, 1e-6)
   else:
     cfg = kernel_acc_mgpu.AccTuningConfig(
         cluster=2, pipeline=variant in ("v4_cluster2", "v5_cluster2", "v4p_cluster2"),
