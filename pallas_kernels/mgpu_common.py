@@ -5,8 +5,44 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 
 from jax.experimental.pallas import mosaic_gpu as plgpu
+
+# [64, 64] SMEM tiles as wgmma operands (bf16) and f32 exchange / staging tiles: 128-byte swizzle.
+BF16_TILE_TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+F32_TILE_TRANSFORMS = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
+
+
+def bf16_tiles(*lead: int) -> plgpu.SMEM:
+  """SMEM of [*lead, 64, 64] bf16 wgmma operand tiles."""
+  return plgpu.SMEM(lead + (64, 64), jnp.bfloat16, transforms=BF16_TILE_TRANSFORMS)
+
+
+def f32_tile() -> plgpu.SMEM:
+  """SMEM of one [64, 64] f32 tile (exchange slot, staging)."""
+  return plgpu.SMEM((64, 64), jnp.float32, transforms=F32_TILE_TRANSFORMS)
+
+
+def pair_exchange(cluster: int, rank, slots):
+  """(push, pull) of the 2-CTA cluster's [64, 64] f32 all-reduce (inside a kernel body).
+
+  slots: per exchange slot (receive tile, its barrier), unused at cluster 1. push(x, slot) sends
+  this CTA's partial into the peer's slot (DSMEM); pull(x, slot) waits for the peer's and returns
+  x + peer (own + peer: bitwise equal on both CTAs). Identity / no-op at cluster 1.
+  """
+  def push(x, slot):
+    if cluster > 1:
+      recv, rbar = slots[slot]
+      plgpu.async_store_smem(x, recv, rbar.at[0], cluster_idx=1 - rank, cluster_dim="c")
+
+  def pull(x, slot):
+    if cluster == 1:
+      return x
+    recv, rbar = slots[slot]
+    plgpu.barrier_wait(rbar.at[0])
+    return x + recv[...]
+  return push, pull
 
 
 @dataclasses.dataclass(frozen=True)

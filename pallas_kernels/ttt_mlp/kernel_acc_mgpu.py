@@ -41,7 +41,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mgpu_common import (DEFAULT_REDUCTION_SCRATCH, Phases, Profile, copy_in,
-                                        per_head_kernel)
+                                        pair_exchange, per_head_kernel)
 from pallas_kernels.ttt_mlp.kernel_mgpu import (CS, F, NH, _col_bcast, _gelu, _gelu_and_grad,
                                                 _ln_l2_grad, _ln_stats, _row_bcast, mlp_forward,
                                                 wgmma_chain, wgmma_chains, wgmma_multi)
@@ -182,19 +182,7 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
       plgpu.barrier_arrive(cbar.at[0])  # every CTA's barriers initialised before any push
       plgpu.barrier_wait(cbar.at[0])
 
-    def push(x, slot):
-      """Sends this CTA's [64, 64] f32 partial into the peer's exchange slot (no-op at cluster 1)."""
-      if C > 1:
-        recv, rbar = (recv0, rbar0) if slot == 0 else (recv1, rbar1)
-        plgpu.async_store_smem(x, recv, rbar.at[0], cluster_idx=1 - r, cluster_dim="c")
-
-    def pull(x, slot):
-      """x + the peer's partial once it has arrived (own + peer: bitwise equal on both CTAs)."""
-      if C == 1:
-        return x
-      recv, rbar = (recv0, rbar0) if slot == 0 else (recv1, rbar1)
-      plgpu.barrier_wait(rbar.at[0])
-      return x + recv[...]
+    push, pull = pair_exchange(C, r, ((recv0, rbar0), (recv1, rbar1)) if C > 1 else None)
 
     def allreduce(x, slot):
       """Sum of the [64, 64] f32 partials over the cluster (identity at cluster 1)."""

@@ -39,7 +39,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mgpu_common import DEFAULT_REDUCTION_SCRATCH, Phases, Profile, per_head_kernel
+from pallas_kernels.mgpu_common import (DEFAULT_REDUCTION_SCRATCH, Phases, Profile, bf16_tiles,
+                                        f32_tile, pair_exchange, per_head_kernel)
 from pallas_kernels.ttt_mlp.kernel_mgpu import (CS, F, NH, _col_bcast, _gelu, _gelu_and_grad,
                                                 _ln_l2_grad, _ln_stats, _row_bcast, wgmma_chain,
                                                 wgmma_chains, wgmma_multi)
@@ -75,9 +76,7 @@ def build_forward_wg2(BH: int, NC: int, group: int, ln_eps: float, *,
   NG = -(-NC // group)
   bf16, f32 = jnp.bfloat16, jnp.float32
   shp = (64, 64)
-  tr = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-  tr32 = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
-  tile = lambda *lead: plgpu.SMEM(lead + shp, bf16, transforms=tr)
+  tile = bf16_tiles
   red0 = plgpu.Layout.WGMMA.reduce(0)  # [64] over columns
   red1 = plgpu.Layout.WGMMA.reduce(1)  # [64] over rows
   row = lambda v: _row_bcast(v, shp)
@@ -140,19 +139,8 @@ def build_forward_wg2(BH: int, NC: int, group: int, ln_eps: float, *,
         plgpu.barrier_wait(cbar.at[0])
       on_wg(0, cluster_meet)  # every CTA's barriers initialised before any push
 
-    def push(x, slot):
-      """Sends this CTA's [64, 64] f32 partial into the peer's exchange slot (wg 0 only)."""
-      if C > 1:
-        recv, rbar = (recv0, rbar0) if slot == 0 else (recv1, rbar1)
-        plgpu.async_store_smem(x, recv, rbar.at[0], cluster_idx=1 - r, cluster_dim="c")
-
-    def pull(x, slot):
-      """x + the peer's partial once it has arrived (own + peer: bitwise equal on both CTAs)."""
-      if C == 1:
-        return x
-      recv, rbar = (recv0, rbar0) if slot == 0 else (recv1, rbar1)
-      plgpu.barrier_wait(rbar.at[0])
-      return x + recv[...]
+    # (wg 0 only: the exchange slots and their barriers are wg 0's)
+    push, pull = pair_exchange(C, r, ((recv0, rbar0), (recv1, rbar1)) if C > 1 else None)
 
     def query_output(q_s, z2b_cta, b2v, gam, bet, m, slot):
       """wg 0: mini-batch m's output from the CTA's Z2_bar partial (exchange, LN, residual, TMA)."""
@@ -362,7 +350,6 @@ def build_forward_wg2(BH: int, NC: int, group: int, ln_eps: float, *,
   sf = lambda *s: jax.ShapeDtypeStruct(s, f32)
   out_type = (st(BH, NC, CS, F), st(BH, NG, NH, 64, 64), st(BH, NG, NH, 64, 64),
               sf(BH, NG, NH, 64), st(BH, NG, NH, 64, 64), st(BH, NG, NH, 64, 64), sf(BH, NG, 64))
-  f32_tile = lambda: plgpu.SMEM(shp, f32, transforms=tr32)
   scratch = [tile(2), tile(), tile(), plgpu.SMEM((64,), f32),  # Q_{m-1} / Q_m, K, V, eta
              tile(), tile(2), tile(), tile(),  # -eta K, -eta 1^T (hi, lo), G2, -eta G2
              tile(NL), tile(NL), tile(NL), tile(NL), tile(NL),  # G1, keys' X2, queries' X2, W1, W2
