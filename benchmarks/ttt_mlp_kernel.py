@@ -61,6 +61,7 @@ def main(argv=None):
       "pallas_saved": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G,
                                                         backward="pallas_saved")),
       "pallas_v4p": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G, variant="v4p")),
+      "pallas_v4l": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G, variant="v4l")),
       "pallas_v6": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G, variant="v6")),
       "pallas_v5": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G, variant="v5")),
       "pallas_refbwd": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G,

@@ -17,7 +17,8 @@ Checkpoints keep v1/v2's layout: (hi, lo) bf16 pairs per chunk, b1/b2 float32.
 Options (AccTuningConfig): `pipeline` (v4, the default of `ttt_mlp_pallas`: mini-batch m-1's query
 half inside step m, which uses the same state), `early_gelu_grad` (v5: v4 with gelu'(K W1 + b1)
 kept from the forward half, so the gradient phase has no Z1 recompute), `prefetch_next` (v4p:
-v4 with the next step's inputs loaded during the update), `three_pass` (v3_3pass: the state
+v4 with the next step's inputs loaded during the update), `late_bias_sums` (v4l: b1's column sums
+under the update's wgmmas), `three_pass` (v3_3pass: the state
 trajectory's matmuls as 3-pass bf16 (hi, lo) products, float32-accurate), `outputs=False` (states
 only, for the backward's restarts), `save_activations` (the restarts of backward="pallas_saved":
 also the per-step X2 and Z2 of keys and queries), `precise_update`, `prefetch`, `approx_math`,
@@ -85,6 +86,10 @@ class AccTuningConfig:
   # so a step starts with its inputs in SMEM instead of a synchronous load round trip. No extra
   # SMEM (unlike `prefetch`, whose double buffers and per-step slot choice made v3 slower).
   prefetch_next: bool = False
+  # v4l (with pipeline only): b1_c -= sum_j eta_j G1_c[j, :] runs inside the update (after its
+  # wgmmas are issued and the previous queries' output), from the bf16 G1 tiles the update reads,
+  # instead of two cross-warp column sums of the float32 G1 in the "g1" phase.
+  late_bias_sums: bool = False
 
   def __post_init__(self):
     if self.cluster not in (1, 2):
@@ -102,6 +107,9 @@ class AccTuningConfig:
                        "(no pipeline, three_pass, prefetch, precise_update; outputs=True)")
     if self.prefetch_next and not self.pipeline:
       raise ValueError("prefetch_next=True is built only with pipeline=True (step_pipelined); "
+                       f"got pipeline={self.pipeline}")
+    if self.late_bias_sums and not self.pipeline:
+      raise ValueError("late_bias_sums=True is built only with pipeline=True (step_pipelined); "
                        f"got pipeline={self.pipeline}")
     if self.early_gelu_grad and not self.pipeline:
       raise ValueError("early_gelu_grad=True is built only with pipeline=True (step_pipelined); "
@@ -483,7 +491,8 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
           _, gp = _gelu_and_grad(z1 + _row_bcast(b1c, shp))
         g1 = gw * gp
         g1_s[c] = g1.astype(bf16)
-        b1_s[c] = b1c - jnp.sum(_col_bcast(eta_c, shp) * g1, axis=0)
+        if not config.late_bias_sums:
+          b1_s[c] = b1c - jnp.sum(_col_bcast(eta_c, shp) * g1, axis=0)
       plgpu.commit_smem()
 
       # ---- (8) update; meanwhile (9)-(10) for the queries of mini-batch m-1 (state W_m)
@@ -496,6 +505,11 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
           @pl.when(m == 0)
           def _():
             pull(pq, 1)
+        if config.late_bias_sums:  # b1 of step m (read next by step m+1's "z1")
+          for c in range(NL):
+            g1 = plgpu.load(g1_s.at[c], layout=plgpu.Layout.WGMMA).astype(f32)
+            b1_s[c] = (plgpu.load(b1_s.at[c], layout=red0)
+                       - jnp.sum(_col_bcast(eta_c, shp) * g1, axis=0))
       ph("update")
       if config.prefetch_next:  # K, V, eta of step m: last read before g1's commit (wgmmas waited)
         @pl.when(m + 1 < NC)

@@ -74,8 +74,10 @@ def _from_kernel_ckpts(ck, B, H):
 # forward half (no Z1 recompute in the gradient phase; AccTuningConfig.early_gelu_grad; H100:
 # slower). v4p: v4 with step m+1's inputs loaded during step m (AccTuningConfig.prefetch_next;
 # H100: 32% slower, more register spills). v6: v4 with the CTA's hidden chunks split over two
-# consumer warpgroups (kernel_wg2_mgpu; b1 as a row-replicated accumulator). (H100: benchmarks/NOTES-ttt-mlp.md.)
-VARIANTS = ("v1", "v2", "v3", "v3_precise", "v3_exact", "v3_3pass", "v4", "v5", "v4p", "v6")
+# consumer warpgroups (kernel_wg2_mgpu; b1 as a row-replicated accumulator; H100: 40% slower).
+# v4l: v4 with b1's column sums under the update's wgmmas (AccTuningConfig.late_bias_sums).
+# (H100: benchmarks/NOTES-ttt-mlp.md.)
+VARIANTS = ("v1", "v2", "v3", "v3_precise", "v3_exact", "v3_3pass", "v4", "v5", "v4p", "v6", "v4l")
 
 
 # SMEM bytes for the kernels' column-sum reductions (`mgpu_common.DEFAULT_REDUCTION_SCRATCH`).
@@ -102,7 +104,7 @@ def _build(BH, NC, group, ln_eps, interpret, variant, outputs=True, save_activat
   if variant == "v6":
     variant = "v3"
   if variant.startswith(("v3", "v4", "v5")):  # the exchange has no interpret rule: cluster 1 there
-    pipeline = variant in ("v4", "v5", "v4p") and outputs
+    pipeline = variant in ("v4", "v5", "v4p", "v4l") and outputs
     cfg = kernel_acc_mgpu.AccTuningConfig(cluster=1 if interpret else 2,
                                           precise_update=variant == "v3_precise",
                                           approx_math=variant != "v3_exact",
@@ -114,7 +116,8 @@ def _build(BH, NC, group, ln_eps, interpret, variant, outputs=True, save_activat
                                           if variant != "v3_3pass" else
                                           min(REDUCTION_SCRATCH, 4096),
                                           early_gelu_grad=variant == "v5" and pipeline,
-                                          prefetch_next=variant == "v4p" and pipeline)
+                                          prefetch_next=variant == "v4p" and pipeline,
+                                          late_bias_sums=variant == "v4l" and pipeline)
     return kernel_acc_mgpu.build_forward_acc(BH, NC, group, ln_eps, config=cfg,
                                              interpret=iparams)
   return kernel_mgpu.build_forward(BH, NC, group, ln_eps, interpret=iparams,
@@ -253,7 +256,7 @@ def _bwd_pallas(group, ln_eps, interpret, variant, res, dout, **tuning):
   gam_s, bet_s = jnp.repeat(gam, S, axis=0), jnp.repeat(bet, S, axis=0)  # [BH * S, F]
   C = 1 if interpret else 2
   # v4's folding does not pay over a G + 1 step restart (H100 NC=1000 fwd+bwd 149 vs 142 ms): v3
-  restart = "v3" if variant in ("v4", "v5", "v4p", "v6") or saved else variant
+  restart = "v3" if variant in ("v4", "v5", "v4p", "v6", "v4l") or saved else variant
   fwd = _build(BH * S, G + 1, 1, float(ln_eps), interpret, restart,
                outputs=RESTART_OUTPUTS or saved, save_activations=saved)
   bwd = kernel_bwd_mgpu.build_backward(

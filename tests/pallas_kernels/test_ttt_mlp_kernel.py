@@ -23,7 +23,8 @@ def _inputs(seed: int = 0):
   return tuple(a.astype(jnp.float32) for a in ttt_inputs(B, H, NC, seed))
 
 
-@pytest.mark.parametrize("variant", ["v2", "v3", "v3_precise", "v3_3pass", "v4", "v5", "v6"])
+@pytest.mark.parametrize("variant", ["v2", "v3", "v3_precise", "v3_3pass", "v4", "v5", "v6",
+                                     "v4l"])
 def test_forward_matches_xla_scan_interpret(variant):
   """Kernel (interpret mode) outputs vs the float32 XLA scan: bf16 matmuls, so rel L2 < 1e-2.
 
@@ -44,7 +45,7 @@ def test_forward_matches_xla_scan_interpret(variant):
   assert rel(frozen - args[0], delta_ref) > 10 * err
 
 
-@pytest.mark.parametrize("variant", ["v4", "v5", "v6"])
+@pytest.mark.parametrize("variant", ["v4", "v5", "v6", "v4l"])
 def test_checkpoints_match_xla_states_interpret(variant):
   """The kernel's checkpoint states equal the XLA scan's state at each group boundary."""
   args = _inputs(1)
@@ -175,7 +176,7 @@ def test_gradients_match_xla_scan_interpret(backward):
 
 @pytest.mark.parametrize("variant", ["v2", "v3_cluster2", "v4_cluster2", "v5_cluster2",
                                      "v4p_cluster2", "v3_3pass_cluster2", "v3_saves_cluster2",
-                                     "v6_cluster2"])
+                                     "v6_cluster2", "v4l_cluster2"])
 def test_kernel_lowers_for_cuda(variant):
   """The compiled (non-interpret) kernel lowers to a Mosaic GPU module for CUDA on this CPU box.
 
@@ -190,7 +191,9 @@ def test_kernel_lowers_for_cuda(variant):
     fn = kernel_wg2_mgpu.build_forward_wg2(bh, nc, g, 1e-6)
   else:
     cfg = kernel_acc_mgpu.AccTuningConfig(
-        cluster=2, pipeline=variant in ("v4_cluster2", "v5_cluster2", "v4p_cluster2"),
+        cluster=2, pipeline=variant in ("v4_cluster2", "v5_cluster2", "v4p_cluster2",
+                                        "v4l_cluster2"),
+        late_bias_sums=variant == "v4l_cluster2",
         prefetch_next=variant == "v4p_cluster2",
         three_pass=variant == "v3_3pass_cluster2", early_gelu_grad=variant == "v5_cluster2",
         save_activations=variant == "v3_saves_cluster2")
