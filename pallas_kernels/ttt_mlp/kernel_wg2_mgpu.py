@@ -25,7 +25,8 @@ each warpgroup's column max of B1 (its identical rows), done one warpgroup after
 Hand-offs are mbarriers (`sync`); every other SMEM tile is written and read by one warpgroup or
 ordered by the step's TMA barriers (see `body`). CPU interpret mode runs both warpgroups at cluster
 1 with race detection (tests/pallas_kernels); cluster 2 is lowered for CUDA there and run on GPU.
-Same argument/result layout as `kernel_acc_mgpu.build_forward_acc`.
+Same argument/result layout as `kernel_acc_mgpu.build_forward_acc`. H100 (NOTES-ttt-mlp.md "v6"):
+v4's accuracy, 40% slower; each hand-off costs about a cluster exchange. Opt-in (`variant="v6"`).
 """
 
 from __future__ import annotations

@@ -79,7 +79,11 @@ def test_checkpoint_group_size_does_not_change_outputs_or_gradients(kind):
     out, grads = run(g)
     np.testing.assert_allclose(out, out1, rtol=1e-6, atol=1e-6, err_msg=f"group {g}")
     for i, (a, b) in enumerate(zip(grads, g1)):
-      np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6, err_msg=f"group {g}, argument {i}")
+      # float32 reordering errors scale with the gradient's magnitude, not with each element's
+      # (eta's gradient reaches ~100 with elements ~0.1: 5e-6 apart on one CPU, not on another)
+      scale = float(np.abs(np.asarray(b)).max())
+      np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6 * max(1.0, scale),
+                                 err_msg=f"group {g}, argument {i}")
 
 
 def test_bf16_inputs_stay_close_to_float32():
