@@ -2,7 +2,7 @@
 
 Each kernel's step is split into named phases (`mgpu_common.Phases`: "load", "z1", "xchg", ...).
 With `Profile` the kernel records SM clock cycles at every phase boundary per warpgroup; this
-script runs forward variants (`--which` v3, v4, v4p, v5, v6) over `--nc` mini-batches and the backward
+script runs forward variants (`--which` v3, v4, v4p, v5, v6, v7) over `--nc` mini-batches and the backward
 kernel (bwd) over `--bwd_steps` steps, for each `--red` reduction scratch size, and prints per
 phase the median and mean cycles per occurrence over all CTAs and the us per step at the SM clock
 `--ghz`, next to the unprofiled kernel's wall time per step.
@@ -28,24 +28,25 @@ import jax.numpy as jnp
 from benchmarks.kernel_common import median_ms
 from benchmarks.ttt_mlp_kernel import make_inputs
 from pallas_kernels.mgpu_common import Profile
-from pallas_kernels.ttt_mlp import kernel_acc_mgpu, kernel_bwd_mgpu, kernel_wg2_mgpu
+from pallas_kernels.ttt_mlp import (kernel_acc_mgpu, kernel_bwd_mgpu, kernel_wg2_mgpu,
+                                    kernel_ws_mgpu)
 from pallas_kernels.ttt_mlp import ttt_mlp as T
 
 
-def phase_cycles(trace: dict) -> tuple[dict[str, list[float]], int]:
-  """({phase: [cycles of each occurrence, all warpgroup traces]}, number of traces) from a
-  Perfetto trace dict. Durations are SM clock cycles: the profiler's `ts` is (start ns + cycles
-  since start) / 1e3."""
+def phase_cycles(trace: dict) -> tuple[dict[str, list[float]], dict[str, int]]:
+  """({phase: [cycles of each occurrence, all warpgroup traces]}, {phase: number of warpgroup
+  traces that record it}) from a Perfetto trace dict (v7's two warpgroups run different phases).
+  Durations are SM clock cycles: the profiler's `ts` is (start ns + cycles since start) / 1e3."""
   out = collections.defaultdict(list)
-  open_at, traces = {}, set()
+  open_at, traces = {}, collections.defaultdict(set)
   for ev in trace["traceEvents"]:
     key = (ev["pid"], ev["tid"], ev["name"])
-    traces.add(key[:2])
+    traces[ev["name"]].add(key[:2])
     if ev["ph"] == "B":
       open_at[key] = ev["ts"]
     elif key in open_at:
       out[ev["name"]].append((ev["ts"] - open_at.pop(key)) * 1e3)
-  return dict(out), len(traces)
+  return dict(out), {k: len(v) for k, v in traces.items()}
 
 
 def latest_trace(directory: str) -> dict:
@@ -57,12 +58,14 @@ def latest_trace(directory: str) -> dict:
     return json.load(fh)
 
 
-def report(title: str, cycles: dict[str, list[float]], n_traces: int, steps: int, ghz: float,
-           wall_us: float) -> dict:
-  """Prints per phase: occurrences, median and mean cycles, us per step at `ghz`, share."""
-  per_step = {k: sum(xs) / n_traces / steps for k, xs in cycles.items()}  # cycles per step
+def report(title: str, cycles: dict[str, list[float]], n_traces: dict[str, int], steps: int,
+           ghz: float, wall_us: float) -> dict:
+  """Prints per phase: occurrences, median and mean cycles, us per step at `ghz` (per warpgroup
+  that runs the phase), share. With warpgroups of different roles (v7) the phases of all roles
+  are summed: the total is then more than any one warpgroup's step."""
+  per_step = {k: sum(xs) / n_traces[k] / steps for k, xs in cycles.items()}  # cycles per step
   total = sum(per_step.values())
-  print(f"\n## {title}: {n_traces} warpgroup traces, {steps} steps; unprofiled wall "
+  print(f"\n## {title}: {max(n_traces.values())} warpgroup traces, {steps} steps; unprofiled wall "
         f"{wall_us:.2f} us/step; phases sum to {total:.0f} cycles = {total / ghz / 1e3:.2f} us/step")
   print(f"{'phase':10s} {'n':>6s} {'med cyc':>8s} {'mean cyc':>8s} {'us/step':>8s} {'share':>6s}")
   rows = {}
@@ -119,6 +122,13 @@ def main(argv=None):
       prof = jax.jit(kernel_wg2_mgpu.build_forward_wg2(
           H, NC, G, 1e-6, config=cfg6, profile=Profile(d, space=12 * NC + 16)))
       kargs, steps = fargs, NC
+    elif which == "v7":  # keys' and queries' warpgroups: each records its own trace
+      cfg7 = kernel_ws_mgpu.WsTuningConfig(reduction_scratch=red)
+      plain = jax.jit(kernel_ws_mgpu.build_forward_ws(H, NC, G, 1e-6, config=cfg7))
+      wall = median_ms(plain, fargs, a.reps) * 1e3 / NC
+      prof = jax.jit(kernel_ws_mgpu.build_forward_ws(
+          H, NC, G, 1e-6, config=cfg7, profile=Profile(d, space=12 * NC + 16)))
+      kargs, steps = fargs, NC
     elif which == "bwd":
       S = a.bwd_steps
       q, k, v = (x.reshape(H, NC, 64, 64)[:, :S + 1] for x in fargs[:3])
@@ -136,7 +146,7 @@ def main(argv=None):
                                                     profile=Profile(d, space=28 * S + 16)))
       steps = S
     else:
-      raise ValueError(f"--which: unknown kernel {which!r} (v6, v5, v4p, v4, v3, bwd)")
+      raise ValueError(f"--which: unknown kernel {which!r} (v7, v6, v5, v4p, v4, v3, bwd)")
     same = all(bool(jnp.array_equal(x, y)) for x, y in zip(plain(*kargs), prof(*kargs)))
     print(f"{title}: profiled results bitwise equal to unprofiled: {same}", flush=True)
     summary[title] = {"wall_us_per_step": wall,

@@ -46,7 +46,8 @@ def test_phases_name_consecutive_regions():
 
 def test_phase_cycles_from_a_trace(tmp_path):
   """Durations per phase from begin/end pairs of every (SM, warpgroup) trace, in cycles (the
-  profiler's ts is (start ns + cycles) / 1e3), and the number of traces."""
+  profiler's ts is (start ns + cycles) / 1e3), and per phase the number of traces that run it
+  (v7's warpgroups run different phases: a phase's time per step is over those traces only)."""
   ev = lambda name, ph, ts, tid: {"name": name, "ph": ph, "ts": ts, "pid": 1, "tid": tid}
   trace = {"traceEvents": [ev("load", "B", 1.0, 1), ev("load", "E", 1.5, 1),
                            ev("mm", "B", 1.5, 1), ev("mm", "E", 3.5, 1),
@@ -54,9 +55,10 @@ def test_phase_cycles_from_a_trace(tmp_path):
   (tmp_path / "1-trace.json").write_text(json.dumps({"traceEvents": []}))
   (tmp_path / "2-trace.json").write_text(json.dumps(trace))
   cycles, n = ttt_mlp_profile.phase_cycles(ttt_mlp_profile.latest_trace(str(tmp_path)))
-  assert n == 2
+  assert n == {"load": 2, "mm": 1}
   assert cycles == {"load": [500.0, 250.0], "mm": [2000.0]}
   rows = ttt_mlp_profile.report("t", cycles, n, steps=1, ghz=1.0, wall_us=0.0)
-  assert rows["mm"]["us_per_step"] == pytest.approx(1.0)  # 2000 cycles over 2 traces, 1 GHz
+  assert rows["mm"]["us_per_step"] == pytest.approx(2.0)  # 2000 cycles on 1 trace, 1 GHz
+  assert rows["load"]["us_per_step"] == pytest.approx(0.375)  # 750 cycles over 2 traces
   with pytest.raises(FileNotFoundError, match="trace"):
     ttt_mlp_profile.latest_trace(str(tmp_path / "missing"))

@@ -1,0 +1,324 @@
+"""TTT-MLP forward scan, v7: v4's step split by role over two warpgroups per CTA.
+
+v4 (`kernel_acc_mgpu`, `pipeline=True`) runs the state trajectory (keys: Z1, Z2, exchange,
+LayerNorm gradient, G1, update) and the outputs (queries of the previous mini-batch with the same
+state) in one warpgroup: the queries' GELU, exchange, LayerNorm and output share its instruction
+stream and registers with the trajectory's latency chain. v6 split the hidden chunks over two
+warpgroups and lost to the hand-offs on that chain (NOTES-ttt-mlp.md). Here the split is by role,
+so no hand-off sits on the chain:
+- warpgroup 0 ("keys") carries this CTA's float32 state shard (W1_c, W2_c accumulators; b1, b2 in
+  SMEM) and runs only the trajectory. After step m's update it stores the bf16 state W_{m+1} (and
+  b1, b2) to SMEM and arrives on `sync[0]`.
+- warpgroup 1 ("queries") waits for that, computes mini-batch m's output from W_{m+1} (Z1, GELU,
+  Z2 partial, its own cluster exchange slot, LayerNorm, residual, TMA store) and arrives on
+  `sync[1]` as soon as its matmuls have read the bf16 state and it holds b1, b2 in registers.
+  Warpgroup 0 waits for that before it overwrites them (b2 in step m+1's LayerNorm phase): about
+  6 us after the signal it needs, so the wait is normally free. The queries' Q is loaded by
+  warpgroup 1 itself (double buffer, the next mini-batch's during this one).
+Each warpgroup has its own exchange slot (0: keys, 1: queries). A slot is reused only after the
+peer CTA has read it: the reader arrives on a per-slot cluster barrier after its pull and the
+writer waits on it before its next push (one step later, so normally already complete).
+Same argument/result layout as `kernel_acc_mgpu.build_forward_acc`; outputs and checkpoints equal
+v4's arithmetic (the queries use the same bf16 state and biases). CPU interpret mode runs both
+warpgroups at cluster 1 (race detection in tests/pallas_kernels); cluster 2 is lowered for CUDA
+there and run on the GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.mgpu_common import (DEFAULT_REDUCTION_SCRATCH, Phases, Profile, bf16_tiles,
+                                        copy_in, f32_tile, pair_exchange, per_head_kernel)
+from pallas_kernels.ttt_mlp.kernel_mgpu import (NH, _col_bcast, _gelu, _gelu_and_grad,
+                                                _ln_l2_grad, _ln_stats, _row_bcast, wgmma_chain,
+                                                wgmma_chains, wgmma_multi)
+
+KEYS, QUERIES = 0, 1  # warpgroup roles
+CS = F = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class WsTuningConfig:
+  """Frozen v7 configuration (validated for F = CS = 64, hidden 256)."""
+
+  cluster: int = 2  # CTAs per head; hidden 256 / cluster per CTA
+  approx_math: bool = True  # tanh.approx etc. in GELU / LayerNorm (Mosaic GPU approx_math)
+  # SMEM bytes for column sums' cross-warp reductions (`mgpu_common.DEFAULT_REDUCTION_SCRATCH`);
+  # only the keys' warpgroup runs column sums.
+  reduction_scratch: int = DEFAULT_REDUCTION_SCRATCH
+
+  def __post_init__(self):
+    if self.cluster not in (1, 2):
+      raise ValueError(f"cluster must be 1 or 2 (the exchange is a pairwise push), got "
+                       f"{self.cluster}")
+
+
+def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
+                     config: WsTuningConfig = WsTuningConfig(), interpret=None,
+                     profile: Profile | None = None):
+  """Returns f(q, k, v, eta, gamma, beta, w1h, w1l, b1, w2h, w2l, b2) -> (out, ckpts): the layout
+  of `kernel_acc_mgpu.build_forward_acc` (q, k, v [BH, NC, 64, 64] bf16, eta [BH, NC, 64] f32,
+  state chunks [BH, 4, 64, 64] bf16 (hi, lo), b1 [BH, 4, 64], b2 [BH, 64]; checkpoints with an
+  [NG] axis after BH, the state before mini-batch g * group)."""
+  C = config.cluster
+  NL = NH // C  # hidden chunks of 64 per CTA
+  NG = -(-NC // group)
+  bf16, f32 = jnp.bfloat16, jnp.float32
+  shp = (64, 64)
+  tile = bf16_tiles
+  red0 = plgpu.Layout.WGMMA.reduce(0)  # [64] over columns
+  red1 = plgpu.Layout.WGMMA.reduce(1)  # [64] over rows
+  row = lambda v: _row_bcast(v, shp)
+  col = lambda v: _col_bcast(v, shp)
+  mm_multi = functools.partial(wgmma_multi, shape=shp)
+
+  def body(q_ref, k_ref, v_ref, eta_ref, g_ref, bt_ref, w1h_ref, w1l_ref, b1_ref, w2h_ref,
+           w2l_ref, b2_ref, o_ref, cw1h, cw1l, cb1, cw2h, cw2l, cb2,
+           q_sb, k_s, v_s, eta_s, ek_s, g2_s, eg2_s, g1_s, ex2_s, x_s, w1h, w2h, lo_s,
+           b1_s, b2_s, gam_s, bet_s, bars, qbars, sync, both, *xch):
+    # Keys' warpgroup only: k/v/eta, -eta K (ek_s), G2, -eta G2, G1 and the keys' X2 per chunk,
+    # lo_s (the state's lo halves: init and checkpoints), bars (its TMA loads).
+    # Queries' warpgroup only: q_sb (Q double buffer, also the output tile), the queries' X2 (x_s),
+    # qbars. Shared: W1/W2 bf16 (w1h, w2h), b1_s, b2_s (written by keys, read by queries between
+    # sync[0] and sync[1]), gamma/beta (written before the loop, read-only after).
+    bh = lax.axis_index("bh")
+    r = lax.axis_index("c") if C > 1 else 0
+    w = lax.axis_index("wg")
+    c0 = r * NL  # first global hidden chunk of this CTA
+
+    def on_rank0(fn):
+      """fn() on the cluster's first CTA only (always at cluster 1)."""
+      if C == 1:
+        fn()
+      else:
+        pl.when(r == 0)(fn)
+
+    if C > 1:
+      recv0, recv1, rbar0, rbar1, cbar = xch
+    push, pull = pair_exchange(C, r, ((recv0, rbar0), (recv1, rbar1)) if C > 1 else None)
+
+    def exchange(x, slot, first):
+      """All-reduce of this CTA's [64, 64] f32 partial over the cluster on `slot`: wait until the
+      peer has read the slot's previous content (its arrival on cbar[1 + slot] after its pull),
+      push, pull, then signal the same to the peer. Identity at cluster 1."""
+      if C == 1:
+        return x
+
+      @pl.when(jnp.logical_not(first))
+      def _():
+        plgpu.barrier_wait(cbar.at[1 + slot])
+      push(x, slot)
+      y = pull(x, slot)
+      plgpu.barrier_arrive(cbar.at[1 + slot])
+      return y
+
+    # ------------------------------------------------------------------ keys' warpgroup
+    def keys():
+      copies = ((w1h_ref.at[bh, pl.ds(c0, NL)], w1h), (w1l_ref.at[bh, pl.ds(c0, NL)],
+                                                       lo_s.at[pl.ds(0, NL)]),
+                (w2h_ref.at[bh, pl.ds(c0, NL)], w2h), (w2l_ref.at[bh, pl.ds(c0, NL)],
+                                                       lo_s.at[pl.ds(NL, NL)]),
+                (b1_ref.at[bh, pl.ds(c0, NL)], b1_s), (b2_ref.at[bh], b2_s),
+                (g_ref.at[bh], gam_s), (bt_ref.at[bh], bet_s))
+      copy_in(copies, bars)
+      as_f32 = lambda hi, lo: plgpu.layout_cast(hi[...].astype(f32) + lo[...].astype(f32),
+                                                plgpu.Layout.WGMMA)
+      w1_0 = tuple(as_f32(w1h.at[c], lo_s.at[c]) for c in range(NL))
+      w2_0 = tuple(as_f32(w2h.at[c], lo_s.at[NL + c]) for c in range(NL))
+      if C > 1:  # every CTA's barriers initialised before any push (the queries' pushes come
+        plgpu.barrier_arrive(cbar.at[0])  # after sync[0], i.e. after this)
+        plgpu.barrier_wait(cbar.at[0])
+
+      def write_checkpoint(gi, w1, w2):
+        """(hi, lo) bf16 of this CTA's chunks + biases to HBM (state before mini-batch gi*group)."""
+        for c in range(NL):
+          lo_s[c] = (w1[c] - w1h[c].astype(f32)).astype(bf16)
+          lo_s[NL + c] = (w2[c] - w2h[c].astype(f32)).astype(bf16)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(w1h, cw1h.at[bh, gi, pl.ds(c0, NL)])
+        plgpu.copy_smem_to_gmem(lo_s.at[pl.ds(0, NL)], cw1l.at[bh, gi, pl.ds(c0, NL)])
+        plgpu.copy_smem_to_gmem(w2h, cw2h.at[bh, gi, pl.ds(c0, NL)])
+        plgpu.copy_smem_to_gmem(lo_s.at[pl.ds(NL, NL)], cw2l.at[bh, gi, pl.ds(c0, NL)])
+        plgpu.copy_smem_to_gmem(b1_s, cb1.at[bh, gi, pl.ds(c0, NL)])
+        on_rank0(lambda: plgpu.copy_smem_to_gmem(b2_s, cb2.at[bh, gi]))
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+      def update_state(w1, w2):
+        """W1_c += (-eta K)^T G1_c, W2_c += X2_c^T (-eta G2), accumulated into the carried state
+        (interpret mode has no wgmma rule under `run_state`: fresh products, added)."""
+        def pairs():  # (made inside the traced function: see kernel_acc_mgpu.update_state)
+          return ([[(ek_s.T, g1_s.at[c])] for c in range(NL)]
+                  + [[(ex2_s.at[c].T, eg2_s)] for c in range(NL)])
+        if interpret is not None:
+          d = [wgmma_chain(ps, shp) for ps in pairs()]
+          return (tuple(a + x for a, x in zip(w1, d[:NL])),
+                  tuple(a + x for a, x in zip(w2, d[NL:])))
+
+        def fn(accs):
+          for acc, ps in zip(accs[0] + accs[1], pairs()):
+            for a, b in ps:
+              plgpu.wgmma(acc, a, b)
+        return pl.run_state(fn)((tuple(plgpu.ACC.init(x) for x in w1),
+                                 tuple(plgpu.ACC.init(x) for x in w2)))
+
+      def step(m, carry):
+        """Mini-batch m's state update W_m -> W_{m+1} (keys only)."""
+        w1, w2 = carry  # NL x [64, 64] f32 each: W1[:, chunk], W2[chunk, :]
+        ph = Phases()
+        ph("ckpt")
+
+        @pl.when(m % group == 0)
+        def _():
+          write_checkpoint(m // group, w1, w2)
+
+        ph("load")
+        copy_in([(src.at[bh, m], dst) for src, dst in ((k_ref, k_s), (v_ref, v_s),
+                                                       (eta_ref, eta_s))], bars)
+        eta_c = plgpu.load(eta_s, layout=red1)  # [64] over rows j
+        gam = plgpu.load(gam_s, layout=red0)  # [64] over columns f
+        bet = plgpu.load(bet_s, layout=red0)
+        b2v = plgpu.load(b2_s, layout=red0)
+        kf = k_s[...].astype(f32)
+        ek_s[...] = (-col(eta_c) * kf).astype(bf16)  # -diag(eta) K
+
+        # ---- (1)-(3): Z2 = gelu(K W1 + b1) W2 + b2, all-reduced over the hidden shards
+        ph("z1")
+        zk = mm_multi([(k_s, w1h.at[c]) for c in range(NL)])
+        for c in range(NL):
+          ex2_s[c] = _gelu(zk[c] + row(plgpu.load(b1_s.at[c], layout=red0))).astype(bf16)
+        plgpu.commit_smem()
+        ph("z2")
+        pk = wgmma_chain([(ex2_s.at[c], w2h.at[c]) for c in range(NL)], shp)
+        ph("xchg")
+        z2 = exchange(pk, 0, m == 0) + row(b2v)
+        # ---- the queries' warpgroup has read W_m, b1_m, b2_m (mini-batch m-1's output): they
+        # may be overwritten from here on
+        ph("wait_q")
+
+        @pl.when(m > 0)
+        def _():
+          plgpu.barrier_wait(sync.at[1])
+
+        # ---- (4)-(6): fused LayerNorm + L2 backward (replicated on every CTA)
+        ph("ln")
+        g2 = _ln_l2_grad(z2, v_s[...].astype(f32) - kf, gam, bet, ln_eps)
+        g2_s[...] = g2.astype(bf16)
+        eg2 = -col(eta_c) * g2
+        eg2_s[...] = eg2.astype(bf16)
+        b2_s[...] = b2v + jnp.sum(eg2, axis=0)
+        plgpu.commit_smem()
+        # ---- (7): G1 = (G2 W2^T) * gelu'(Z1) per local chunk, with the old state
+        ph("g1")
+        for c in range(NL):
+          b1c = plgpu.load(b1_s.at[c], layout=red0)
+          z1, gw = mm_multi([(k_s, w1h.at[c]), (g2_s, w2h.at[c].T)])
+          _, gp = _gelu_and_grad(z1 + row(b1c))
+          g1 = gw * gp
+          g1_s[c] = g1.astype(bf16)
+          b1_s[c] = b1c - jnp.sum(col(eta_c) * g1, axis=0)
+        plgpu.commit_smem()
+        # ---- (8): W1_c += (-eta K)^T G1_c, W2_c += X2_c^T (-eta G2); W_{m+1} to the queries
+        ph("update")
+        w1, w2 = update_state(w1, w2)
+        ph("store_w")
+        for c in range(NL):
+          w1h[c] = w1[c].astype(bf16)
+          w2h[c] = w2[c].astype(bf16)
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(sync.at[0])
+        ph.close()
+        return w1, w2
+
+      lax.fori_loop(0, NC, step, (w1_0, w2_0))
+      plgpu.barrier_wait(sync.at[1])  # the last mini-batch's (every phase observed)
+
+    # ------------------------------------------------------------------ queries' warpgroup
+    def queries():
+      plgpu.copy_gmem_to_smem(q_ref.at[bh, 0], q_sb.at[0], qbars.at[0])
+
+      def step(j, _):
+        """Mini-batch j's output with the state W_{j+1} (after the keys' update j)."""
+        slot = j % 2
+        q_s = q_sb.at[slot]
+        ph = Phases()
+        ph("q_load")
+        plgpu.barrier_wait(qbars.at[slot])
+
+        @pl.when(j + 1 < NC)  # the other buffer's output TMA (mini-batch j-1) was waited for
+        def _():
+          plgpu.copy_gmem_to_smem(q_ref.at[bh, j + 1], q_sb.at[1 - slot], qbars.at[1 - slot])
+
+        ph("q_wait_w")
+        plgpu.barrier_wait(sync.at[0])
+        ph("q_z1")
+        b1r = [row(plgpu.load(b1_s.at[c], layout=red0)) for c in range(NL)]
+        b2v = plgpu.load(b2_s, layout=red0)
+        zq = mm_multi([(q_s, w1h.at[c]) for c in range(NL)])
+        for c in range(NL):
+          x_s[c] = _gelu(zq[c] + b1r[c]).astype(bf16)
+        plgpu.commit_smem()
+        ph("q_z2")
+        pq = wgmma_chain([(x_s.at[c], w2h.at[c]) for c in range(NL)], shp)
+        plgpu.barrier_arrive(sync.at[1])  # W_{j+1}, b1, b2 read: the keys may overwrite them
+        ph("q_xchg")
+        z2b = exchange(pq, 1, j == 0) + row(b2v)
+        ph("q_out")
+        xhb, _ = _ln_stats(z2b, ln_eps)
+        gam = plgpu.load(gam_s, layout=red0)
+        bet = plgpu.load(bet_s, layout=red0)
+        out = q_s[...].astype(f32) + row(gam) * xhb + row(bet)
+
+        def write_out():
+          q_s[...] = out.astype(bf16)  # q_s doubles as the output tile
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(q_s, o_ref.at[bh, j])
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        on_rank0(write_out)
+        ph.close()
+        return ()
+
+      lax.fori_loop(0, NC, step, ())
+
+    pl.when(w == KEYS)(keys)
+    pl.when(w == QUERIES)(queries)
+    plgpu.wait_smem_to_gmem(0)
+    plgpu.barrier_arrive(both.at[0])  # both warpgroups done: every incoming push was pulled
+    plgpu.barrier_wait(both.at[0])
+    if C > 1:
+      @pl.when(w == KEYS)
+      def _():  # no CTA exits while its peer may still push into it
+        plgpu.barrier_arrive(cbar.at[0])
+        plgpu.barrier_wait(cbar.at[0])
+
+  st = lambda *s: jax.ShapeDtypeStruct(s, bf16)
+  sf = lambda *s: jax.ShapeDtypeStruct(s, f32)
+  out_type = (st(BH, NC, CS, F), st(BH, NG, NH, 64, 64), st(BH, NG, NH, 64, 64),
+              sf(BH, NG, NH, 64), st(BH, NG, NH, 64, 64), st(BH, NG, NH, 64, 64), sf(BH, NG, 64))
+  scratch = [tile(2), tile(), tile(), plgpu.SMEM((64,), f32),  # Q (2 buffers), K, V, eta
+             tile(), tile(), tile(),  # -eta K, G2, -eta G2
+             tile(NL), tile(NL), tile(NL), tile(NL), tile(NL),  # G1, keys' X2, queries' X2, W1, W2
+             tile(2 * NL),  # the state's lo halves (init and checkpoints)
+             plgpu.SMEM((NL, 64), f32), plgpu.SMEM((64,), f32),  # b1 chunks, b2
+             plgpu.SMEM((64,), f32), plgpu.SMEM((64,), f32),  # gamma, beta
+             plgpu.Barrier(num_barriers=8), plgpu.Barrier(num_barriers=2),  # keys', queries' TMA
+             plgpu.Barrier(num_barriers=2),  # sync[0]: W_{m+1} stored; sync[1]: queries read it
+             plgpu.Barrier(num_arrivals=2, num_barriers=1)]  # both warpgroups at the end
+  kwargs = dict(num_threads=2, thread_name="wg")
+  if C > 1:
+    scratch += [f32_tile(), f32_tile(),
+                plgpu.Barrier(num_arrivals=C - 1, num_barriers=1),
+                plgpu.Barrier(num_arrivals=C - 1, num_barriers=1),
+                # [0]: cluster meets; [1 + slot]: the peer has read exchange slot `slot`
+                plgpu.ClusterBarrier(collective_axes=("c",), num_barriers=3)]
+    kwargs.update(cluster=(C,), cluster_names=("c",))
+  return per_head_kernel(body, out_type=out_type, scratch=scratch, BH=BH,
+                         approx_math=config.approx_math, interpret=interpret, profile=profile,
+                         reduction_scratch=config.reduction_scratch, **kwargs)
