@@ -63,7 +63,9 @@ def main(argv=None):
       "pallas_v4p": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G, variant="v4p")),
       "pallas_v4l": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G, variant="v4l")),
       "pallas_v6": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G, variant="v6")),
-      "pallas_v7": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G, variant="v7")),
+      **{f"pallas_{v}": jax.jit(lambda *x, v=v: ttt_mlp_pallas(*x, checkpoint_group_size=G,
+                                                               variant=v))
+         for v in ("v7", "v7p", "v7e", "v7pe")},
       "pallas_v5": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G, variant="v5")),
       "pallas_refbwd": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G,
                                                          backward="reference")),

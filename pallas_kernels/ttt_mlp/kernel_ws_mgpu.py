@@ -54,6 +54,14 @@ class WsTuningConfig:
   # SMEM bytes for column sums' cross-warp reductions (`mgpu_common.DEFAULT_REDUCTION_SCRATCH`);
   # only the keys' warpgroup runs column sums.
   reduction_scratch: int = DEFAULT_REDUCTION_SCRATCH
+  # K, V, eta double-buffered and loaded by the queries' warpgroup: mini-batch m+2's into the
+  # buffer the keys released at the end of step m (sync[0]), so the keys' step starts with its
+  # inputs in SMEM instead of a synchronous TMA round trip (+16 KiB SMEM).
+  prefetch_keys: bool = False
+  # v5's idea on the keys' warpgroup: gelu'(K W1_c + b1_c) computed with gelu in the "z1" phase
+  # (one tanh) and kept as a bf16 tile (in lo_s, free between the step's checkpoint and its end);
+  # the "g1" phase then issues only G2 W2_c^T (no Z1 recompute). Not bitwise v4: gelu' in bf16.
+  early_gelu_grad: bool = False
 
   def __post_init__(self):
     if self.cluster not in (1, 2):
@@ -82,8 +90,8 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
 
   def body(q_ref, k_ref, v_ref, eta_ref, g_ref, bt_ref, w1h_ref, w1l_ref, b1_ref, w2h_ref,
            w2l_ref, b2_ref, o_ref, cw1h, cw1l, cb1, cw2h, cw2l, cb2,
-           q_sb, k_s, v_s, eta_s, ek_s, g2_s, eg2_s, g1_s, ex2_s, x_s, w1h, w2h, lo_s,
-           b1_s, b2_s, gam_s, bet_s, bars, qbars, sync, both, *xch):
+           q_sb, k_sb, v_sb, eta_sb, ek_s, g2_s, eg2_s, g1_s, ex2_s, x_s, w1h, w2h, lo_s,
+           b1_s, b2_s, gam_s, bet_s, bars, qbars, sync, both, *rest):
     # Keys' warpgroup only: k/v/eta, -eta K (ek_s), G2, -eta G2, G1 and the keys' X2 per chunk,
     # lo_s (the state's lo halves: init and checkpoints), bars (its TMA loads).
     # Queries' warpgroup only: q_sb (Q double buffer, also the output tile), the queries' X2 (x_s),
@@ -101,6 +109,8 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
       else:
         pl.when(r == 0)(fn)
 
+    kbars = rest[0] if config.prefetch_keys else None  # [3 slot + i]: K, V, eta of buffer slot
+    xch = rest[1:] if config.prefetch_keys else rest
     if C > 1:
       recv0, recv1, rbar0, rbar1, cbar = xch
     push, pull = pair_exchange(C, r, ((recv0, rbar0), (recv1, rbar1)) if C > 1 else None)
@@ -120,6 +130,11 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
       plgpu.barrier_arrive(cbar.at[1 + slot])
       return y
 
+    def load_keys(m, slot):
+      """TMA of mini-batch m's K, V, eta into buffer `slot` (prefetch_keys; kbars 3 slot + i)."""
+      for i, (src, dst) in enumerate(((k_ref, k_sb), (v_ref, v_sb), (eta_ref, eta_sb))):
+        plgpu.copy_gmem_to_smem(src.at[bh, m], dst.at[slot], kbars.at[3 * slot + i])
+
     # ------------------------------------------------------------------ keys' warpgroup
     def keys():
       copies = ((w1h_ref.at[bh, pl.ds(c0, NL)], w1h), (w1l_ref.at[bh, pl.ds(c0, NL)],
@@ -136,6 +151,10 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
       if C > 1:  # every CTA's barriers initialised before any push (the queries' pushes come
         plgpu.barrier_arrive(cbar.at[0])  # after sync[0], i.e. after this)
         plgpu.barrier_wait(cbar.at[0])
+      if config.prefetch_keys:  # mini-batches 0 and 1; the queries load m + 2 after step m
+        load_keys(0, 0)
+        if NC > 1:
+          load_keys(1, 1)
 
       def write_checkpoint(gi, w1, w2):
         """(hi, lo) bf16 of this CTA's chunks + biases to HBM (state before mini-batch gi*group)."""
@@ -180,8 +199,15 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
           write_checkpoint(m // group, w1, w2)
 
         ph("load")
-        copy_in([(src.at[bh, m], dst) for src, dst in ((k_ref, k_s), (v_ref, v_s),
-                                                       (eta_ref, eta_s))], bars)
+        if config.prefetch_keys:
+          slot = m % 2
+          for i in range(3):
+            plgpu.barrier_wait(kbars.at[3 * slot + i])
+        else:
+          slot = 0
+          copy_in([(src.at[bh, m], dst.at[0]) for src, dst in ((k_ref, k_sb), (v_ref, v_sb),
+                                                               (eta_ref, eta_sb))], bars)
+        k_s, v_s, eta_s = k_sb.at[slot], v_sb.at[slot], eta_sb.at[slot]
         eta_c = plgpu.load(eta_s, layout=red1)  # [64] over rows j
         gam = plgpu.load(gam_s, layout=red0)  # [64] over columns f
         bet = plgpu.load(bet_s, layout=red0)
@@ -191,9 +217,19 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
 
         # ---- (1)-(3): Z2 = gelu(K W1 + b1) W2 + b2, all-reduced over the hidden shards
         ph("z1")
+        # early_gelu_grad: gelu'(K W1_c + b1_c) into gp_s(c) = lo_s.at[c], free from the step's
+        # checkpoint (its TMA reads waited) to its end; written and read back in the WGMMA layout
+        # (every thread its own elements). The Z1 and b1 are those "g1" would recompute.
+        gp_s = lambda c: lo_s.at[c]
         zk = mm_multi([(k_s, w1h.at[c]) for c in range(NL)])
         for c in range(NL):
-          ex2_s[c] = _gelu(zk[c] + row(plgpu.load(b1_s.at[c], layout=red0))).astype(bf16)
+          zb = zk[c] + row(plgpu.load(b1_s.at[c], layout=red0))
+          if config.early_gelu_grad:
+            x2k, gpk = _gelu_and_grad(zb)  # one tanh
+            ex2_s[c] = x2k.astype(bf16)
+            gp_s(c)[...] = gpk.astype(bf16)
+          else:
+            ex2_s[c] = _gelu(zb).astype(bf16)
         plgpu.commit_smem()
         ph("z2")
         pk = wgmma_chain([(ex2_s.at[c], w2h.at[c]) for c in range(NL)], shp)
@@ -217,10 +253,16 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
         plgpu.commit_smem()
         # ---- (7): G1 = (G2 W2^T) * gelu'(Z1) per local chunk, with the old state
         ph("g1")
+        if config.early_gelu_grad:  # gelu' from the "z1" phase: only G2 W2_c^T, one wait
+          gws = mm_multi([(g2_s, w2h.at[c].T) for c in range(NL)])
         for c in range(NL):
           b1c = plgpu.load(b1_s.at[c], layout=red0)
-          z1, gw = mm_multi([(k_s, w1h.at[c]), (g2_s, w2h.at[c].T)])
-          _, gp = _gelu_and_grad(z1 + row(b1c))
+          if config.early_gelu_grad:
+            gw = gws[c]
+            gp = plgpu.load(gp_s(c), layout=plgpu.Layout.WGMMA).astype(f32)
+          else:
+            z1, gw = mm_multi([(k_s, w1h.at[c]), (g2_s, w2h.at[c].T)])
+            _, gp = _gelu_and_grad(z1 + row(b1c))
           g1 = gw * gp
           g1_s[c] = g1.astype(bf16)
           b1_s[c] = b1c - jnp.sum(col(eta_c) * g1, axis=0)
@@ -258,6 +300,10 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
 
         ph("q_wait_w")
         plgpu.barrier_wait(sync.at[0])
+        if config.prefetch_keys:  # the keys are done with buffer j % 2 (step j): m = j + 2 into it
+          @pl.when(j + 2 < NC)
+          def _():
+            load_keys(j + 2, slot)
         ph("q_z1")
         b1r = [row(plgpu.load(b1_s.at[c], layout=red0)) for c in range(NL)]
         b2v = plgpu.load(b2_s, layout=red0)
@@ -302,7 +348,8 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
   sf = lambda *s: jax.ShapeDtypeStruct(s, f32)
   out_type = (st(BH, NC, CS, F), st(BH, NG, NH, 64, 64), st(BH, NG, NH, 64, 64),
               sf(BH, NG, NH, 64), st(BH, NG, NH, 64, 64), st(BH, NG, NH, 64, 64), sf(BH, NG, 64))
-  scratch = [tile(2), tile(), tile(), plgpu.SMEM((64,), f32),  # Q (2 buffers), K, V, eta
+  NK = 2 if config.prefetch_keys else 1  # K/V/eta buffers
+  scratch = [tile(2), tile(NK), tile(NK), plgpu.SMEM((NK, 64), f32),  # Q (2 buffers), K, V, eta
              tile(), tile(), tile(),  # -eta K, G2, -eta G2
              tile(NL), tile(NL), tile(NL), tile(NL), tile(NL),  # G1, keys' X2, queries' X2, W1, W2
              tile(2 * NL),  # the state's lo halves (init and checkpoints)
@@ -311,6 +358,8 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
              plgpu.Barrier(num_barriers=8), plgpu.Barrier(num_barriers=2),  # keys', queries' TMA
              plgpu.Barrier(num_barriers=2),  # sync[0]: W_{m+1} stored; sync[1]: queries read it
              plgpu.Barrier(num_arrivals=2, num_barriers=1)]  # both warpgroups at the end
+  if config.prefetch_keys:
+    scratch.append(plgpu.Barrier(num_barriers=6))
   kwargs = dict(num_threads=2, thread_name="wg")
   if C > 1:
     scratch += [f32_tile(), f32_tile(),

@@ -76,10 +76,12 @@ def _from_kernel_ckpts(ck, B, H):
 # H100: 32% slower, more register spills). v6: v4 with the CTA's hidden chunks split over two
 # consumer warpgroups (kernel_wg2_mgpu; b1 as a row-replicated accumulator; H100: 40% slower).
 # v4l: v4 with b1's column sums under the update's wgmmas (AccTuningConfig.late_bias_sums).
-# v7: v4's step split by role over two warpgroups (kernel_ws_mgpu: keys' trajectory | outputs).
+# v7: v4's step split by role over two warpgroups (kernel_ws_mgpu: keys' trajectory | outputs);
+# v7p: with the keys' K/V/eta prefetched by the queries' warpgroup; v7e: with gelu' kept from
+# the keys' forward half (WsTuningConfig.early_gelu_grad); v7pe: both.
 # (H100: benchmarks/NOTES-ttt-mlp.md.)
 VARIANTS = ("v1", "v2", "v3", "v3_precise", "v3_exact", "v3_3pass", "v4", "v5", "v4p", "v6", "v4l",
-            "v7")
+            "v7", "v7p", "v7e", "v7pe")
 
 
 # SMEM bytes for the kernels' column-sum reductions (`mgpu_common.DEFAULT_REDUCTION_SCRATCH`).
@@ -103,11 +105,13 @@ def _build(BH, NC, group, ln_eps, interpret, variant, outputs=True, save_activat
                                            reduction_scratch=REDUCTION_SCRATCH)
     return kernel_wg2_mgpu.build_forward_wg2(BH, NC, group, ln_eps, config=cfg6,
                                              interpret=iparams)
-  if variant == "v7" and outputs and not save_activations:  # (restarts: v3, as for v4)
+  if variant.startswith("v7") and outputs and not save_activations:  # (restarts: v3, as for v4)
     cfg7 = kernel_ws_mgpu.WsTuningConfig(cluster=1 if interpret else 2,
-                                         reduction_scratch=REDUCTION_SCRATCH)
+                                         reduction_scratch=REDUCTION_SCRATCH,
+                                         prefetch_keys="p" in variant[2:],
+                                         early_gelu_grad="e" in variant[2:])
     return kernel_ws_mgpu.build_forward_ws(BH, NC, group, ln_eps, config=cfg7, interpret=iparams)
-  if variant in ("v6", "v7"):
+  if variant in ("v6", "v7", "v7p", "v7e", "v7pe"):
     variant = "v3"
   if variant.startswith(("v3", "v4", "v5")):  # the exchange has no interpret rule: cluster 1 there
     pipeline = variant in ("v4", "v5", "v4p", "v4l") and outputs
@@ -262,7 +266,8 @@ def _bwd_pallas(group, ln_eps, interpret, variant, res, dout, **tuning):
   gam_s, bet_s = jnp.repeat(gam, S, axis=0), jnp.repeat(bet, S, axis=0)  # [BH * S, F]
   C = 1 if interpret else 2
   # v4's folding does not pay over a G + 1 step restart (H100 NC=1000 fwd+bwd 149 vs 142 ms): v3
-  restart = "v3" if variant in ("v4", "v5", "v4p", "v6", "v4l", "v7") or saved else variant
+  restart = ("v3" if variant in ("v4", "v5", "v4p", "v6", "v4l", "v7", "v7p", "v7e", "v7pe")
+             or saved else variant)
   fwd = _build(BH * S, G + 1, 1, float(ln_eps), interpret, restart,
                outputs=RESTART_OUTPUTS or saved, save_activations=saved)
   bwd = kernel_bwd_mgpu.build_backward(
