@@ -65,7 +65,7 @@ def main(argv=None):
       "pallas_v6": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G, variant="v6")),
       **{f"pallas_{v}": jax.jit(lambda *x, v=v: ttt_mlp_pallas(*x, checkpoint_group_size=G,
                                                                variant=v))
-         for v in ("v7", "v7p", "v7e", "v7pe")},
+         for v in ("v4", "v7", "v7p", "v7e", "v7pe", "v7pel")},
       "pallas_v5": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G, variant="v5")),
       "pallas_refbwd": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G,
                                                          backward="reference")),

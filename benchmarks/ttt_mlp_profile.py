@@ -97,6 +97,8 @@ def main(argv=None):
   p.add_argument("--which", default="v4,v3,bwd")
   p.add_argument("--red", default="2048", help="reduction scratch bytes to compare (comma list)")
   p.add_argument("--bwd_steps", type=int, default=8, help="backward steps profiled (even)")
+  p.add_argument("--ranges", type=int, default=16,
+                 help="v7: profiler ranges recorded per step and warpgroup (16 bytes of SMEM each)")
   p.add_argument("--out", default="", help="JSON summary path")
   a = p.parse_args(argv)
   print("device:", jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
@@ -122,13 +124,14 @@ def main(argv=None):
       prof = jax.jit(kernel_wg2_mgpu.build_forward_wg2(
           H, NC, G, 1e-6, config=cfg6, profile=Profile(d, space=12 * NC + 16)))
       kargs, steps = fargs, NC
-    elif which in ("v7", "v7p", "v7e", "v7pe"):  # keys' and queries' warpgroups: a trace each
+    elif which in ("v7", "v7p", "v7e", "v7pe", "v7el"):  # keys' and queries' warpgroups
       cfg7 = kernel_ws_mgpu.WsTuningConfig(reduction_scratch=red, prefetch_keys="p" in which[2:],
-                                           early_gelu_grad="e" in which[2:])
+                                           early_gelu_grad="e" in which[2:],
+                                           late_bias_sums="l" in which[2:])
       plain = jax.jit(kernel_ws_mgpu.build_forward_ws(H, NC, G, 1e-6, config=cfg7))
       wall = median_ms(plain, fargs, a.reps) * 1e3 / NC
       prof = jax.jit(kernel_ws_mgpu.build_forward_ws(
-          H, NC, G, 1e-6, config=cfg7, profile=Profile(d, space=12 * NC + 16)))
+          H, NC, G, 1e-6, config=cfg7, profile=Profile(d, space=a.ranges * NC + 16)))
       kargs, steps = fargs, NC
     elif which == "bwd":
       S = a.bwd_steps

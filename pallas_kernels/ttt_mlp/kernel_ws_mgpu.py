@@ -62,6 +62,10 @@ class WsTuningConfig:
   # (one tanh) and kept as a bf16 tile (in lo_s, free between the step's checkpoint and its end);
   # the "g1" phase then issues only G2 W2_c^T (no Z1 recompute). Not bitwise v4: gelu' in bf16.
   early_gelu_grad: bool = False
+  # v4l's idea on the keys' warpgroup: b1's two column sums (cross-warp reductions) run while the
+  # update's wgmmas are in flight, from the bf16 G1 tiles they read, instead of in the "g1" phase.
+  # Not bitwise v7: b1 from the bf16 G1.
+  late_bias_sums: bool = False
 
   def __post_init__(self):
     if self.cluster not in (1, 2):
@@ -170,14 +174,17 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
         on_rank0(lambda: plgpu.copy_smem_to_gmem(b2_s, cb2.at[bh, gi]))
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-      def update_state(w1, w2):
-        """W1_c += (-eta K)^T G1_c, W2_c += X2_c^T (-eta G2), accumulated into the carried state
-        (interpret mode has no wgmma rule under `run_state`: fresh products, added)."""
+      def update_state(w1, w2, during=None):
+        """W1_c += (-eta K)^T G1_c, W2_c += X2_c^T (-eta G2), accumulated into the carried state;
+        `during()` runs after the wgmmas are issued, before their wait (interpret mode has no
+        wgmma rule under `run_state`: fresh products, added)."""
         def pairs():  # (made inside the traced function: see kernel_acc_mgpu.update_state)
           return ([[(ek_s.T, g1_s.at[c])] for c in range(NL)]
                   + [[(ex2_s.at[c].T, eg2_s)] for c in range(NL)])
         if interpret is not None:
           d = [wgmma_chain(ps, shp) for ps in pairs()]
+          if during is not None:
+            during()
           return (tuple(a + x for a, x in zip(w1, d[:NL])),
                   tuple(a + x for a, x in zip(w2, d[NL:])))
 
@@ -185,6 +192,8 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
           for acc, ps in zip(accs[0] + accs[1], pairs()):
             for a, b in ps:
               plgpu.wgmma(acc, a, b)
+          if during is not None:
+            during()
         return pl.run_state(fn)((tuple(plgpu.ACC.init(x) for x in w1),
                                  tuple(plgpu.ACC.init(x) for x in w2)))
 
@@ -252,24 +261,38 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
         b2_s[...] = b2v + jnp.sum(eg2, axis=0)
         plgpu.commit_smem()
         # ---- (7): G1 = (G2 W2^T) * gelu'(Z1) per local chunk, with the old state
-        ph("g1")
+        # (finer phases: g1_mm the waited wgmmas, g1_ew the elementwise work, g1_sum b1's column
+        # sums, cross-warp reductions)
         if config.early_gelu_grad:  # gelu' from the "z1" phase: only G2 W2_c^T, one wait
+          ph("g1_mm")
           gws = mm_multi([(g2_s, w2h.at[c].T) for c in range(NL)])
         for c in range(NL):
-          b1c = plgpu.load(b1_s.at[c], layout=red0)
           if config.early_gelu_grad:
+            ph("g1_ew")
+            b1c = plgpu.load(b1_s.at[c], layout=red0)
             gw = gws[c]
             gp = plgpu.load(gp_s(c), layout=plgpu.Layout.WGMMA).astype(f32)
           else:
+            ph("g1_mm")
             z1, gw = mm_multi([(k_s, w1h.at[c]), (g2_s, w2h.at[c].T)])
+            ph("g1_ew")
+            b1c = plgpu.load(b1_s.at[c], layout=red0)
             _, gp = _gelu_and_grad(z1 + row(b1c))
           g1 = gw * gp
           g1_s[c] = g1.astype(bf16)
-          b1_s[c] = b1c - jnp.sum(col(eta_c) * g1, axis=0)
+          if not config.late_bias_sums:
+            ph("g1_sum")
+            b1_s[c] = b1c - jnp.sum(col(eta_c) * g1, axis=0)
         plgpu.commit_smem()
+
+        def bias_sums():  # late_bias_sums: b1_{m+1} from the bf16 G1 the update reads
+          for c in range(NL):
+            g1 = plgpu.load(g1_s.at[c], layout=plgpu.Layout.WGMMA).astype(f32)
+            b1_s[c] = (plgpu.load(b1_s.at[c], layout=red0)
+                       - jnp.sum(col(eta_c) * g1, axis=0))
         # ---- (8): W1_c += (-eta K)^T G1_c, W2_c += X2_c^T (-eta G2); W_{m+1} to the queries
         ph("update")
-        w1, w2 = update_state(w1, w2)
+        w1, w2 = update_state(w1, w2, during=bias_sums if config.late_bias_sums else None)
         ph("store_w")
         for c in range(NL):
           w1h[c] = w1[c].astype(bf16)

@@ -78,11 +78,27 @@ def _from_kernel_ckpts(ck, B, H):
 # v4l: v4 with b1's column sums under the update's wgmmas (AccTuningConfig.late_bias_sums).
 # v7: v4's step split by role over two warpgroups (kernel_ws_mgpu: keys' trajectory | outputs);
 # v7p: with the keys' K/V/eta prefetched by the queries' warpgroup; v7e: with gelu' kept from
-# the keys' forward half (WsTuningConfig.early_gelu_grad); v7pe: both.
+# the keys' forward half (WsTuningConfig.early_gelu_grad); v7pe: both; v7pel: v7pe with b1's
+# column sums under the update's wgmmas (late_bias_sums).
 # (H100: benchmarks/NOTES-ttt-mlp.md.)
 VARIANTS = ("v1", "v2", "v3", "v3_precise", "v3_exact", "v3_3pass", "v4", "v5", "v4p", "v6", "v4l",
-            "v7", "v7p", "v7e", "v7pe")
+            "v7", "v7p", "v7e", "v7pe", "v7pel")
 
+
+# The forward kernel `ttt_mlp_pallas` runs unless told otherwise (NOTES-ttt-mlp.md: H100 NC=282
+# 4.30-4.56 ms vs v4's 5.40-5.55; outputs within bf16 rounding of v4's).
+DEFAULT_VARIANT = "v7pe"
+# ... and in Mosaic GPU interpret mode (CPU): jax 0.11.2's interpreter can stall a kernel whose
+# warpgroups wait on each other for long stretches (v7*) when the CPU is contended (one warpgroup's
+# execution is never scheduled; NOTES-ttt-mlp.md "Interpret mode and two warpgroups"), so the
+# CPU default is v4, the same arithmetic as v7 / v7p (bitwise, tested); the v7 kernels' own CPU
+# tests run in subprocesses with a time limit (tests/pallas_kernels/test_ttt_mlp_ws_kernel.py).
+DEFAULT_INTERPRET_VARIANT = "v4"
+
+
+def default_variant(interpret: bool) -> str:
+  """The variant `ttt_mlp_pallas(variant=None)` runs."""
+  return DEFAULT_INTERPRET_VARIANT if interpret else DEFAULT_VARIANT
 
 # SMEM bytes for the kernels' column-sum reductions (`mgpu_common.DEFAULT_REDUCTION_SCRATCH`).
 REDUCTION_SCRATCH = kernel_acc_mgpu.DEFAULT_REDUCTION_SCRATCH
@@ -109,9 +125,10 @@ def _build(BH, NC, group, ln_eps, interpret, variant, outputs=True, save_activat
     cfg7 = kernel_ws_mgpu.WsTuningConfig(cluster=1 if interpret else 2,
                                          reduction_scratch=REDUCTION_SCRATCH,
                                          prefetch_keys="p" in variant[2:],
-                                         early_gelu_grad="e" in variant[2:])
+                                         early_gelu_grad="e" in variant[2:],
+                                         late_bias_sums="l" in variant[2:])
     return kernel_ws_mgpu.build_forward_ws(BH, NC, group, ln_eps, config=cfg7, interpret=iparams)
-  if variant in ("v6", "v7", "v7p", "v7e", "v7pe"):
+  if variant in ("v6", "v7", "v7p", "v7e", "v7pe", "v7pel"):
     variant = "v3"
   if variant.startswith(("v3", "v4", "v5")):  # the exchange has no interpret rule: cluster 1 there
     pipeline = variant in ("v4", "v5", "v4p", "v4l") and outputs
@@ -135,9 +152,10 @@ def _build(BH, NC, group, ln_eps, interpret, variant, outputs=True, save_activat
 
 
 def _forward_raw(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, group, ln_eps,
-                 interpret, variant="v4"):
+                 interpret, variant=None):
   """Runs the kernel: ([B, H, NC, CS, F] out in XQ's dtype, kernel-layout checkpoints [BH, NG, ...])."""
   B, H, NC, CS, F = XQ.shape
+  variant = default_variant(interpret) if variant is None else variant
   bf = lambda a: a.astype(jnp.bfloat16).reshape(B * H, NC, CS, F)
   st = _to_kernel_state(W1, b1, W2, b2, B)
   fn = _build(B * H, NC, group, float(ln_eps), interpret, variant)
@@ -153,7 +171,7 @@ def _per_head(a, B):
 
 
 def _forward(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, group, ln_eps, interpret,
-             variant="v4"):
+             variant=None):
   """Runs the kernel: ([B, H, NC, CS, F] out in XQ's dtype, checkpoint states [NG, B, H, ...])."""
   out, ck = _forward_raw(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, group=group,
                          ln_eps=ln_eps, interpret=interpret, variant=variant)
@@ -266,8 +284,8 @@ def _bwd_pallas(group, ln_eps, interpret, variant, res, dout, **tuning):
   gam_s, bet_s = jnp.repeat(gam, S, axis=0), jnp.repeat(bet, S, axis=0)  # [BH * S, F]
   C = 1 if interpret else 2
   # v4's folding does not pay over a G + 1 step restart (H100 NC=1000 fwd+bwd 149 vs 142 ms): v3
-  restart = ("v3" if variant in ("v4", "v5", "v4p", "v6", "v4l", "v7", "v7p", "v7e", "v7pe")
-             or saved else variant)
+  restart = ("v3" if variant in ("v4", "v5", "v4p", "v6", "v4l", "v7", "v7p", "v7e", "v7pe",
+                             "v7pel") or saved else variant)
   fwd = _build(BH * S, G + 1, 1, float(ln_eps), interpret, restart,
                outputs=RESTART_OUTPUTS or saved, save_activations=saved)
   bwd = kernel_bwd_mgpu.build_backward(
@@ -317,12 +335,13 @@ _ttt_mlp_kernel.defvjp(_fwd, _bwd)
 
 def ttt_mlp_pallas(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *,
                    checkpoint_group_size: int = 16, ln_eps: float = 1e-6, interpret: bool = False,
-                   variant: str = "v4", backward: str = "pallas_saved"):
+                   variant: str | None = None, backward: str = "pallas_saved"):
   """TTT-MLP with the fused kernels; same contract as `ttt_dit.ttt.inner_loop.ttt_mlp`.
 
   Returns [B, H, NC, CS, F] in XQ's dtype. `interpret=True` runs the kernel in Mosaic GPU interpret
-  mode (CPU tests); `variant` picks the forward kernel (VARIANTS; "v4" default); `backward` picks
-  the VJP (BACKWARDS; "pallas_saved", the default = the backward kernel fed the restart's saved
+  mode (CPU tests); `variant` picks the forward kernel (VARIANTS; None: v7pe compiled, v4 in
+  interpret mode: `default_variant`);
+  `backward` picks the VJP (BACKWARDS; "pallas_saved", the default = the backward kernel fed the restart's saved
   forward activations, which rounds an odd checkpoint group up to even; H100 NC=282: ~42 ms
   fwd+bwd vs 220 ms with "xla_vjp"; "pallas": the same kernel recomputing those activations, 8-10%
   slower, bitwise the same gradients; "pallas_dw_gmem": the
@@ -331,6 +350,9 @@ def ttt_mlp_pallas(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *,
   """
   if backward not in BACKWARDS:
     raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
+  variant = default_variant(interpret) if variant is None else variant
+  if variant not in VARIANTS:
+    raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
   why = kernel_supported(XQ, W1, interpret=interpret)
   if why is not None:
     logging.info("ttt_mlp_pallas: falling back to the XLA scan: %s", why)

@@ -80,7 +80,8 @@ def test_early_gelu_grad_moves_states_at_bf16_level_only_interpret():
 def test_two_warpgroups_are_race_free_interpret():
   """v6 (two warpgroups per CTA, hand-offs through SMEM and mbarriers) under the interpreter's
   happens-before race detector: no races over three steps with checkpoints at steps 0 and 2.
-  (Dropping wg 0's wait for wg 1's update operands, sync[1], is reported as a race.)"""
+  (Dropping wg 0's wait for wg 1's update operands, sync[1], is reported as a race.) The v7
+  kernels' race checks: test_ttt_mlp_ws_kernel.py (subprocesses with a time limit)."""
   from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ip
   from jax.experimental.pallas import mosaic_gpu as plgpu
   from pallas_kernels.ttt_mlp import kernel_wg2_mgpu
@@ -96,6 +97,17 @@ def test_two_warpgroups_are_race_free_interpret():
   jax.block_until_ready(out)
   assert not ip.get_races().races_found
   assert bool(jnp.isfinite(out[0].astype(jnp.float32)).all())
+
+
+def test_role_split_config_is_validated():
+  """Bad settings name the problem; variant=None is v7pe compiled and v4 in interpret mode."""
+  from pallas_kernels.ttt_mlp import kernel_ws_mgpu
+  from pallas_kernels.ttt_mlp import ttt_mlp as T
+  with pytest.raises(ValueError, match="cluster must be 1 or 2"):
+    kernel_ws_mgpu.WsTuningConfig(cluster=4)
+  with pytest.raises(ValueError, match="variant must be one of"):
+    T.ttt_mlp_pallas(*_inputs(0), interpret=True, variant="v7x")
+  assert T.default_variant(False) == "v7pe" and T.default_variant(True) == "v4"
 
 
 def test_prefetch_next_is_bitwise_v4_interpret():
@@ -176,7 +188,8 @@ def test_gradients_match_xla_scan_interpret(backward):
 
 @pytest.mark.parametrize("variant", ["v2", "v3_cluster2", "v4_cluster2", "v5_cluster2",
                                      "v4p_cluster2", "v3_3pass_cluster2", "v3_saves_cluster2",
-                                     "v6_cluster2", "v4l_cluster2"])
+                                     "v6_cluster2", "v4l_cluster2", "v7_cluster2",
+                                     "v7pe_cluster2"])
 def test_kernel_lowers_for_cuda(variant):
   """The compiled (non-interpret) kernel lowers to a Mosaic GPU module for CUDA on this CPU box.
 
@@ -189,6 +202,11 @@ def test_kernel_lowers_for_cuda(variant):
   elif variant == "v6_cluster2":  # two warpgroups per CTA
     from pallas_kernels.ttt_mlp import kernel_wg2_mgpu
     fn = kernel_wg2_mgpu.build_forward_wg2(bh, nc, g, 1e-6)
+  elif variant.startswith("v7"):  # two warpgroups by role, each with its own exchange slot
+    from pallas_kernels.ttt_mlp import kernel_ws_mgpu
+    pe = variant == "v7pe_cluster2"
+    fn = kernel_ws_mgpu.build_forward_ws(
+        bh, nc, g, 1e-6, config=kernel_ws_mgpu.WsTuningConfig(prefetch_keys=pe, early_gelu_grad=pe))
   else:
     cfg = kernel_acc_mgpu.AccTuningConfig(
         cluster=2, pipeline=variant in ("v4_cluster2", "v5_cluster2", "v4p_cluster2",

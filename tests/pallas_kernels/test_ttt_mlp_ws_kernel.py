@@ -1,0 +1,138 @@
+"""CPU tests of the v7 TTT-MLP kernels (`kernel_ws_mgpu`: the keys' trajectory and the outputs on
+two warpgroups by role) in Mosaic GPU interpret mode, each check in a fresh subprocess.
+
+Why subprocesses: jax 0.11.2's GPU interpreter runs each warpgroup as its own compiled CPU
+computation; when the CPU is contended (two pytest workers on two cores), the execution of one of
+them is sometimes never scheduled while the other waits at a barrier, and the kernel stalls for
+good (a stack dump then shows one warpgroup in a barrier wait and the other in no callback at
+all: not a deadlock of the kernel's own barriers, where both would wait; v6 was not seen to
+stall). So every check runs in a child process with a time limit; a child that times out is
+restarted (at most `ATTEMPTS` times); a child that fails (wrong numbers, a race found) fails the
+test at once. The compiled kernel's own scheduling is covered by the GPU runs (benchmarks/).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from kernel_testing import rel, ttt_inputs
+
+B, H, NC, CS, F = 1, 1, 3, 64, 64
+GROUP = 2
+ATTEMPTS = 3
+TIMEOUT_S = 150
+
+
+def _inputs(seed: int):
+  return tuple(a.astype(jnp.float32) for a in ttt_inputs(B, H, NC, seed))
+
+
+def _forward_raw(args, variant):
+  from pallas_kernels.ttt_mlp import ttt_mlp as T
+  return jax.jit(lambda *a: T._forward_raw(*a, group=GROUP, ln_eps=1e-6, interpret=True,
+                                           variant=variant))(*args)
+
+
+def check_bitwise_v4():
+  """v7 and v7p do v4's arithmetic: outputs and every checkpoint bitwise equal to v4's. v7e
+  (gelu' kept as bf16) is another path: its states differ, within bf16 rounding."""
+  args = _inputs(2)
+  res = {v: _forward_raw(args, v) for v in ("v4", "v7", "v7p", "v7e")}
+  for v in ("v7", "v7p"):
+    assert jnp.array_equal(res["v4"][0], res[v][0]), v
+    for a, b in zip(res["v4"][1], res[v][1]):
+      assert jnp.array_equal(a, b), v
+  state = lambda ck: (ck[0].astype(jnp.float32) + ck[1].astype(jnp.float32), ck[2],
+                      ck[3].astype(jnp.float32) + ck[4].astype(jnp.float32), ck[5])  # W1 b1 W2 b2
+  assert not jnp.array_equal(res["v4"][1][0], res["v7e"][1][0])
+  for a, b in zip(state(res["v4"][1]), state(res["v7e"][1])):
+    assert rel(b, a) < 1e-2, rel(b, a)
+
+
+def check_forward(variant: str):
+  """Outputs vs the float32 XLA scan (bf16 matmuls: rel L2 < 1e-2), and far from a frozen state."""
+  from ttt_dit.ttt import inner_loop
+  args = _inputs(0)
+  ref = inner_loop.ttt_mlp(*args, checkpoint_group_size=GROUP)
+  out = _forward_raw(args, variant)[0].astype(jnp.float32)
+  err = rel(out - args[0], ref - args[0])
+  assert err < 1e-2, err
+  frozen = inner_loop.ttt_mlp(*args[:3], jnp.zeros_like(args[3]), *args[4:],
+                              checkpoint_group_size=GROUP)
+  assert rel(frozen - args[0], ref - args[0]) > 10 * err
+
+
+def check_checkpoints(variant: str):
+  """The checkpoint states equal the XLA scan's state at each group boundary (rel 1e-2)."""
+  from pallas_kernels.ttt_mlp import ttt_mlp as T
+  from ttt_dit.ttt import inner_loop
+  args = _inputs(1)
+  _, ckpts = jax.jit(lambda *a: T._forward(*a, group=GROUP, ln_eps=1e-6, interpret=True,
+                                           variant=variant))(*args)
+  for g, m in enumerate((0, GROUP)):
+    if m == 0:
+      want = tuple(jnp.broadcast_to(s, (B,) + s.shape) for s in args[6:])
+    else:
+      _, want = inner_loop.ttt_mlp_with_state(*(a[:, :, :m] for a in args[:4]), *args[4:],
+                                             checkpoint_group_size=GROUP)
+    for got, w in zip(ckpts, want):
+      assert rel(got[g], w) < 1e-2, (g, rel(got[g], w))
+
+
+def check_race_free(variant: str):
+  """The interpreter's happens-before race detector finds no race over three steps (checkpoints
+  at steps 0 and 2). Sabotage check: moving the keys' wait for the queries (sync[1]) after the b2
+  write is reported as a race."""
+  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ip
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  from pallas_kernels.ttt_mlp import kernel_ws_mgpu
+  from pallas_kernels.ttt_mlp import ttt_mlp as T
+  args = _inputs(3)
+  bf = lambda a: a.astype(jnp.bfloat16).reshape(B * H, NC, CS, F)
+  pe = variant == "v7pe"
+  cfg = kernel_ws_mgpu.WsTuningConfig(cluster=1, prefetch_keys=pe, early_gelu_grad=pe)
+  fn = kernel_ws_mgpu.build_forward_ws(B * H, NC, GROUP, 1e-6, config=cfg,
+                                       interpret=plgpu.InterpretGPUParams(detect_races=True))
+  ip.reset_gpu_interpret_mode_state()
+  out = fn(bf(args[0]), bf(args[1]), bf(args[2]), args[3].reshape(B * H, NC, CS),
+           T._per_head(args[4], B), T._per_head(args[5], B), *T._to_kernel_state(*args[6:], B))
+  jax.block_until_ready(out)
+  assert not ip.get_races().races_found
+  assert bool(jnp.isfinite(out[0].astype(jnp.float32)).all())
+
+
+def _run_isolated(call: str) -> None:
+  """Runs `call` (an expression over this module's checks) in a child Python; retries a child
+  that exceeds TIMEOUT_S (an interpreter stall), fails on a child that fails."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  root = os.path.dirname(os.path.dirname(here))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([here, root, os.environ.get("PYTHONPATH", "")]))
+  code = f"import test_ttt_mlp_ws_kernel as m; m.{call}"
+  for attempt in range(1, ATTEMPTS + 1):
+    try:
+      proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
+                            text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+      continue  # the interpreter stalled: a fresh process
+    assert proc.returncode == 0, f"{call} failed (attempt {attempt}):\n{proc.stderr[-4000:]}"
+    return
+  pytest.fail(f"{call}: every one of {ATTEMPTS} attempts ran past {TIMEOUT_S} s")
+
+
+@pytest.mark.parametrize("call", [
+    "check_bitwise_v4()", "check_forward('v7pe')", "check_forward('v7pel')",
+    "check_checkpoints('v7pe')", "check_race_free('v7')", "check_race_free('v7pe')"])
+def test_role_split_kernel_interpret(call):
+  _run_isolated(call)
+
+
+def test_isolated_runner_reports_a_failing_check():
+  """The runner is not a pass-through: a child whose check fails fails the test."""
+  with pytest.raises(AssertionError, match="failed"):
+    _run_isolated("check_forward('no_such_variant')")
