@@ -24,6 +24,12 @@ def f32_tile() -> plgpu.SMEM:
   return plgpu.SMEM((64, 64), jnp.float32, transforms=F32_TILE_TRANSFORMS)
 
 
+def check_cluster(cluster: int) -> None:
+  """The TTT-MLP kernels' cluster sizes: 1 (no exchange; interpret mode) or 2 (pairwise push)."""
+  if cluster not in (1, 2):
+    raise ValueError(f"cluster must be 1 or 2 (the exchange is a pairwise push), got {cluster}")
+
+
 def pair_exchange(cluster: int, rank, slots):
   """(push, pull) of the 2-CTA cluster's [64, 64] f32 all-reduce (inside a kernel body).
 

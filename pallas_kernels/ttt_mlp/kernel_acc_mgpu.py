@@ -41,8 +41,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mgpu_common import (DEFAULT_REDUCTION_SCRATCH, Phases, Profile, copy_in,
-                                        pair_exchange, per_head_kernel)
+from pallas_kernels.mgpu_common import (DEFAULT_REDUCTION_SCRATCH, Phases, Profile, check_cluster,
+                                        copy_in, pair_exchange, per_head_kernel)
 from pallas_kernels.ttt_mlp.kernel_mgpu import (CS, F, NH, _col_bcast, _gelu, _gelu_and_grad,
                                                 _ln_l2_grad, _ln_stats, _row_bcast, mlp_forward,
                                                 wgmma_chain, wgmma_chains, wgmma_multi)
@@ -92,9 +92,7 @@ class AccTuningConfig:
   late_bias_sums: bool = False
 
   def __post_init__(self):
-    if self.cluster not in (1, 2):
-      raise ValueError(f"cluster must be 1 or 2 (the exchange is a pairwise push), got "
-                       f"{self.cluster}")
+    check_cluster(self.cluster)
     if self.three_pass and (self.prefetch or self.precise_update or self.pipeline):
       raise ValueError("three_pass=True is built without prefetch, precise_update and pipeline")
     if self.pipeline and (self.prefetch or self.precise_update or not self.outputs):

@@ -35,8 +35,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mgpu_common import (DEFAULT_REDUCTION_SCRATCH, Phases, Profile, copy_in,
-                                        per_head_kernel)
+from pallas_kernels.mgpu_common import (DEFAULT_REDUCTION_SCRATCH, Phases, Profile, check_cluster,
+                                        copy_in, per_head_kernel)
 from pallas_kernels.ttt_mlp.kernel_mgpu import (F, GELU_C, GELU_C3, NH, _col_bcast, _ln_stats,
                                                 _row_bcast, mlp_forward, wgmma_chain,
                                                 wgmma_chains, wgmma_multi)
@@ -60,9 +60,7 @@ class BwdTuningConfig:
   saved_forward: bool = False
 
   def __post_init__(self):
-    if self.cluster not in (1, 2):
-      raise ValueError(f"cluster must be 1 or 2 (the exchange is a pairwise push), got "
-                       f"{self.cluster}")
+    check_cluster(self.cluster)
 
 
 def _gelu_grads(z):

@@ -41,7 +41,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mgpu_common import (DEFAULT_REDUCTION_SCRATCH, Phases, Profile, bf16_tiles,
-                                        f32_tile, pair_exchange, per_head_kernel)
+                                        check_cluster, f32_tile, pair_exchange, per_head_kernel)
 from pallas_kernels.ttt_mlp.kernel_mgpu import (CS, F, NH, _col_bcast, _gelu, _gelu_and_grad,
                                                 _ln_l2_grad, _ln_stats, _row_bcast, wgmma_chain,
                                                 wgmma_chains, wgmma_multi)
@@ -59,9 +59,7 @@ class Wg2TuningConfig:
   reduction_scratch: int = DEFAULT_REDUCTION_SCRATCH
 
   def __post_init__(self):
-    if self.cluster not in (1, 2):
-      raise ValueError(f"cluster must be 1 or 2 (the exchange is a pairwise push), got "
-                       f"{self.cluster}")
+    check_cluster(self.cluster)
 
 
 def build_forward_wg2(BH: int, NC: int, group: int, ln_eps: float, *,

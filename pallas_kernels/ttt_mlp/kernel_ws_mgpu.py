@@ -36,7 +36,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mgpu_common import (DEFAULT_REDUCTION_SCRATCH, Phases, Profile, bf16_tiles,
-                                        copy_in, f32_tile, pair_exchange, per_head_kernel)
+                                        check_cluster, copy_in, f32_tile, pair_exchange,
+                                        per_head_kernel)
 from pallas_kernels.ttt_mlp.kernel_mgpu import (NH, _col_bcast, _gelu, _gelu_and_grad,
                                                 _ln_l2_grad, _ln_stats, _row_bcast, wgmma_chain,
                                                 wgmma_chains, wgmma_multi)
@@ -68,9 +69,7 @@ class WsTuningConfig:
   late_bias_sums: bool = False
 
   def __post_init__(self):
-    if self.cluster not in (1, 2):
-      raise ValueError(f"cluster must be 1 or 2 (the exchange is a pairwise push), got "
-                       f"{self.cluster}")
+    check_cluster(self.cluster)
 
 
 def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,

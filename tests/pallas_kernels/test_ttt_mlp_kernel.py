@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_kernels.ttt_mlp import kernel_acc_mgpu, kernel_mgpu, ttt_mlp_pallas
-from kernel_testing import rel, ttt_inputs
+from kernel_testing import races_in_forward_kernel, rel, ttt_inputs
 from ttt_dit.ttt import inner_loop
 
 B, H, NC, CS, F = 1, 1, 3, 64, 64
@@ -82,21 +82,14 @@ def test_two_warpgroups_are_race_free_interpret():
   happens-before race detector: no races over three steps with checkpoints at steps 0 and 2.
   (Dropping wg 0's wait for wg 1's update operands, sync[1], is reported as a race.) The v7
   kernels' race checks: test_ttt_mlp_ws_kernel.py (subprocesses with a time limit)."""
-  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ip
   from jax.experimental.pallas import mosaic_gpu as plgpu
   from pallas_kernels.ttt_mlp import kernel_wg2_mgpu
-  from pallas_kernels.ttt_mlp import ttt_mlp as T
-  args = _inputs(3)
-  bf = lambda a: a.astype(jnp.bfloat16).reshape(B * H, NC, CS, F)
   fn = kernel_wg2_mgpu.build_forward_wg2(
       B * H, NC, GROUP, 1e-6, config=kernel_wg2_mgpu.Wg2TuningConfig(cluster=1),
       interpret=plgpu.InterpretGPUParams(detect_races=True))
-  ip.reset_gpu_interpret_mode_state()
-  out = fn(bf(args[0]), bf(args[1]), bf(args[2]), args[3].reshape(B * H, NC, CS),
-           T._per_head(args[4], B), T._per_head(args[5], B), *T._to_kernel_state(*args[6:], B))
-  jax.block_until_ready(out)
-  assert not ip.get_races().races_found
-  assert bool(jnp.isfinite(out[0].astype(jnp.float32)).all())
+  races, out = races_in_forward_kernel(fn, _inputs(3))
+  assert not races
+  assert bool(jnp.isfinite(out.astype(jnp.float32)).all())
 
 
 def test_role_split_config_is_validated():

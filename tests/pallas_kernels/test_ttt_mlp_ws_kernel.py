@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from kernel_testing import rel, ttt_inputs
+from kernel_testing import races_in_forward_kernel, rel, ttt_inputs
 
 B, H, NC, CS, F = 1, 1, 3, 64, 64
 GROUP = 2
@@ -89,22 +89,15 @@ def check_race_free(variant: str):
   """The interpreter's happens-before race detector finds no race over three steps (checkpoints
   at steps 0 and 2). Sabotage check: moving the keys' wait for the queries (sync[1]) after the b2
   write is reported as a race."""
-  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ip
   from jax.experimental.pallas import mosaic_gpu as plgpu
   from pallas_kernels.ttt_mlp import kernel_ws_mgpu
-  from pallas_kernels.ttt_mlp import ttt_mlp as T
-  args = _inputs(3)
-  bf = lambda a: a.astype(jnp.bfloat16).reshape(B * H, NC, CS, F)
   pe = variant == "v7pe"
   cfg = kernel_ws_mgpu.WsTuningConfig(cluster=1, prefetch_keys=pe, early_gelu_grad=pe)
   fn = kernel_ws_mgpu.build_forward_ws(B * H, NC, GROUP, 1e-6, config=cfg,
                                        interpret=plgpu.InterpretGPUParams(detect_races=True))
-  ip.reset_gpu_interpret_mode_state()
-  out = fn(bf(args[0]), bf(args[1]), bf(args[2]), args[3].reshape(B * H, NC, CS),
-           T._per_head(args[4], B), T._per_head(args[5], B), *T._to_kernel_state(*args[6:], B))
-  jax.block_until_ready(out)
-  assert not ip.get_races().races_found
-  assert bool(jnp.isfinite(out[0].astype(jnp.float32)).all())
+  races, out = races_in_forward_kernel(fn, _inputs(3))
+  assert not races
+  assert bool(jnp.isfinite(out.astype(jnp.float32)).all())
 
 
 def _run_isolated(call: str) -> None:
