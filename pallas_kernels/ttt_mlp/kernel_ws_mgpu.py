@@ -19,8 +19,13 @@ Each warpgroup has its own exchange slot (0: keys, 1: queries). A slot is reused
 peer CTA has read it: the reader arrives on a per-slot cluster barrier after its pull and the
 writer waits on it before its next push (one step later, so normally already complete).
 Same argument/result layout as `kernel_acc_mgpu.build_forward_acc`; outputs and checkpoints equal
-v4's arithmetic (the queries use the same bf16 state and biases). CPU interpret mode runs both
-warpgroups at cluster 1 (race detection in tests/pallas_kernels); cluster 2 is lowered for CUDA
+v4's arithmetic (the queries use the same bf16 state and biases) unless `early_gelu_grad` or
+`late_bias_sums` (bf16-level changes). Options (WsTuningConfig): `prefetch_keys` (v7p),
+`early_gelu_grad` (v7e), both (v7pe: the default of `ttt_mlp_pallas` on the GPU), and
+`late_bias_sums` (v7pel, slower). H100, NC=282 (NOTES-ttt-mlp.md "v7"): v7 4.7-4.9 ms, v7pe
+4.3-4.7 ms, v4 5.4-5.7 ms. CPU interpret mode runs both warpgroups at cluster 1 (race detection;
+tests/pallas_kernels/test_ttt_mlp_ws_kernel.py runs these in child processes with a time limit,
+because jax 0.11.2's interpreter can stall them on a busy CPU); cluster 2 is lowered for CUDA
 there and run on the GPU.
 """
 
