@@ -22,8 +22,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 setup: $(VENV)/.installed
 
+# Tests marked `serial` run after the parallel run, alone (see setup.cfg).
 test: setup
-	$(VENV)/bin/python -m pytest -n 2 -q $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -n 2 -q -m "not serial" $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q -m serial $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
