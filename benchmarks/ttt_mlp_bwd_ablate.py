@@ -5,6 +5,8 @@ checkpoint every mini-batch, the backward kernel (full and with phases removed: 
 attribution only), and the whole backward (the custom_vjp's bwd, jitted) at NC=282.
 `restart_outputs`: the restart with and without its query half. `ab NAME A,B [NC,...]`: A/B of a
 `ttt_mlp` module constant or of `backward=` (forward and whole backward timed interleaved).
+`trace [NC,...]`: per-kernel device time of the forward and the whole backward (`device_trace`),
+with the default one group per launch and with every group in one launch (BWD_LAUNCH_BYTES).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
+from benchmarks import device_trace
 from benchmarks.kernel_common import rel
 from benchmarks.ttt_mlp_kernel import make_inputs, median_ms
 from pallas_kernels.ttt_mlp import kernel_bwd_mgpu
@@ -133,7 +136,32 @@ def ab_constant(name: str, values: tuple, H=48, NCs=(282, 1000), G=16, reps=5):
               f"whole backward {median_ms(bwds[v], (cot,), reps):8.3f} ms", flush=True)
 
 
+def trace(H=48, NCs=(282, 1000), G=16, reps=3):
+  """Where the whole backward's device time goes: per-kernel times from a profiler trace."""
+  print("device:", jax.devices()[0].device_kind, flush=True)
+  default = T.BWD_LAUNCH_BYTES
+  for i, NC in enumerate(NCs):
+    args = make_inputs(jax.random.PRNGKey(1000 + i), 1, H, NC)
+    fwd = jax.jit(functools.partial(T.ttt_mlp_pallas, checkpoint_group_size=G))
+    device_trace.report(f"NC={NC} forward", fwd, args, reps)
+    for budget in (default, 8 << 30):
+      T.BWD_LAUNCH_BYTES = budget
+      S, L = T.groups_per_launch(-(-NC // G), H, G, step_bytes=T._RESTART_STEP_BYTES
+                                 + T._SAVED_STEP_BYTES)
+      f = jax.jit(lambda *a: T.ttt_mlp_pallas(*a, checkpoint_group_size=G))  # a fresh trace
+      out, vjp = jax.vjp(f, *args)
+      cot = jax.random.normal(jax.random.PRNGKey(2), out.shape, jnp.float32).astype(out.dtype)
+      bwd = jax.jit(vjp)
+      jax.block_until_ready(bwd(cot))  # traced with this budget
+      T.BWD_LAUNCH_BYTES = default
+      device_trace.report(f"NC={NC} whole backward, {S} groups x {L} launches", bwd, (cot,), reps)
+      print(f"NC={NC} whole backward wall median {median_ms(bwd, (cot,), 5):8.3f} ms", flush=True)
+
+
 if __name__ == "__main__":
+  if len(sys.argv) > 1 and sys.argv[1] == "trace":
+    sys.exit(trace(**({"NCs": tuple(int(x) for x in sys.argv[2].split(","))}
+                      if len(sys.argv) > 2 else {})))
   if len(sys.argv) > 2 and sys.argv[1] == "ab":  # ab NAME v1,v2[,...] [NC,...]
     conv = str if sys.argv[2] == "backward" else int
     sys.exit(ab_constant(sys.argv[2], tuple(conv(x) for x in sys.argv[3].split(",")),
