@@ -5,7 +5,7 @@ checkpoint every mini-batch, the backward kernel (full and with phases removed: 
 attribution only), and the whole backward (the custom_vjp's bwd, jitted) at NC=282.
 `restart_outputs`: the restart with and without its query half. `ab NAME A,B [NC,...]`: A/B of a
 `ttt_mlp` module constant or of `backward=` (forward and whole backward timed interleaved).
-`trace [NC,...]`: per-kernel device time of the forward and the whole backward (`device_trace`),
+`trace [NC,...] [backward]`: per-kernel device time of the forward and the whole backward (`device_trace`),
 with the default one group per launch and with every group in one launch (BWD_LAUNCH_BYTES).
 """
 
@@ -136,7 +136,7 @@ def ab_constant(name: str, values: tuple, H=48, NCs=(282, 1000), G=16, reps=5):
               f"whole backward {median_ms(bwds[v], (cot,), reps):8.3f} ms", flush=True)
 
 
-def trace(H=48, NCs=(282, 1000), G=16, reps=3):
+def trace(H=48, NCs=(282, 1000), G=16, reps=3, backward="pallas_saved"):
   """Where the whole backward's device time goes: per-kernel times from a profiler trace."""
   print("device:", jax.devices()[0].device_kind, flush=True)
   default = T.BWD_LAUNCH_BYTES
@@ -148,20 +148,23 @@ def trace(H=48, NCs=(282, 1000), G=16, reps=3):
       T.BWD_LAUNCH_BYTES = budget
       S, L = T.groups_per_launch(-(-NC // G), H, G, step_bytes=T._RESTART_STEP_BYTES
                                  + T._SAVED_STEP_BYTES)
-      f = jax.jit(lambda *a: T.ttt_mlp_pallas(*a, checkpoint_group_size=G))  # a fresh trace
+      f = jax.jit(lambda *a: T.ttt_mlp_pallas(*a, checkpoint_group_size=G,  # a fresh trace
+                                              backward=backward))
       out, vjp = jax.vjp(f, *args)
       cot = jax.random.normal(jax.random.PRNGKey(2), out.shape, jnp.float32).astype(out.dtype)
       bwd = jax.jit(vjp)
       jax.block_until_ready(bwd(cot))  # traced with this budget
       T.BWD_LAUNCH_BYTES = default
-      device_trace.report(f"NC={NC} whole backward, {S} groups x {L} launches", bwd, (cot,), reps)
+      device_trace.report(f"NC={NC} whole backward ({backward}), {S} groups x {L} launches", bwd,
+                          (cot,), reps)
       print(f"NC={NC} whole backward wall median {median_ms(bwd, (cot,), 5):8.3f} ms", flush=True)
 
 
 if __name__ == "__main__":
-  if len(sys.argv) > 1 and sys.argv[1] == "trace":
+  if len(sys.argv) > 1 and sys.argv[1] == "trace":  # trace [NC,...] [backward]
     sys.exit(trace(**({"NCs": tuple(int(x) for x in sys.argv[2].split(","))}
-                      if len(sys.argv) > 2 else {})))
+                      if len(sys.argv) > 2 else {}),
+                   **({"backward": sys.argv[3]} if len(sys.argv) > 3 else {})))
   if len(sys.argv) > 2 and sys.argv[1] == "ab":  # ab NAME v1,v2[,...] [NC,...]
     conv = str if sys.argv[2] == "backward" else int
     sys.exit(ab_constant(sys.argv[2], tuple(conv(x) for x in sys.argv[3].split(",")),

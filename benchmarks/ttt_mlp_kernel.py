@@ -60,6 +60,8 @@ def main(argv=None):
       "pallas_v3": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G, variant="v3")),
       "pallas_saved": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G,
                                                         backward="pallas_saved")),
+      "pallas_qpass": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G,
+                                                        backward="pallas_qpass")),
       "pallas_v4p": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G, variant="v4p")),
       "pallas_v4l": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G, variant="v4l")),
       "pallas_v6": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G, variant="v6")),

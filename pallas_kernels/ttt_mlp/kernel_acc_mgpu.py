@@ -79,7 +79,8 @@ class AccTuningConfig:
   early_gelu_grad: bool = False
   # For the backward's restarts (v3 path only): per step, also write the key and query halves'
   # forward activations the backward kernel would otherwise recompute: X2 chunks (bf16, the
-  # bf16 values the matmuls used) and Z2 (float32, all-reduced, + b2) of the keys and the queries.
+  # bf16 values the matmuls used) and Z2 (float32, all-reduced, + b2) of the keys and the queries
+  # (with outputs=False: of the keys only, for backward="pallas_qpass").
   save_activations: bool = False
   # v4p (with pipeline only): step m+1's K, V, eta are loaded by TMA while step m's update runs
   # (their single buffers are dead by then) and Q_{m+1} once step m's output has left its buffer,
@@ -100,9 +101,9 @@ class AccTuningConfig:
                        f"got prefetch={self.prefetch}, precise_update={self.precise_update}, "
                        f"outputs={self.outputs}")
     if self.save_activations and (self.pipeline or self.three_pass or self.prefetch
-                                  or self.precise_update or not self.outputs):
-      raise ValueError("save_activations=True is built only on the plain v3 step with outputs "
-                       "(no pipeline, three_pass, prefetch, precise_update; outputs=True)")
+                                  or self.precise_update):
+      raise ValueError("save_activations=True is built only on the plain v3 step (no pipeline, "
+                       "three_pass, prefetch, precise_update)")
     if self.prefetch_next and not self.pipeline:
       raise ValueError("prefetch_next=True is built only with pipeline=True (step_pipelined); "
                        f"got pipeline={self.pipeline}")
@@ -144,13 +145,19 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
     else:
       pl.when(r == 0)(fn)
 
-  NSAVE = 4 if config.save_activations else 0  # extra outputs; 2 f32 staging tiles at the end
+  # extra outputs (keys' X2, Z2 [, queries' X2, Z2]); as many f32 staging tiles at the end / 2
+  NSAVE = (4 if config.outputs else 2) if config.save_activations else 0
+  NSTAGE = NSAVE // 2
 
   def body(*refs):
     if not NSAVE:
       return body_(*refs, saves=None)
-    # refs: 12 inputs, 7 outputs, NSAVE saved-activation outputs, scratch (staging tiles last)
-    return body_(*refs[:19], *refs[19 + NSAVE:-2], saves=refs[19:19 + NSAVE] + refs[-2:])
+    # refs: 12 inputs, 7 outputs, NSAVE saved-activation outputs, scratch (staging tiles last);
+    # saves: (keys' X2, keys' Z2, queries' X2, queries' Z2, keys' staging, queries' staging)
+    pad = (None,) * (4 - NSAVE)
+    stage = refs[-NSTAGE:]
+    return body_(*refs[:19], *refs[19 + NSAVE:-NSTAGE],
+                 saves=refs[19:19 + NSAVE] + pad + stage + pad[:2 - NSTAGE])
 
   def body_(q_ref, k_ref, v_ref, eta_ref, g_ref, bt_ref, w1h_ref, w1l_ref, b1_ref, w2h_ref,
             w2l_ref, b2_ref, o_ref, cw1h, cw1l, cb1, cw2h, cw2l, cb2,
@@ -371,6 +378,8 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
       b2_s[...] = b2v - db2
       plgpu.commit_smem()
       if not config.outputs:
+        if saves is not None:  # x_s and the staging tile are rewritten next step
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         ph.close()
         return w1, w2
       # ---- (9)-(10): apply the new state to the queries
@@ -557,9 +566,9 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
   sf = lambda *s: jax.ShapeDtypeStruct(s, f32)
   out_type = (st(BH, NC, CS, F), st(BH, NG, NH, 64, 64), st(BH, NG, NH, 64, 64),
               sf(BH, NG, NH, 64), st(BH, NG, NH, 64, 64), st(BH, NG, NH, 64, 64), sf(BH, NG, 64))
-  if NSAVE:  # keys' X2 chunks, keys' Z2, queries' X2 chunks, queries' Z2 per step
+  if NSAVE:  # keys' X2 chunks, keys' Z2[, queries' X2 chunks, queries' Z2] per step
     out_type += (st(BH, NC, NH, 64, 64), sf(BH, NC, 64, 64), st(BH, NC, NH, 64, 64),
-                 sf(BH, NC, 64, 64))
+                 sf(BH, NC, 64, 64))[:NSAVE]
   scratch = [tile(NQ), tile(NB), tile(NB), tile(), tile(),  # q, k, v, -eta K, G2
              tile(NL), tile(NL), tile(NL),  # G1_c, -eta X2_c, X2 (forward)
              tile(NL), tile(NL), tile(2 * NL),  # W1 bf16, W2 bf16, lo (checkpoints / init)
@@ -577,8 +586,8 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
                 plgpu.Barrier(num_arrivals=C - 1, num_barriers=1),
                 plgpu.ClusterBarrier(collective_axes=("c",), num_barriers=1)]
     kwargs.update(cluster=(C,), cluster_names=("c",))
-  if NSAVE:  # f32 staging of the keys' and the queries' Z2 (kept last: see body)
-    scratch += [plgpu.SMEM(shp, f32, transforms=tr32), plgpu.SMEM(shp, f32, transforms=tr32)]
+  if NSAVE:  # f32 staging of the keys' [and the queries'] Z2 (kept last: see body)
+    scratch += [plgpu.SMEM(shp, f32, transforms=tr32) for _ in range(NSTAGE)]
   return per_head_kernel(body, out_type=out_type, scratch=scratch, BH=BH,
                          approx_math=config.approx_math, interpret=interpret, profile=profile,
                          reduction_scratch=config.reduction_scratch,

@@ -58,9 +58,17 @@ class BwdTuningConfig:
   # (`AccTuningConfig(save_activations=True)`) as 4 extra inputs instead of being recomputed:
   # no forward matmuls and 1 cluster exchange per step instead of 3 (same values, bitwise).
   saved_forward: bool = False
+  # The queries' reverse (dZ2b, dZ1b, dQ, the output's dgamma/dbeta) comes from outside
+  # (`query_reverse`, computed for all steps at once: it feeds nothing later in the scan); per step
+  # the kernel only adds what it contributes to the state cotangent (dW2 += X2b^T dZ2b, dW1 +=
+  # Q^T dZ1b, db1, db2) from loaded tiles. Implies the keys' saved activations (no recompute).
+  query_pass: bool = False
 
   def __post_init__(self):
     check_cluster(self.cluster)
+    if self.query_pass and (self.dw_gmem or not self.saved_forward):
+      raise ValueError("query_pass=True is built with saved_forward=True and dw_gmem=False; got "
+                       f"saved_forward={self.saved_forward}, dw_gmem={self.dw_gmem}")
 
 
 def _gelu_grads(z):
@@ -96,6 +104,10 @@ def build_backward(BH: int, G: int, ln_eps: float, *, groups: int = 1,
   saved_forward: 4 more arguments after db2: kx2 [BH * groups, G + 1, 4, 64, 64] bf16, kz2
   [BH * groups, G + 1, 64, 64] f32, qx2, qz2 (likewise): the keys' / queries' X2 chunks and Z2
   (+ b2) of each step, as the restart saved them.
+  query_pass: instead 6 more arguments after db2: kx2, kz2 (as above), then per step from
+  `query_reverse`: qx2 [BH, NS, 4, 64, 64] bf16, dz1 [BH, NS, 4, 64, 64] bf16, db1q [BH, NS, 4, 64]
+  f32, db2q [BH, NS, 64] f32; and `dout` is dZ2b [BH, NS, 64, 64] bf16 (not the output's
+  cotangent). No dq_part result (the first result is dk_part); dgamma/dbeta are the keys' part.
   ablate: for timing attribution only (results are WRONG): "X" (no cluster exchange), "R" (no
   forward recompute matmuls), "U" (stop each step after dQ: no reverse of the update).
   Results:
@@ -125,10 +137,13 @@ def build_backward(BH: int, G: int, ln_eps: float, *, groups: int = 1,
   sum_c = lambda x: jnp.sum(x, axis=0)
 
   SF = config.saved_forward
+  QP = config.query_pass
 
   def body(*refs):
     if not SF:
       return body_(*refs, saved=None)
+    if QP:  # 6 extra inputs after db2_in; no dq_part result
+      return body_(*refs[:15], None, *refs[21:], saved=refs[15:21])
     return body_(*refs[:15], *refs[19:], saved=refs[15:19])  # the 4 saved inputs follow db2_in
 
   def body_(q_ref, k_ref, v_ref, eta_ref, do_ref, g_ref, bt_ref, sw1_ref, sb1_ref, sw2_ref,
@@ -214,10 +229,17 @@ def build_backward(BH: int, G: int, ln_eps: float, *, groups: int = 1,
       copies = ((q_ref.at[bh, m], q_s), (k_ref.at[bh, m], k_s), (v_ref.at[bh, m], v_s),
                 (do_ref.at[bh, m], do_s), (eta_ref.at[bh, m], eta_s),
                 (sw1_ref.at[g, i, pl.ds(c0, NL)], w1_s), (sw2_ref.at[g, i, pl.ds(c0, NL)], w2_s),
-                (sw1_ref.at[g, i + 1, pl.ds(c0, NL)], nw1_s),
-                (sw2_ref.at[g, i + 1, pl.ds(c0, NL)], nw2_s),
-                (sb1_ref.at[g, i, pl.ds(c0, NL)], b1_s), (sb1_ref.at[g, i + 1, pl.ds(c0, NL)], nb1_s),
-                (sb2_ref.at[g, i], b2_s), (sb2_ref.at[g, i + 1], nb2_s))
+                (sb1_ref.at[g, i, pl.ds(c0, NL)], b1_s), (sb2_ref.at[g, i], b2_s))
+      if QP:  # dZ2b is in do_s; X2b into xb_s, dZ1b into g1_s (free until U), bias vectors
+        kx2, kz2, qx2, dz1, db1q, db2q = saved
+        copies += ((kx2.at[g, i, pl.ds(c0, NL)], x_s), (kz2.at[g, i], xbuf[1 - parity]),
+                   (qx2.at[bh, m, pl.ds(c0, NL)], xb_s), (dz1.at[bh, m, pl.ds(c0, NL)], g1_s),
+                   (db1q.at[bh, m, pl.ds(c0, NL)], nb1_s), (db2q.at[bh, m], nb2_s))
+        copy_in(copies, bars)
+        return
+      copies += ((sw1_ref.at[g, i + 1, pl.ds(c0, NL)], nw1_s),
+                 (sw2_ref.at[g, i + 1, pl.ds(c0, NL)], nw2_s),
+                 (sb1_ref.at[g, i + 1, pl.ds(c0, NL)], nb1_s), (sb2_ref.at[g, i + 1], nb2_s))
       if SF:  # X2 chunks of keys and queries; the keys' Z2 into the exchange slot this step
         kx2, kz2, qx2, _ = saved  # does not receive in (see `step`)
         copies += ((kx2.at[g, i, pl.ds(c0, NL)], x_s), (qx2.at[g, i, pl.ds(c0, NL)], xb_s),
@@ -256,7 +278,37 @@ def build_backward(BH: int, G: int, ln_eps: float, *, groups: int = 1,
       xh_s[...] = xh.astype(bf16)
       v_s[...] = h.astype(bf16)  # V is not needed again
       plgpu.commit_smem()
+      if QP:
+        dW1, dW2 = query_contributions(ph, dW1, dW2)
+      else:
+        dW1, dW2 = query_reverse_in_kernel(ph, m, parity, dW1, dW2, gam, mlp)
+      if "U" in ablate:
+        ph.close()
+        return dW1, dW2
+      dW1, dW2 = update_reverse(ph, m, parity, E, gam, rstd, dW1, dW2)
+      ph.close()
+      return dW1, dW2
+
+    def query_contributions(ph, dW1, dW2):
+      """query_pass: the output path's part of dW_{m+1} and db, from the loaded tiles (X2b in
+      xb_s, dZ2b in do_s, dZ1b in g1_s) and vectors (db1q in nb1_s, db2q in nb2_s)."""
+      ph("A_qpass")
+      db2_a[...] = plgpu.load(db2_a, layout=red0) + plgpu.load(nb2_s, layout=red0)
+      for c in range(NL):
+        db1_a[c] = plgpu.load(db1_a.at[c], layout=red0) + plgpu.load(nb1_s.at[c], layout=red0)
+      d = acc_add(dW2 + dW1, lambda: ([[(xb_s.at[c].T, do_s)] for c in range(NL)]
+                                      + [[(q_s.T, g1_s.at[c])] for c in range(NL)]))
+      dW2, dW1 = d[:NL], d[NL:]
+      for c in range(NL):  # the bf16 cotangents for the update's reverse
+        nw1_s[c] = dW1[c].astype(bf16)
+        nw2_s[c] = dW2[c].astype(bf16)
+      plgpu.commit_smem()
+      return dW1, dW2
+
+    def query_reverse_in_kernel(ph, m, parity, dW1, dW2, gam, mlp):
+      """The output path's reverse (A) of step m: dW_{m+1} += its part; the dQ partial out."""
       ph("R_query")
+      stage = xbuf[1 - parity]
       if SF:  # the committed barrier above ordered every thread's read of the keys' Z2
         plgpu.copy_gmem_to_smem(saved[3].at[bh * groups + m // G, m % G], stage, bars.at[0])
         plgpu.barrier_wait(bars.at[0])
@@ -317,11 +369,10 @@ def build_backward(BH: int, G: int, ln_eps: float, *, groups: int = 1,
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(q_s, dq_ref.at[bh, r, m])
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # q_s is reused below
-      if "U" in ablate:
-        ph.close()
-        return dW1, dW2
+      return dW1, dW2
 
-      # ---- U: W1' = W1 - K^T (e G1), W2' = W2 - X2^T (e G2), b' likewise (dW*, db* now final)
+    def update_reverse(ph, m, parity, E, gam, rstd, dW1, dW2):
+      """U: W1' = W1 - K^T (e G1), W2' = W2 - X2^T (e G2), b' likewise (dW*, db* now final)."""
       ph("U_g1")
       db2v = plgpu.load(db2_a, layout=red0)
       de = None
@@ -397,7 +448,6 @@ def build_backward(BH: int, G: int, ln_eps: float, *, groups: int = 1,
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(k_s, dk_ref.at[bh, r, m])
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the next step's loads overwrite tiles
-      ph.close()
       return dW1, dW2
 
     def two_steps(j, carry):  # mini-batches NS-1-2j, NS-2-2j (G is even: never across groups)
@@ -428,6 +478,8 @@ def build_backward(BH: int, G: int, ln_eps: float, *, groups: int = 1,
   out_type = (st(BH, C, NS, 64, 64), st(BH, C, NS, 64, 64), st(BH, NS, 64, 64), sf(BH, C, NS, 64),
               sf(BH, 64), sf(BH, 64), sf(BH, NH, 64, 64), sf(BH, NH, 64), sf(BH, NH, 64, 64),
               sf(BH, 64))
+  if QP:  # no dQ partials: `query_reverse` computes dQ
+    out_type = out_type[1:]
   vec = lambda *lead: plgpu.SMEM(lead + (64,), f32)
   scratch = [tile(), tile(), tile(), tile(),  # q, k, v, dout (later dQ, dK, h / dV, dZ1 parts)
              tile(NL), tile(NL), tile(NL), tile(NL),  # W1_m, W2_m, W1_{m+1} / dW1, W2_{m+1} / dW2

@@ -24,7 +24,7 @@ from absl import logging
 
 from pallas_kernels import checkpoint_vjp, platform
 from pallas_kernels.ttt_mlp import (backward_reference, kernel_acc_mgpu, kernel_bwd_mgpu,
-                                    kernel_mgpu, kernel_wg2_mgpu, kernel_ws_mgpu)
+                                    kernel_mgpu, kernel_wg2_mgpu, kernel_ws_mgpu, query_reverse)
 from ttt_dit.ttt import inner_loop
 
 Array = jax.Array
@@ -182,9 +182,11 @@ def _forward(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, group, ln_e
 # | the same kernel with BwdTuningConfig(dw_gmem=True) (opt-in variant: dW kept in GMEM, not regs)
 # | the kernel fed the restart's saved forward activations (no recompute; the default: H100, same
 # start, whole backward 40.0 -> 36.3 ms at NC=282 and 134.0 -> 123.6 ms at NC=1000, bitwise equal)
-BACKWARDS = ("xla_vjp", "reference", "pallas", "pallas_dw_gmem", "pallas_saved")
+# | the same, with the queries' reverse for all steps at once outside the kernel (`query_reverse`)
+BACKWARDS = ("xla_vjp", "reference", "pallas", "pallas_dw_gmem", "pallas_saved", "pallas_qpass")
 _KERNEL_BACKWARDS = {"pallas": {}, "pallas_dw_gmem": {"dw_gmem": True},
-                     "pallas_saved": {"saved_forward": True}}
+                     "pallas_saved": {"saved_forward": True},
+                     "pallas_qpass": {"saved_forward": True, "query_pass": True}}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13, 14))
@@ -270,6 +272,7 @@ def _bwd_pallas(group, ln_eps, interpret, variant, res, dout, **tuning):
   BH, G = B * H, group
   NG = ck[0].shape[1]
   saved = tuning.get("saved_forward", False)
+  qpass = tuning.get("query_pass", False)
   S, L = groups_per_launch(NG, BH, G, step_bytes=_RESTART_STEP_BYTES
                            + (_SAVED_STEP_BYTES if saved else 0))
   NP = S * L * G + 1
@@ -287,7 +290,7 @@ def _bwd_pallas(group, ln_eps, interpret, variant, res, dout, **tuning):
   restart = ("v3" if variant in ("v4", "v5", "v4p", "v6", "v4l", "v7", "v7p", "v7e", "v7pe",
                              "v7pel") or saved else variant)
   fwd = _build(BH * S, G + 1, 1, float(ln_eps), interpret, restart,
-               outputs=RESTART_OUTPUTS or saved, save_activations=saved)
+               outputs=(RESTART_OUTPUTS or saved) and not qpass, save_activations=saved)
   bwd = kernel_bwd_mgpu.build_backward(
       BH, G, float(ln_eps), groups=S,
       config=kernel_bwd_mgpu.BwdTuningConfig(cluster=C, reduction_scratch=REDUCTION_SCRATCH,
@@ -301,9 +304,20 @@ def _bwd_pallas(group, ln_eps, interpret, variant, res, dout, **tuning):
                 for a in ck)
     _, sw1, _, sb1, sw2, _, sb2, *acts = fwd(win(q), win(k), win(v), win(e), gam_s, bet_s, *st0)
     sl = lambda a: jax.lax.dynamic_slice_in_dim(a, s * S * G, S * G, axis=1)
-    dq, dk, dv, de, dgam_g, dbet_g, dw1, db1, dw2, db2 = bwd(
-        sl(q), sl(k), sl(v), sl(e), sl(do), gam, bet, sw1, sb1, sw2, sb2, dw1, db1, dw2, db2,
-        *acts)  # (saved_forward: kx2, kz2, qx2, qz2)
+    if qpass:  # the output path's reverse of the S G steps at once, from the states after them
+      after = lambda a: a[:, 1:].reshape((BH, S * G) + a.shape[2:])  # [BH, S G, ...]
+      qr = query_reverse.query_reverse(sl(q), sl(do), after(sw1), after(sb1), after(sw2),
+                                       after(sb2), gam[:, None], bet[:, None], float(ln_eps))
+      dk, dv, de, dgam_g, dbet_g, dw1, db1, dw2, db2 = bwd(
+          sl(q), sl(k), sl(v), sl(e), qr.dz2, gam, bet, sw1, sb1, sw2, sb2, dw1, db1, dw2, db2,
+          *acts, qr.x2, qr.dz1, qr.db1, qr.db2)  # (acts: kx2, kz2)
+      dgam_g = dgam_g + jnp.sum(qr.dgamma, axis=1)
+      dbet_g = dbet_g + jnp.sum(qr.dbeta, axis=1)
+      dq = qr.dq[:, None]  # [BH, 1, S G, 64, 64]: dQ whole (dout included)
+    else:
+      dq, dk, dv, de, dgam_g, dbet_g, dw1, db1, dw2, db2 = bwd(
+          sl(q), sl(k), sl(v), sl(e), sl(do), gam, bet, sw1, sb1, sw2, sb2, dw1, db1, dw2, db2,
+          *acts)  # (saved_forward: kx2, kz2, qx2, qz2)
     return (dw1, db1, dw2, db2, dgam + dgam_g, dbet + dbet_g), (dq, dk, dv, de)
 
   z = lambda *s: jnp.zeros(s, f32)
@@ -316,7 +330,7 @@ def _bwd_pallas(group, ln_eps, interpret, variant, res, dout, **tuning):
     return a.reshape((B, H, NC) + a.shape[2:])
 
   dv = steps(dv)
-  dq = steps(jnp.sum(dq.astype(f32), axis=2)) + dout.astype(f32)
+  dq = steps(jnp.sum(dq.astype(f32), axis=2)) + (0.0 if qpass else dout.astype(f32))
   dk = steps(jnp.sum(dk.astype(f32), axis=2)) - dv
   de = steps(jnp.sum(de, axis=2))
   per_h = lambda a: jnp.sum(a.reshape((B, H) + a.shape[1:]), axis=0)

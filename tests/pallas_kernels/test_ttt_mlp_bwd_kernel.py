@@ -19,7 +19,7 @@ from ttt_dit.ttt import inner_loop
 NAMES = ("XQ", "XK", "XV", "eta", "ln_weight", "ln_bias", "W1", "b1", "W2", "b2")
 
 
-@pytest.mark.parametrize("backward", ["pallas", "pallas_dw_gmem", "pallas_saved"])
+@pytest.mark.parametrize("backward", ["pallas", "pallas_dw_gmem", "pallas_saved", "pallas_qpass"])
 def test_backward_kernel_gradients_batch_and_groups_interpret(backward):
   """B = 2 (state cotangents summed over the batch), NC = 3 with G = 2: two groups (the state
   cotangent carried between them), the last one short. Every gradient vs jax.grad of the float32
@@ -110,26 +110,59 @@ def _bwd_args(bh, g, groups=1):
              S((bh, 4, 64), f32), S((bh, 4, 64, 64), f32), S((bh, 64), f32)))
 
 
-@pytest.mark.parametrize("dw_gmem,groups,saved", [(False, 1, False), (True, 1, False),
-                                                  (False, 3, False), (False, 2, True)])
-def test_backward_kernel_cluster2_lowers_for_cuda(dw_gmem, groups, saved):
+@pytest.mark.parametrize("dw_gmem,groups,saved,qpass", [
+    (False, 1, False, False), (True, 1, False, False), (False, 3, False, False),
+    (False, 2, True, False), (False, 2, True, True)])
+def test_backward_kernel_cluster2_lowers_for_cuda(dw_gmem, groups, saved, qpass):
   """The GPU configuration (cluster 2, 2 exchange slots, SMEM under the 227 KiB limit) lowers;
-  also with dW kept in GMEM (dw_gmem), over 3 groups in one launch, and fed saved activations."""
+  also with dW kept in GMEM (dw_gmem), over 3 groups in one launch, fed saved activations, and
+  with the queries' reverse from outside (query_pass: no dQ partials)."""
   bh, g = 4, 16
   fn = kernel_bwd_mgpu.build_backward(
       bh, g, 1e-6, groups=groups,
-      config=kernel_bwd_mgpu.BwdTuningConfig(cluster=2, dw_gmem=dw_gmem, saved_forward=saved))
+      config=kernel_bwd_mgpu.BwdTuningConfig(cluster=2, dw_gmem=dw_gmem, saved_forward=saved,
+                                             query_pass=qpass))
   args = _bwd_args(bh, g, groups)
-  if saved:  # kx2, kz2, qx2, qz2
-    args += (jax.ShapeDtypeStruct((bh * groups, g + 1, 4, 64, 64), jnp.bfloat16),
-             jax.ShapeDtypeStruct((bh * groups, g + 1, 64, 64), jnp.float32)) * 2
+  S, ns = jax.ShapeDtypeStruct, groups * g
+  if saved:  # kx2, kz2 (then qx2, qz2; or qx2, dz1, db1q, db2q per step)
+    args += (S((bh * groups, g + 1, 4, 64, 64), jnp.bfloat16),
+             S((bh * groups, g + 1, 64, 64), jnp.float32))
+  if qpass:
+    args += (S((bh, ns, 4, 64, 64), jnp.bfloat16), S((bh, ns, 4, 64, 64), jnp.bfloat16),
+             S((bh, ns, 4, 64), jnp.float32), S((bh, ns, 64), jnp.float32))
+  elif saved:
+    args += args[-2:]
   lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
   assert "mosaic_gpu" in lowered.as_text().lower()
   outs = jax.eval_shape(fn, *args)
-  assert outs[0].shape == (bh, 2, groups * g, 64, 64) and outs[6].shape == (bh, 4, 64, 64)
+  if qpass:  # no dq_part
+    assert outs[0].shape == (bh, 2, ns, 64, 64) and outs[5].shape == (bh, 4, 64, 64)
+    assert len(outs) == 9
+  else:
+    assert outs[0].shape == (bh, 2, ns, 64, 64) and outs[6].shape == (bh, 4, 64, 64)
+
+
+def test_query_pass_needs_saved_forward():
+  with pytest.raises(ValueError, match="saved_forward"):
+    kernel_bwd_mgpu.BwdTuningConfig(query_pass=True)
 
 
 def test_backward_kernel_rejects_odd_group():
   """The kernel walks steps in pairs; `ttt_mlp_pallas` rounds an odd checkpoint group up."""
   with pytest.raises(ValueError, match="even"):
     kernel_bwd_mgpu.build_backward(2, 3, 1e-6)
+
+
+def test_query_pass_backward_matches_the_saved_one():
+  """backward="pallas_qpass" (the output path's reverse for all steps in XLA, the kernel adding its
+  part of dW) vs "pallas_saved" (the same reverse inside the kernel), interpret mode, B = 2, NC = 3,
+  G = 2: every gradient within rel L2 5e-3 (measured <= 1.2e-3, dQ: no longer rounded to bf16
+  per-CTA partials; the others <= 1.7e-4)."""
+  B, H, NC, G = 2, 1, 3, 2
+  args = ttt_inputs(B, H, NC, 5)
+  cot = jax.random.normal(jax.random.PRNGKey(11), (B, H, NC, 64, 64))
+  saved, qpass = (jax.grad(lambda a: jnp.sum(ttt_mlp_pallas(
+      *a, checkpoint_group_size=G, interpret=True, backward=bw).astype(jnp.float32) * cot))(args)
+                  for bw in ("pallas_saved", "pallas_qpass"))
+  for name, x, y in zip(NAMES, qpass, saved):
+    assert rel(x, y) < 5e-3, (name, rel(x, y))
