@@ -24,7 +24,8 @@ from absl import logging
 
 from pallas_kernels import checkpoint_vjp, platform
 from pallas_kernels.ttt_mlp import (backward_reference, kernel_acc_mgpu, kernel_bwd_mgpu,
-                                    kernel_mgpu, kernel_wg2_mgpu, kernel_ws_mgpu, query_reverse)
+                                    kernel_mgpu, kernel_qrev_mgpu, kernel_wg2_mgpu, kernel_ws_mgpu,
+                                    query_reverse)
 from ttt_dit.ttt import inner_loop
 
 Array = jax.Array
@@ -229,6 +230,10 @@ def _bwd(group, ln_eps, interpret, variant, backward, res, dout):
 # (H100, same run; NOTES-ttt-mlp.md). `benchmarks.ttt_mlp_bwd_ablate restart_outputs` flips this.
 RESTART_OUTPUTS = True
 
+# backward="pallas_qpass": the queries' reverse by the Mosaic GPU kernel (`kernel_qrev_mgpu`, one
+# CTA per step) or by XLA (`query_reverse`, its reference: H100 NC=282 ~8 ms of small fusions).
+QUERY_PASS = "kernel"
+
 
 # Bytes of per-step restart states one backward launch may hold: the forward kernel is restarted
 # for several checkpoint groups at once (one launch, the groups side by side as extra "heads"),
@@ -297,6 +302,13 @@ def _bwd_pallas(group, ln_eps, interpret, variant, res, dout, **tuning):
                                              **tuning),
       interpret=jax.experimental.pallas.mosaic_gpu.InterpretGPUParams() if interpret else None)
 
+  if qpass and QUERY_PASS not in ("kernel", "xla"):
+    raise ValueError(f"QUERY_PASS must be 'kernel' or 'xla', got {QUERY_PASS!r}")
+  qrev = kernel_qrev_mgpu.build_query_reverse(
+      BH, S, G, float(ln_eps), config=kernel_qrev_mgpu.QrevTuningConfig(
+          reduction_scratch=REDUCTION_SCRATCH),
+      interpret=jax.experimental.pallas.mosaic_gpu.InterpretGPUParams() if interpret else None)
+
   def body(carry, s):
     dw1, db1, dw2, db2, dgam, dbet = carry
     win = lambda a: _restart_windows(a, s, S, G)
@@ -306,8 +318,11 @@ def _bwd_pallas(group, ln_eps, interpret, variant, res, dout, **tuning):
     sl = lambda a: jax.lax.dynamic_slice_in_dim(a, s * S * G, S * G, axis=1)
     if qpass:  # the output path's reverse of the S G steps at once, from the states after them
       after = lambda a: a[:, 1:].reshape((BH, S * G) + a.shape[2:])  # [BH, S G, ...]
-      qr = query_reverse.query_reverse(sl(q), sl(do), after(sw1), after(sb1), after(sw2),
-                                       after(sb2), gam[:, None], bet[:, None], float(ln_eps))
+      if QUERY_PASS == "kernel":
+        qr = query_reverse.QueryReverse(*qrev(sl(q), sl(do), sw1, sb1, sw2, sb2, gam))
+      else:
+        qr = query_reverse.query_reverse(sl(q), sl(do), after(sw1), after(sb1), after(sw2),
+                                         after(sb2), gam[:, None], bet[:, None], float(ln_eps))
       dk, dv, de, dgam_g, dbet_g, dw1, db1, dw2, db2 = bwd(
           sl(q), sl(k), sl(v), sl(e), qr.dz2, gam, bet, sw1, sb1, sw2, sb2, dw1, db1, dw2, db2,
           *acts, qr.x2, qr.dz1, qr.db1, qr.db2)  # (acts: kx2, kz2)

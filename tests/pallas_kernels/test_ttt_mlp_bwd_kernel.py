@@ -153,11 +153,15 @@ def test_backward_kernel_rejects_odd_group():
     kernel_bwd_mgpu.build_backward(2, 3, 1e-6)
 
 
-def test_query_pass_backward_matches_the_saved_one():
-  """backward="pallas_qpass" (the output path's reverse for all steps in XLA, the kernel adding its
-  part of dW) vs "pallas_saved" (the same reverse inside the kernel), interpret mode, B = 2, NC = 3,
-  G = 2: every gradient within rel L2 5e-3 (measured <= 1.2e-3, dQ: no longer rounded to bf16
-  per-CTA partials; the others <= 1.7e-4)."""
+@pytest.mark.parametrize("query_pass", ["kernel", "xla"])
+def test_query_pass_backward_matches_the_saved_one(query_pass, monkeypatch):
+  """backward="pallas_qpass" (the output path's reverse for all steps at once, by the
+  `kernel_qrev_mgpu` kernel or by XLA; the backward kernel adds its part of dW) vs "pallas_saved"
+  (the same reverse inside the backward kernel), interpret mode, B = 2, NC = 3, G = 2. With the
+  kernel the same bf16 roundings: K, V, eta and state gradients bitwise, LN weight/bias < 1e-6
+  (summation order), dQ < 5e-3 (measured 1.2e-3: no longer summed from bf16 per-CTA partials).
+  With XLA (its tanh, not tanh.approx): all within 5e-3 (measured <= 1.2e-3)."""
+  monkeypatch.setattr(T, "QUERY_PASS", query_pass)
   B, H, NC, G = 2, 1, 3, 2
   args = ttt_inputs(B, H, NC, 5)
   cot = jax.random.normal(jax.random.PRNGKey(11), (B, H, NC, 64, 64))
@@ -165,4 +169,23 @@ def test_query_pass_backward_matches_the_saved_one():
       *a, checkpoint_group_size=G, interpret=True, backward=bw).astype(jnp.float32) * cot))(args)
                   for bw in ("pallas_saved", "pallas_qpass"))
   for name, x, y in zip(NAMES, qpass, saved):
-    assert rel(x, y) < 5e-3, (name, rel(x, y))
+    if query_pass == "xla" or name == "XQ":
+      assert rel(x, y) < 5e-3, (name, rel(x, y))
+    elif name.startswith("ln"):
+      assert rel(x, y) < 1e-6, (name, rel(x, y))
+    else:
+      assert bool(jnp.array_equal(x, y)), (name, rel(x, y))
+
+
+def test_query_reverse_kernel_lowers_for_cuda():
+  """The one-CTA-per-step kernel (grid (BH, S G), SMEM ~131 KiB) lowers for CUDA."""
+  from pallas_kernels.ttt_mlp import kernel_qrev_mgpu
+  bh, S, G = 2, 2, 4
+  Sd, bf, f32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.float32
+  fn = kernel_qrev_mgpu.build_query_reverse(bh, S, G, 1e-6)
+  args = (Sd((bh, S * G, 64, 64), bf), Sd((bh, S * G, 64, 64), bf),
+          Sd((bh * S, G + 1, 4, 64, 64), bf), Sd((bh * S, G + 1, 4, 64), f32),
+          Sd((bh * S, G + 1, 4, 64, 64), bf), Sd((bh * S, G + 1, 64), f32), Sd((bh, 64), f32))
+  lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text().lower()
+  assert jax.eval_shape(fn, *args)[5].shape == (bh, S * G, 64, 64)
