@@ -1,14 +1,18 @@
 """`ttt_mlp_pallas`: the Mosaic GPU forward kernel wrapped in a `jax.custom_vjp`.
 
-Forward: `kernel_acc_mgpu.build_forward_acc` (variant "v4", the default: float32 state in wgmma
-accumulators, hidden dim over a 2-CTA cluster, mini-batch m-1's queries folded into step m; "v3"
-without that folding; cluster 1 in interpret mode) or `kernel_mgpu.build_forward` ("v1"/"v2":
-state as bf16 (hi, lo) pairs in SMEM); checkpoints every G mini-batches.
-Backward (`backward=`, default "pallas_saved"): for each checkpoint group, last to first, the
-forward kernel restarted from the group's checkpoint with a checkpoint every mini-batch (and, for
-"pallas_saved", the forward activations X2 / Z2 of keys and queries), then the backward kernel
-`kernel_bwd_mgpu` reverses the group's steps; the state cotangent is carried from group to group.
-"pallas" recomputes those activations in the backward kernel; "xla_vjp" restarts the XLA dual-form
+Forward: `kernel_ws_mgpu.build_forward_ws` (variant "v7pe", the default compiled: two warpgroups
+per CTA by role), `kernel_acc_mgpu.build_forward_acc` ("v4", the interpret-mode default: float32
+state in wgmma accumulators, hidden dim over a 2-CTA cluster, mini-batch m-1's queries folded into
+step m; "v3" without that folding; cluster 1 in interpret mode) or `kernel_mgpu.build_forward`
+("v1"/"v2": state as bf16 (hi, lo) pairs in SMEM); checkpoints every G mini-batches.
+Backward (`backward=`, default "pallas_qpass"): checkpoint groups in launches of S (last to first):
+the forward kernel restarted from the groups' checkpoints with a checkpoint every mini-batch (and
+the keys' forward activations X2 / Z2), the queries' reverse for all those steps at once
+(`kernel_qrev_mgpu`, one CTA per step: the output path feeds nothing later in the scan), then the
+backward kernel `kernel_bwd_mgpu` reverses the steps, adding the queries' part of the state
+cotangent from the loaded tiles; the state cotangent is carried from launch to launch.
+"pallas_saved" does the queries' reverse inside the backward kernel (the restart also saves the
+queries' X2 / Z2); "pallas" recomputes those activations in the backward kernel; "xla_vjp" restarts the XLA dual-form
 scan (`ttt_dit.ttt.inner_loop`) and differentiates it with `jax.vjp`; "reference" runs the
 hand-derived recompute-then-reverse of `backward_reference.group_vjp` in XLA.
 Unsupported shapes/platforms fall back to the XLA scan with one log line.
@@ -237,21 +241,32 @@ QUERY_PASS = "kernel"
 
 # Bytes of per-step restart states one backward launch may hold: the forward kernel is restarted
 # for several checkpoint groups at once (one launch, the groups side by side as extra "heads"),
-# then one backward-kernel launch walks all their steps. ~137 KiB per step and head (hi, lo,
-# biases, output); 2 GiB = 18 groups of 16 at H=48. 0 (the default): one group per launch, the
-# least memory; H100, same start: NC=282 and 1000 backward times equal to 0.1% either way.
-BWD_LAUNCH_BYTES = 0
+# then one backward-kernel launch walks all their steps. ~275 KiB per step and head with
+# pallas_qpass (states hi, lo, biases; the keys' activations; the queries' reverse): 4 GiB = 18
+# groups of 16 at H=48. H100, one start, pallas_qpass NC=282 whole backward 33.3 ms (one group per
+# launch) vs 29.1 ms (all 18 in one launch: the restarts run in fewer waves). 0: one group per
+# launch, the least memory.
+BWD_LAUNCH_BYTES = 4 << 30
+# What one more launch costs, in checkpoint groups of backward work (H100, NC=282: 17 launches
+# fewer saved 4.3 ms, ~0.12 of a group's ~2 ms): launches are sized to minimise padded groups
+# plus this per launch.
+BWD_LAUNCH_COST_GROUPS = 0.12
 _RESTART_STEP_BYTES = 2 * 2 * (4 * 64 * 64 * 2) + 64 * 64 * 2 + 4 * 64 * 4 + 64 * 4
 _SAVED_STEP_BYTES = 2 * (4 * 64 * 64 * 2) + 2 * 64 * 64 * 4  # + X2 chunks and Z2 of keys, queries
+# + the keys' X2 chunks and Z2; the queries' reverse: X2b, dZ1b chunks, dZ2b, dQ (f32), 4 vectors
+_QPASS_STEP_BYTES = (4 * 64 * 64 * 2 + 64 * 64 * 4) + (2 * 4 * 64 * 64 * 2 + 64 * 64 * 2
+                                                       + 64 * 64 * 4 + 7 * 64 * 4)
 
 
 def groups_per_launch(NG: int, BH: int, G: int, budget: int = None,
                       step_bytes: int = _RESTART_STEP_BYTES) -> tuple[int, int]:
-  """(groups per backward launch S, launches L): S * L >= NG groups, S as even as the budget allows."""
+  """(groups per backward launch S, launches L): S * L >= NG groups, S within the byte budget,
+  chosen to minimise the groups walked (padding included) + BWD_LAUNCH_COST_GROUPS per launch."""
   budget = BWD_LAUNCH_BYTES if budget is None else budget
   s_max = max(1, min(NG, budget // (BH * (G + 1) * step_bytes)))
-  launches = -(-NG // s_max)
-  return -(-NG // launches), launches
+  cost = lambda S: (-(-NG // S) * (S + BWD_LAUNCH_COST_GROUPS), -S)
+  S = min(range(1, s_max + 1), key=cost)
+  return S, -(-NG // S)
 
 
 def _restart_windows(a, s, S, G):
@@ -278,8 +293,8 @@ def _bwd_pallas(group, ln_eps, interpret, variant, res, dout, **tuning):
   NG = ck[0].shape[1]
   saved = tuning.get("saved_forward", False)
   qpass = tuning.get("query_pass", False)
-  S, L = groups_per_launch(NG, BH, G, step_bytes=_RESTART_STEP_BYTES
-                           + (_SAVED_STEP_BYTES if saved else 0))
+  S, L = groups_per_launch(NG, BH, G, step_bytes=_RESTART_STEP_BYTES + (
+      _QPASS_STEP_BYTES if qpass else _SAVED_STEP_BYTES if saved else 0))
   NP = S * L * G + 1
   f32, bf16 = jnp.float32, jnp.bfloat16
   padded = lambda a, dt: jnp.pad(a.astype(dt).reshape((BH, NC) + a.shape[3:]),
@@ -364,16 +379,18 @@ _ttt_mlp_kernel.defvjp(_fwd, _bwd)
 
 def ttt_mlp_pallas(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *,
                    checkpoint_group_size: int = 16, ln_eps: float = 1e-6, interpret: bool = False,
-                   variant: str | None = None, backward: str = "pallas_saved"):
+                   variant: str | None = None, backward: str = "pallas_qpass"):
   """TTT-MLP with the fused kernels; same contract as `ttt_dit.ttt.inner_loop.ttt_mlp`.
 
   Returns [B, H, NC, CS, F] in XQ's dtype. `interpret=True` runs the kernel in Mosaic GPU interpret
   mode (CPU tests); `variant` picks the forward kernel (VARIANTS; None: v7pe compiled, v4 in
   interpret mode: `default_variant`);
-  `backward` picks the VJP (BACKWARDS; "pallas_saved", the default = the backward kernel fed the restart's saved
-  forward activations, which rounds an odd checkpoint group up to even; H100 NC=282: ~42 ms
-  fwd+bwd vs 220 ms with "xla_vjp"; "pallas": the same kernel recomputing those activations, 8-10%
-  slower, bitwise the same gradients; "pallas_dw_gmem": the
+  `backward` picks the VJP (BACKWARDS; "pallas_qpass", the default: the queries' reverse by its own
+  kernel for all steps at once, the backward kernel fed the restart's saved keys' activations;
+  rounds an odd checkpoint group up to even; H100 NC=282 whole backward ~29 ms vs ~37 ms with
+  "pallas_saved", the queries' reverse inside the backward kernel (same gradients but dQ's
+  rounding), vs ~220 ms with "xla_vjp"; "pallas": pallas_saved recomputing those activations,
+  8-10% slower, bitwise the same gradients; "pallas_dw_gmem": the
   same kernel with dW in GMEM instead of registers, same gradients, not consistently faster:
   opt-in). Unsupported shapes or devices log one line and use the XLA scan.
   """

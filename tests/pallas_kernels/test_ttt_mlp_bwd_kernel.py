@@ -44,13 +44,18 @@ def test_backward_kernel_gradients_batch_and_groups_interpret(backward):
     assert err < 2e-2, (name, err)
 
 
-def test_groups_per_launch_and_restart_windows():
-  """Launch sizing covers every group with launches as even as the byte budget allows; the restart
-  windows are the groups' G + 1 steps, consecutive windows sharing their end step."""
+def test_groups_per_launch_and_restart_windows(monkeypatch):
+  """Launch sizing covers every group within the byte budget, trading padded groups against
+  launches (BWD_LAUNCH_COST_GROUPS each); the restart windows are the groups' G + 1 steps,
+  consecutive windows sharing their end step."""
   per_group = 2 * 3 * T._RESTART_STEP_BYTES  # BH = 2, G = 2
   assert T.groups_per_launch(3, 2, 2, 0) == (1, 3)
-  assert T.groups_per_launch(3, 2, 2, 2 * per_group) == (2, 2)  # 4 slots for 3 groups
+  assert T.groups_per_launch(3, 2, 2, 2 * per_group) == (1, 3)  # a padded group costs more
   assert T.groups_per_launch(3, 2, 2, 10 * per_group) == (3, 1)
+  # 63 groups, at most 18 per launch: 7 x 9 (no padding) beats 4 x 16 (one padded group)
+  assert T.groups_per_launch(63, 48, 16, 18 * 48 * 17 * T._RESTART_STEP_BYTES) == (9, 7)
+  monkeypatch.setattr(T, "BWD_LAUNCH_COST_GROUPS", 10.0)  # launches dear: padding accepted
+  assert T.groups_per_launch(3, 2, 2, 2 * per_group) == (2, 2)  # 4 slots for 3 groups
   assert T.groups_per_launch(63, 48, 16, 18 * 48 * 17 * T._RESTART_STEP_BYTES) == (16, 4)
   a = jnp.arange(2 * 9).reshape(2, 9)  # [BH, NP]: S = 2 groups of G = 2 per launch, 2 launches
   w = T._restart_windows(a, 1, 2, 2)  # launch 1: steps 4..8
@@ -66,7 +71,8 @@ def test_backward_launch_grouping_does_not_change_gradients(groups_per_launch, m
   B, H, NC, G = 1, 2, 5, 2
   args = ttt_inputs(B, H, NC, 7)
   cot = jax.random.normal(jax.random.PRNGKey(12), (B, H, NC, 64, 64))
-  per_group = B * H * (G + 1) * T._RESTART_STEP_BYTES
+  per_group = B * H * (G + 1) * (T._RESTART_STEP_BYTES + T._QPASS_STEP_BYTES)
+  monkeypatch.setattr(T, "BWD_LAUNCH_COST_GROUPS", 10.0)  # 2 per launch: one padded group
 
   def grads(budget):
     monkeypatch.setattr(T, "BWD_LAUNCH_BYTES", budget)
