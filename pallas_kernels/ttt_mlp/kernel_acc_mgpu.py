@@ -82,6 +82,9 @@ class AccTuningConfig:
   # bf16 values the matmuls used) and Z2 (float32, all-reduced, + b2) of the keys and the queries
   # (with outputs=False: of the keys only, for backward="pallas_qpass").
   save_activations: bool = False
+  # False (the backward's restarts: the backward kernel reads only the bf16 hi of each per-step
+  # state): checkpoints without their lo halves (those outputs are left unwritten).
+  checkpoint_lo: bool = True
   # v4p (with pipeline only): step m+1's K, V, eta are loaded by TMA while step m's update runs
   # (their single buffers are dead by then) and Q_{m+1} once step m's output has left its buffer,
   # so a step starts with its inputs in SMEM instead of a synchronous load round trip. No extra
@@ -258,14 +261,15 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
 
     def write_checkpoint(gi, w1, w2):
       """(hi, lo) bf16 of this CTA's chunks + biases to HBM (state before mini-batch gi*group)."""
-      for c in range(NL):
-        lo_s[c] = (w1[c] - w1h[c].astype(f32)).astype(bf16)
-        lo_s[NL + c] = (w2[c] - w2h[c].astype(f32)).astype(bf16)
-      plgpu.commit_smem()
+      if config.checkpoint_lo:
+        for c in range(NL):
+          lo_s[c] = (w1[c] - w1h[c].astype(f32)).astype(bf16)
+          lo_s[NL + c] = (w2[c] - w2h[c].astype(f32)).astype(bf16)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(lo_s.at[pl.ds(0, NL)], cw1l.at[bh, gi, pl.ds(c0, NL)])
+        plgpu.copy_smem_to_gmem(lo_s.at[pl.ds(NL, NL)], cw2l.at[bh, gi, pl.ds(c0, NL)])
       plgpu.copy_smem_to_gmem(w1h, cw1h.at[bh, gi, pl.ds(c0, NL)])
-      plgpu.copy_smem_to_gmem(lo_s.at[pl.ds(0, NL)], cw1l.at[bh, gi, pl.ds(c0, NL)])
       plgpu.copy_smem_to_gmem(w2h, cw2h.at[bh, gi, pl.ds(c0, NL)])
-      plgpu.copy_smem_to_gmem(lo_s.at[pl.ds(NL, NL)], cw2l.at[bh, gi, pl.ds(c0, NL)])
       plgpu.copy_smem_to_gmem(b1_s, cb1.at[bh, gi, pl.ds(c0, NL)])
       on_rank0(r, lambda: plgpu.copy_smem_to_gmem(b2_s, cb2.at[bh, gi]))
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -287,6 +291,8 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
       """TMA of mini-batch m's Q, K, V, eta into buffer `slot` (barriers 4 slot .. 4 slot + 3)."""
       for i, (src, dst) in enumerate(((q_ref, q_sb), (k_ref, k_sb), (v_ref, v_sb),
                                       (eta_ref, eta_sb))):
+        if i == 0 and not config.outputs:  # no query half: Q is never read (barrier 0 unused)
+          continue
         plgpu.copy_gmem_to_smem(src.at[bh, m], dst.at[slot], bars.at[4 * slot + i])
 
     def step(m, carry):
@@ -300,7 +306,7 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
         @pl.when(m + 1 < NC)
         def _():
           issue_loads(m + 1, 1 - slot)
-      for i in range(4):
+      for i in range(0 if config.outputs else 1, 4):
         plgpu.barrier_wait(bars.at[4 * slot + i])
 
       eta_c = plgpu.load(eta_s, layout=red1)  # [64] over rows j

@@ -109,14 +109,16 @@ def default_variant(interpret: bool) -> str:
 REDUCTION_SCRATCH = kernel_acc_mgpu.DEFAULT_REDUCTION_SCRATCH
 
 
-def _build(BH, NC, group, ln_eps, interpret, variant, outputs=True, save_activations=False):
+def _build(BH, NC, group, ln_eps, interpret, variant, outputs=True, save_activations=False,
+           checkpoint_lo=True):
   """The forward kernel of `variant` (same argument/result layout for all of them).
 
   save_activations (v3 only): 4 more results, the per-step forward activations the backward
   kernel's `saved_forward` takes (kernel_acc_mgpu.AccTuningConfig.save_activations).
 
   outputs=False (v3/v4/v5 only; the backward's restarts): the states alone, by v3 without its query
-  half (the output array is then left unwritten).
+  half (the output array is then left unwritten). checkpoint_lo=False (v3/v4/v5 only; the
+  restarts): checkpoints without their lo halves (left unwritten; the backward kernel reads hi).
   """
   if variant not in VARIANTS:
     raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -149,7 +151,8 @@ def _build(BH, NC, group, ln_eps, interpret, variant, outputs=True, save_activat
                                           min(REDUCTION_SCRATCH, 4096),
                                           early_gelu_grad=variant == "v5" and pipeline,
                                           prefetch_next=variant == "v4p" and pipeline,
-                                          late_bias_sums=variant == "v4l" and pipeline)
+                                          late_bias_sums=variant == "v4l" and pipeline,
+                                          checkpoint_lo=checkpoint_lo)
     return kernel_acc_mgpu.build_forward_acc(BH, NC, group, ln_eps, config=cfg,
                                              interpret=iparams)
   return kernel_mgpu.build_forward(BH, NC, group, ln_eps, interpret=iparams,
@@ -309,8 +312,9 @@ def _bwd_pallas(group, ln_eps, interpret, variant, res, dout, **tuning):
   # v4's folding does not pay over a G + 1 step restart (H100 NC=1000 fwd+bwd 149 vs 142 ms): v3
   restart = ("v3" if variant in ("v4", "v5", "v4p", "v6", "v4l", "v7", "v7p", "v7e", "v7pe",
                              "v7pel") or saved else variant)
-  fwd = _build(BH * S, G + 1, 1, float(ln_eps), interpret, restart,
-               outputs=(RESTART_OUTPUTS or saved) and not qpass, save_activations=saved)
+  restart_outputs = (RESTART_OUTPUTS or saved) and not qpass
+  fwd = _build(BH * S, G + 1, 1, float(ln_eps), interpret, restart, outputs=restart_outputs,
+               save_activations=saved, checkpoint_lo=False)
   bwd = kernel_bwd_mgpu.build_backward(
       BH, G, float(ln_eps), groups=S,
       config=kernel_bwd_mgpu.BwdTuningConfig(cluster=C, reduction_scratch=REDUCTION_SCRATCH,
@@ -329,7 +333,9 @@ def _bwd_pallas(group, ln_eps, interpret, variant, res, dout, **tuning):
     win = lambda a: _restart_windows(a, s, S, G)
     st0 = tuple(jax.lax.dynamic_slice_in_dim(a, s * S, S, axis=1).reshape((BH * S,) + a.shape[2:])
                 for a in ck)
-    _, sw1, _, sb1, sw2, _, sb2, *acts = fwd(win(q), win(k), win(v), win(e), gam_s, bet_s, *st0)
+    kw = win(k)  # (without its query half the restart never reads Q: K's window stands in)
+    _, sw1, _, sb1, sw2, _, sb2, *acts = fwd(win(q) if restart_outputs else kw, kw, win(v),
+                                             win(e), gam_s, bet_s, *st0)
     sl = lambda a: jax.lax.dynamic_slice_in_dim(a, s * S * G, S * G, axis=1)
     if qpass:  # the output path's reverse of the S G steps at once, from the states after them
       after = lambda a: a[:, 1:].reshape((BH, S * G) + a.shape[2:])  # [BH, S G, ...]
