@@ -44,8 +44,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.mgpu_common import (DEFAULT_REDUCTION_SCRATCH, Phases, Profile, check_cluster,
                                         copy_in, pair_exchange, per_head_kernel)
 from pallas_kernels.ttt_mlp.kernel_mgpu import (CS, F, NH, _col_bcast, _gelu, _gelu_and_grad,
-                                                _ln_l2_grad, _ln_stats, _row_bcast, mlp_forward,
-                                                wgmma_chain, wgmma_chains, wgmma_multi)
+                                                _ln_l2_grad, _ln_l2_parts, _ln_stats, _row_bcast,
+                                                mlp_forward, wgmma_chain, wgmma_chains,
+                                                wgmma_multi)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +86,11 @@ class AccTuningConfig:
   # False (the backward's restarts: the backward kernel reads only the bf16 hi of each per-step
   # state): checkpoints without their lo halves (those outputs are left unwritten).
   checkpoint_lo: bool = True
+  # With save_activations and outputs=False (backward="pallas_qpass"'s restarts): instead of the
+  # keys' Z2 (f32), the LayerNorm-L2 parts the backward kernel would derive from it: G2, xhat,
+  # h = gamma xhat + beta - (V - K) as bf16 tiles (the roundings the backward kernel used) and
+  # rstd (f32 [64]), so its step starts without a LayerNorm.
+  save_ln: bool = False
   # v4p (with pipeline only): step m+1's K, V, eta are loaded by TMA while step m's update runs
   # (their single buffers are dead by then) and Q_{m+1} once step m's output has left its buffer,
   # so a step starts with its inputs in SMEM instead of a synchronous load round trip. No extra
@@ -107,6 +113,9 @@ class AccTuningConfig:
                                   or self.precise_update):
       raise ValueError("save_activations=True is built only on the plain v3 step (no pipeline, "
                        "three_pass, prefetch, precise_update)")
+    if self.save_ln and (not self.save_activations or self.outputs):
+      raise ValueError("save_ln=True is built with save_activations=True and outputs=False; got "
+                       f"save_activations={self.save_activations}, outputs={self.outputs}")
     if self.prefetch_next and not self.pipeline:
       raise ValueError("prefetch_next=True is built only with pipeline=True (step_pipelined); "
                        f"got pipeline={self.pipeline}")
@@ -151,10 +160,14 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
   # extra outputs (keys' X2, Z2 [, queries' X2, Z2]); as many f32 staging tiles at the end / 2
   NSAVE = (4 if config.outputs else 2) if config.save_activations else 0
   NSTAGE = NSAVE // 2
+  if config.save_ln:  # keys' X2, G2, xhat, h, rstd; staging: xhat, h tiles, rstd vector
+    NSAVE, NSTAGE = 5, 3
 
   def body(*refs):
     if not NSAVE:
       return body_(*refs, saves=None)
+    if config.save_ln:
+      return body_(*refs[:19], *refs[19 + NSAVE:-NSTAGE], saves=refs[19:19 + NSAVE] + refs[-3:])
     # refs: 12 inputs, 7 outputs, NSAVE saved-activation outputs, scratch (staging tiles last);
     # saves: (keys' X2, keys' Z2, queries' X2, queries' Z2, keys' staging, queries' staging)
     pad = (None,) * (4 - NSAVE)
@@ -334,11 +347,16 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
         plgpu.copy_smem_to_gmem(x_s, saves[0].at[bh, m, pl.ds(c0, NL)])
       ph("xchg")
       z2 = allreduce(pk, 0) + _row_bcast(b2v, shp)
-      if saves is not None:
+      if saves is not None and not config.save_ln:
         save_f32(z2, saves[4], saves[1].at[bh, m])
       # ---- (4)-(6): fused LayerNorm + L2 backward (replicated on every CTA)
       ph("ln")
-      g2 = _ln_l2_grad(z2, v_s[...].astype(f32) - kf, gam, bet, ln_eps)
+      g2, xh, rstd, h = _ln_l2_parts(z2, v_s[...].astype(f32) - kf, gam, bet, ln_eps)
+      if config.save_ln:  # (their TMA after the commit below)
+        _, kg2, kxh, kh, krstd, xh_st, h_st, rstd_st = saves
+        xh_st[...] = xh.astype(bf16)
+        h_st[...] = h.astype(bf16)
+        rstd_st[...] = rstd
       if config.three_pass:
         split_store(g2, g2_s, ek_s)
       else:
@@ -347,6 +365,11 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
         split_store(-_col_bcast(eta_c, shp) * g2, eg2_s.at[0], eg2_s.at[1])
       db2 = jnp.sum(_col_bcast(eta_c, shp) * g2, axis=0)
       plgpu.commit_smem()
+      if config.save_ln:
+        def _():
+          for src, dst in ((g2_s, kg2), (xh_st, kxh), (h_st, kh), (rstd_st, krstd)):
+            plgpu.copy_smem_to_gmem(src, dst.at[bh, m])
+        on_rank0(r, _)
       # ---- (7): G1 = (G2 W2^T) * gelu'(Z1) per local chunk, with the old state
       ph("g1")
       for c in range(NL):
@@ -572,7 +595,10 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
   sf = lambda *s: jax.ShapeDtypeStruct(s, f32)
   out_type = (st(BH, NC, CS, F), st(BH, NG, NH, 64, 64), st(BH, NG, NH, 64, 64),
               sf(BH, NG, NH, 64), st(BH, NG, NH, 64, 64), st(BH, NG, NH, 64, 64), sf(BH, NG, 64))
-  if NSAVE:  # keys' X2 chunks, keys' Z2[, queries' X2 chunks, queries' Z2] per step
+  if config.save_ln:  # keys' X2 chunks, G2, xhat, h, rstd per step
+    out_type += (st(BH, NC, NH, 64, 64), st(BH, NC, 64, 64), st(BH, NC, 64, 64),
+                 st(BH, NC, 64, 64), sf(BH, NC, 64))
+  elif NSAVE:  # keys' X2 chunks, keys' Z2[, queries' X2 chunks, queries' Z2] per step
     out_type += (st(BH, NC, NH, 64, 64), sf(BH, NC, 64, 64), st(BH, NC, NH, 64, 64),
                  sf(BH, NC, 64, 64))[:NSAVE]
   scratch = [tile(NQ), tile(NB), tile(NB), tile(), tile(),  # q, k, v, -eta K, G2
@@ -592,7 +618,9 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
                 plgpu.Barrier(num_arrivals=C - 1, num_barriers=1),
                 plgpu.ClusterBarrier(collective_axes=("c",), num_barriers=1)]
     kwargs.update(cluster=(C,), cluster_names=("c",))
-  if NSAVE:  # f32 staging of the keys' [and the queries'] Z2 (kept last: see body)
+  if config.save_ln:  # staging of xhat, h, rstd (kept last: see body)
+    scratch += [tile(), tile(), plgpu.SMEM((64,), f32)]
+  elif NSAVE:  # f32 staging of the keys' [and the queries'] Z2 (kept last: see body)
     scratch += [plgpu.SMEM(shp, f32, transforms=tr32) for _ in range(NSTAGE)]
   return per_head_kernel(body, out_type=out_type, scratch=scratch, BH=BH,
                          approx_math=config.approx_math, interpret=interpret, profile=profile,

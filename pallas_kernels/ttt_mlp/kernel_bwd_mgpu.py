@@ -61,7 +61,9 @@ class BwdTuningConfig:
   # The queries' reverse (dZ2b, dZ1b, dQ, the output's dgamma/dbeta) comes from outside
   # (`query_reverse`, computed for all steps at once: it feeds nothing later in the scan); per step
   # the kernel only adds what it contributes to the state cotangent (dW2 += X2b^T dZ2b, dW1 +=
-  # Q^T dZ1b, db1, db2) from loaded tiles. Implies the keys' saved activations (no recompute).
+  # Q^T dZ1b, db1, db2) from loaded tiles. Implies the keys' saved activations, as the restart
+  # writes them with `AccTuningConfig(save_ln=True)`: X2 chunks and the LayerNorm-L2 parts G2,
+  # xhat, h (bf16) and rstd, so the step starts without a LayerNorm (and V is not read).
   query_pass: bool = False
 
   def __post_init__(self):
@@ -104,10 +106,12 @@ def build_backward(BH: int, G: int, ln_eps: float, *, groups: int = 1,
   saved_forward: 4 more arguments after db2: kx2 [BH * groups, G + 1, 4, 64, 64] bf16, kz2
   [BH * groups, G + 1, 64, 64] f32, qx2, qz2 (likewise): the keys' / queries' X2 chunks and Z2
   (+ b2) of each step, as the restart saved them.
-  query_pass: instead 6 more arguments after db2: kx2, kz2 (as above), then per step from
-  `query_reverse`: qx2 [BH, NS, 4, 64, 64] bf16, dz1 [BH, NS, 4, 64, 64] bf16, db1q [BH, NS, 4, 64]
-  f32, db2q [BH, NS, 64] f32; and `dout` is dZ2b [BH, NS, 64, 64] bf16 (not the output's
-  cotangent). No dq_part result (the first result is dk_part); dgamma/dbeta are the keys' part.
+  query_pass: instead 9 more arguments after db2: kx2 (as above), kg2, kxh, kh [BH * groups,
+  G + 1, 64, 64] bf16 and krstd [BH * groups, G + 1, 64] f32 (the keys' G2, xhat, h, rstd), then
+  per step from `query_reverse`: qx2 [BH, NS, 4, 64, 64] bf16, dz1 [BH, NS, 4, 64, 64] bf16, db1q
+  [BH, NS, 4, 64] f32, db2q [BH, NS, 64] f32; `dout` is dZ2b [BH, NS, 64, 64] bf16 (not the
+  output's cotangent) and `v` is not read. No dq_part result (the first result is dk_part);
+  dgamma/dbeta are the keys' part.
   ablate: for timing attribution only (results are WRONG): "X" (no cluster exchange), "R" (no
   forward recompute matmuls), "U" (stop each step after dQ: no reverse of the update).
   Results:
@@ -142,8 +146,8 @@ def build_backward(BH: int, G: int, ln_eps: float, *, groups: int = 1,
   def body(*refs):
     if not SF:
       return body_(*refs, saved=None)
-    if QP:  # 6 extra inputs after db2_in; no dq_part result
-      return body_(*refs[:15], None, *refs[21:], saved=refs[15:21])
+    if QP:  # 9 extra inputs after db2_in; no dq_part result
+      return body_(*refs[:15], None, *refs[24:], saved=refs[15:24])
     return body_(*refs[:15], *refs[19:], saved=refs[15:19])  # the 4 saved inputs follow db2_in
 
   def body_(q_ref, k_ref, v_ref, eta_ref, do_ref, g_ref, bt_ref, sw1_ref, sb1_ref, sw2_ref,
@@ -157,8 +161,9 @@ def build_backward(BH: int, G: int, ln_eps: float, *, groups: int = 1,
     r = lax.axis_index("c") if C > 1 else 0
     c0 = r * NL
     xbuf = (xb0, xb1)  # exchange slots (one allocation each) / f32 staging
+    rstd_s = rest[-1] if QP else None  # query_pass: the keys' rstd [64] (the last scratch)
     if C > 1:
-      rb0, rb1, cbar = rest
+      rb0, rb1, cbar = rest[:3]
       rbars = (rb0, rb1)
       zp = [q_s, do_s]  # dZ1 (partial, then full) per chunk: tiles dead by then
     else:
@@ -226,17 +231,20 @@ def build_backward(BH: int, G: int, ln_eps: float, *, groups: int = 1,
 
     def issue_loads(m, parity):
       g, i = bh * groups + m // G, m % G  # the per-step states of step m: [g, i] and [g, i + 1]
-      copies = ((q_ref.at[bh, m], q_s), (k_ref.at[bh, m], k_s), (v_ref.at[bh, m], v_s),
+      copies = ((q_ref.at[bh, m], q_s), (k_ref.at[bh, m], k_s),
                 (do_ref.at[bh, m], do_s), (eta_ref.at[bh, m], eta_s),
                 (sw1_ref.at[g, i, pl.ds(c0, NL)], w1_s), (sw2_ref.at[g, i, pl.ds(c0, NL)], w2_s),
                 (sb1_ref.at[g, i, pl.ds(c0, NL)], b1_s), (sb2_ref.at[g, i], b2_s))
-      if QP:  # dZ2b is in do_s; X2b into xb_s, dZ1b into g1_s (free until U), bias vectors
-        kx2, kz2, qx2, dz1, db1q, db2q = saved
-        copies += ((kx2.at[g, i, pl.ds(c0, NL)], x_s), (kz2.at[g, i], xbuf[1 - parity]),
+      if QP:  # dZ2b is in do_s; G2, xhat, h into their tiles (h: v_s), rstd; X2b into xb_s,
+        # dZ1b into g1_s (both free until U); the queries' bias vectors
+        kx2, kg2, kxh, kh, krstd, qx2, dz1, db1q, db2q = saved
+        copies += ((kx2.at[g, i, pl.ds(c0, NL)], x_s), (kg2.at[g, i], g2_s),
+                   (kxh.at[g, i], xh_s), (kh.at[g, i], v_s), (krstd.at[g, i], rstd_s),
                    (qx2.at[bh, m, pl.ds(c0, NL)], xb_s), (dz1.at[bh, m, pl.ds(c0, NL)], g1_s),
                    (db1q.at[bh, m, pl.ds(c0, NL)], nb1_s), (db2q.at[bh, m], nb2_s))
         copy_in(copies, bars)
         return
+      copies += ((v_ref.at[bh, m], v_s),)
       copies += ((sw1_ref.at[g, i + 1, pl.ds(c0, NL)], nw1_s),
                  (sw2_ref.at[g, i + 1, pl.ds(c0, NL)], nw2_s),
                  (sb1_ref.at[g, i + 1, pl.ds(c0, NL)], nb1_s), (sb2_ref.at[g, i + 1], nb2_s))
@@ -260,6 +268,16 @@ def build_backward(BH: int, G: int, ln_eps: float, *, groups: int = 1,
       gam = row(plgpu.load(gam_s, layout=red0))
       bet = row(plgpu.load(bet_s, layout=red0))
 
+      if QP:  # the keys' LayerNorm-L2 parts came with the loads
+        dW1, dW2 = query_contributions(ph, dW1, dW2)
+        if "U" in ablate:
+          ph.close()
+          return dW1, dW2
+        dW1, dW2 = update_reverse(ph, m, parity, E, gam, plgpu.load(rstd_s, layout=red1), dW1,
+                                  dW2)
+        ph.close()
+        return dW1, dW2
+
       # ---- R: the step's forward from W_m (keys) and W_{m+1} (queries)
       ph("R_key")
       mlp = mlp_forward if "R" not in ablate else lambda xs, **_: xs[...].astype(f32)
@@ -278,10 +296,7 @@ def build_backward(BH: int, G: int, ln_eps: float, *, groups: int = 1,
       xh_s[...] = xh.astype(bf16)
       v_s[...] = h.astype(bf16)  # V is not needed again
       plgpu.commit_smem()
-      if QP:
-        dW1, dW2 = query_contributions(ph, dW1, dW2)
-      else:
-        dW1, dW2 = query_reverse_in_kernel(ph, m, parity, dW1, dW2, gam, mlp)
+      dW1, dW2 = query_reverse_in_kernel(ph, m, parity, dW1, dW2, gam, mlp)
       if "U" in ablate:
         ph.close()
         return dW1, dW2
@@ -488,7 +503,7 @@ def build_backward(BH: int, G: int, ln_eps: float, *, groups: int = 1,
              vec(), vec(NL), vec(NL), vec(), vec(), vec(), vec(), vec(),  # eta b1 nb1 b2 nb2 g b de
              vec(NL), vec(), vec(), vec(),  # db1, db2, dgamma, dbeta accumulators
              *[plgpu.SMEM(shp, f32, transforms=tr32) for _ in range(2)],  # exchange / staging
-             plgpu.Barrier(num_barriers=16 if SF else 13)]
+             plgpu.Barrier(num_barriers=17 if QP else 16 if SF else 13)]
   kwargs = {}
   if C > 1:
     scratch += [*[plgpu.Barrier(num_arrivals=C - 1, num_barriers=1) for _ in range(2)],
@@ -496,6 +511,8 @@ def build_backward(BH: int, G: int, ln_eps: float, *, groups: int = 1,
     kwargs.update(cluster=(C,), cluster_names=("c",))
   else:
     scratch += [tile(NL - 2)]
+  if QP:
+    scratch.append(vec())  # rstd (kept last: see body_)
   return per_head_kernel(body, out_type=out_type, scratch=scratch, BH=BH,
                          approx_math=config.approx_math, interpret=interpret, profile=profile,
                          reduction_scratch=config.reduction_scratch,

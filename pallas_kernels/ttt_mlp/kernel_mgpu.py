@@ -69,12 +69,20 @@ def _ln_l2_grad(z2, target, gam, bet, ln_eps):
 
   gam, bet: [64] vectors over columns (`Layout.WGMMA.reduce(0)`); fused LayerNorm + L2 backward.
   """
+  return _ln_l2_parts(z2, target, gam, bet, ln_eps)[0]
+
+
+def _ln_l2_parts(z2, target, gam, bet, ln_eps):
+  """(G2, xhat, rstd, h) of `_ln_l2_grad`: h = gamma xhat + beta - target (G2 = rstd-scaled
+  projection of gamma h); the parts the backward kernel's reverse of the LayerNorm-L2 step uses."""
   shp = z2.shape
   xh, rstd = _ln_stats(z2, ln_eps)
-  gg = _row_bcast(gam, shp) * (_row_bcast(gam, shp) * xh + _row_bcast(bet, shp) - target)
+  h = _row_bcast(gam, shp) * xh + _row_bcast(bet, shp) - target
+  gg = _row_bcast(gam, shp) * h
   s1 = jnp.sum(gg, axis=1)
   s2 = jnp.sum(gg * xh, axis=1)
-  return (F * gg - _col_bcast(s1, shp) - xh * _col_bcast(s2, shp)) * _col_bcast(rstd / F, shp)
+  g2 = (F * gg - _col_bcast(s1, shp) - xh * _col_bcast(s2, shp)) * _col_bcast(rstd / F, shp)
+  return g2, xh, rstd, h
 
 
 def wgmma_multi(pairs, shape=(64, 64)):

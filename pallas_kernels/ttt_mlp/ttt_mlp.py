@@ -110,11 +110,12 @@ REDUCTION_SCRATCH = kernel_acc_mgpu.DEFAULT_REDUCTION_SCRATCH
 
 
 def _build(BH, NC, group, ln_eps, interpret, variant, outputs=True, save_activations=False,
-           checkpoint_lo=True):
+           checkpoint_lo=True, save_ln=False):
   """The forward kernel of `variant` (same argument/result layout for all of them).
 
   save_activations (v3 only): 4 more results, the per-step forward activations the backward
-  kernel's `saved_forward` takes (kernel_acc_mgpu.AccTuningConfig.save_activations).
+  kernel's `saved_forward` takes (kernel_acc_mgpu.AccTuningConfig.save_activations); with
+  outputs=False the keys' only (2), or with save_ln their X2 and LayerNorm-L2 parts (5).
 
   outputs=False (v3/v4/v5 only; the backward's restarts): the states alone, by v3 without its query
   half (the output array is then left unwritten). checkpoint_lo=False (v3/v4/v5 only; the
@@ -152,7 +153,7 @@ def _build(BH, NC, group, ln_eps, interpret, variant, outputs=True, save_activat
                                           early_gelu_grad=variant == "v5" and pipeline,
                                           prefetch_next=variant == "v4p" and pipeline,
                                           late_bias_sums=variant == "v4l" and pipeline,
-                                          checkpoint_lo=checkpoint_lo)
+                                          checkpoint_lo=checkpoint_lo, save_ln=save_ln)
     return kernel_acc_mgpu.build_forward_acc(BH, NC, group, ln_eps, config=cfg,
                                              interpret=iparams)
   return kernel_mgpu.build_forward(BH, NC, group, ln_eps, interpret=iparams,
@@ -256,9 +257,10 @@ BWD_LAUNCH_BYTES = 4 << 30
 BWD_LAUNCH_COST_GROUPS = 0.12
 _RESTART_STEP_BYTES = 2 * 2 * (4 * 64 * 64 * 2) + 64 * 64 * 2 + 4 * 64 * 4 + 64 * 4
 _SAVED_STEP_BYTES = 2 * (4 * 64 * 64 * 2) + 2 * 64 * 64 * 4  # + X2 chunks and Z2 of keys, queries
-# + the keys' X2 chunks and Z2; the queries' reverse: X2b, dZ1b chunks, dZ2b, dQ (f32), 4 vectors
-_QPASS_STEP_BYTES = (4 * 64 * 64 * 2 + 64 * 64 * 4) + (2 * 4 * 64 * 64 * 2 + 64 * 64 * 2
-                                                       + 64 * 64 * 4 + 7 * 64 * 4)
+# + the keys' X2 chunks, G2, xhat, h, rstd; the queries' reverse: X2b, dZ1b chunks, dZ2b, dQ
+# (f32), 4 vectors
+_QPASS_STEP_BYTES = (4 * 64 * 64 * 2 + 3 * 64 * 64 * 2 + 64 * 4) + (
+    2 * 4 * 64 * 64 * 2 + 64 * 64 * 2 + 64 * 64 * 4 + 7 * 64 * 4)
 
 
 def groups_per_launch(NG: int, BH: int, G: int, budget: int = None,
@@ -314,7 +316,7 @@ def _bwd_pallas(group, ln_eps, interpret, variant, res, dout, **tuning):
                              "v7pel") or saved else variant)
   restart_outputs = (RESTART_OUTPUTS or saved) and not qpass
   fwd = _build(BH * S, G + 1, 1, float(ln_eps), interpret, restart, outputs=restart_outputs,
-               save_activations=saved, checkpoint_lo=False)
+               save_activations=saved, checkpoint_lo=False, save_ln=qpass)
   bwd = kernel_bwd_mgpu.build_backward(
       BH, G, float(ln_eps), groups=S,
       config=kernel_bwd_mgpu.BwdTuningConfig(cluster=C, reduction_scratch=REDUCTION_SCRATCH,
@@ -346,7 +348,7 @@ def _bwd_pallas(group, ln_eps, interpret, variant, res, dout, **tuning):
                                          after(sb2), gam[:, None], bet[:, None], float(ln_eps))
       dk, dv, de, dgam_g, dbet_g, dw1, db1, dw2, db2 = bwd(
           sl(q), sl(k), sl(v), sl(e), qr.dz2, gam, bet, sw1, sb1, sw2, sb2, dw1, db1, dw2, db2,
-          *acts, qr.x2, qr.dz1, qr.db1, qr.db2)  # (acts: kx2, kz2)
+          *acts, qr.x2, qr.dz1, qr.db1, qr.db2)  # (acts: kx2, kg2, kxh, kh, krstd)
       dgam_g = dgam_g + jnp.sum(qr.dgamma, axis=1)
       dbet_g = dbet_g + jnp.sum(qr.dbeta, axis=1)
       dq = qr.dq[:, None]  # [BH, 1, S G, 64, 64]: dQ whole (dout included)

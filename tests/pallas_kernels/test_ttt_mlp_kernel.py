@@ -183,8 +183,8 @@ def test_gradients_match_xla_scan_interpret(backward):
 
 @pytest.mark.parametrize("variant", ["v2", "v3_cluster2", "v4_cluster2", "v5_cluster2",
                                      "v4p_cluster2", "v3_3pass_cluster2", "v3_saves_cluster2",
-                                     "v6_cluster2", "v4l_cluster2", "v7_cluster2",
-                                     "v7pe_cluster2"])
+                                     "v3_restart_ln_cluster2", "v6_cluster2", "v4l_cluster2",
+                                     "v7_cluster2", "v7pe_cluster2"])
 def test_kernel_lowers_for_cuda(variant):
   """The compiled (non-interpret) kernel lowers to a Mosaic GPU module for CUDA on this CPU box.
 
@@ -209,7 +209,10 @@ def test_kernel_lowers_for_cuda(variant):
         late_bias_sums=variant == "v4l_cluster2",
         prefetch_next=variant == "v4p_cluster2",
         three_pass=variant == "v3_3pass_cluster2", early_gelu_grad=variant == "v5_cluster2",
-        save_activations=variant == "v3_saves_cluster2")
+        save_activations=variant in ("v3_saves_cluster2", "v3_restart_ln_cluster2"),
+        outputs=variant != "v3_restart_ln_cluster2",
+        checkpoint_lo=variant != "v3_restart_ln_cluster2",
+        save_ln=variant == "v3_restart_ln_cluster2")
     fn = kernel_acc_mgpu.build_forward_acc(bh, nc, g, 1e-6, config=cfg)
   S = jax.ShapeDtypeStruct
   bf, f32 = jnp.bfloat16, jnp.float32
@@ -225,6 +228,9 @@ def test_kernel_lowers_for_cuda(variant):
   assert outs[0].shape == (bh, nc, 64, 64) and outs[1].shape == (bh, 3, 4, 64, 64)
   if variant == "v3_saves_cluster2":  # keys' X2 chunks, Z2; queries' X2 chunks, Z2 per step
     assert [o.shape for o in outs[7:]] == [(bh, nc, 4, 64, 64), (bh, nc, 64, 64)] * 2
+  if variant == "v3_restart_ln_cluster2":  # keys' X2 chunks, G2, xhat, h, rstd per step
+    assert [o.shape for o in outs[7:]] == ([(bh, nc, 4, 64, 64)] + [(bh, nc, 64, 64)] * 3
+                                           + [(bh, nc, 64)])
 
 
 def test_unsupported_shape_falls_back_to_xla():
