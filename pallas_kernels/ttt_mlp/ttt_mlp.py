@@ -395,9 +395,9 @@ def ttt_mlp_pallas(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *,
   interpret mode: `default_variant`);
   `backward` picks the VJP (BACKWARDS; "pallas_qpass", the default: the queries' reverse by its own
   kernel for all steps at once, the backward kernel fed the restart's saved keys' activations;
-  rounds an odd checkpoint group up to even; H100 NC=282 whole backward ~29 ms vs ~37 ms with
-  "pallas_saved", the queries' reverse inside the backward kernel (same gradients but dQ's
-  rounding), vs ~220 ms with "xla_vjp"; "pallas": pallas_saved recomputing those activations,
+  rounds an odd checkpoint group up to even; H100 NC=282 whole backward ~23.5 ms vs ~37 ms with
+  "pallas_saved", the queries' reverse inside the backward kernel (gradients within ~2e-3), vs
+  ~220 ms with "xla_vjp"; "pallas": pallas_saved recomputing those activations,
   8-10% slower, bitwise the same gradients; "pallas_dw_gmem": the
   same kernel with dW in GMEM instead of registers, same gradients, not consistently faster:
   opt-in). Unsupported shapes or devices log one line and use the XLA scan.
