@@ -21,8 +21,10 @@ v4 with the next step's inputs loaded during the update), `late_bias_sums` (v4l:
 under the update's wgmmas), `three_pass` (v3_3pass: the state
 trajectory's matmuls as 3-pass bf16 (hi, lo) products, float32-accurate), `outputs=False` (states
 only, for the backward's restarts), `save_activations` (the restarts of backward="pallas_saved":
-also the per-step X2 and Z2 of keys and queries), `precise_update`, `prefetch`, `approx_math`,
-`reduction_scratch`.
+also the per-step X2 and Z2 of keys and queries), `save_ln` (the restarts of the default
+backward="pallas_qpass": the keys' X2 and LayerNorm-L2 parts G2, xhat, h, rstd), `checkpoint_lo`
+(False for the restarts: per-step states without their lo halves), `precise_update`, `prefetch`,
+`approx_math`, `reduction_scratch`.
 
 Covered only by the GPU run (benchmarks/ttt_mlp_kernel.py): cluster=2 (the DSMEM exchange and its
 barriers) and the in-place accumulation into the carried state (interpret mode has no rule for
