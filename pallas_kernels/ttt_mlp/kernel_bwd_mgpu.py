@@ -268,19 +268,23 @@ def build_backward(BH: int, G: int, ln_eps: float, *, groups: int = 1,
       gam = row(plgpu.load(gam_s, layout=red0))
       bet = row(plgpu.load(bet_s, layout=red0))
 
-      if QP:  # the keys' LayerNorm-L2 parts came with the loads
+      if QP:  # the keys' LayerNorm-L2 parts came with the loads; the queries' reverse too
         dW1, dW2 = query_contributions(ph, dW1, dW2)
-        if "U" in ablate:
-          ph.close()
-          return dW1, dW2
-        dW1, dW2 = update_reverse(ph, m, parity, E, gam, plgpu.load(rstd_s, layout=red1), dW1,
-                                  dW2)
-        ph.close()
-        return dW1, dW2
+        rstd = plgpu.load(rstd_s, layout=red1)
+      else:
+        rstd = keys_layernorm(ph, parity, gam, bet)
+        dW1, dW2 = query_reverse_in_kernel(ph, m, parity, dW1, dW2, gam)
+      if "U" not in ablate:
+        dW1, dW2 = update_reverse(ph, m, parity, E, gam, rstd, dW1, dW2)
+      ph.close()
+      return dW1, dW2
 
-      # ---- R: the step's forward from W_m (keys) and W_{m+1} (queries)
+    mlp = mlp_forward if "R" not in ablate else lambda xs, **_: xs[...].astype(f32)
+
+    def keys_layernorm(ph, parity, gam, bet):
+      """R: the keys' Z2 (saved or recomputed from W_m), its LayerNorm-L2 parts G2, xhat, h into
+      their bf16 tiles; returns rstd."""
       ph("R_key")
-      mlp = mlp_forward if "R" not in ablate else lambda xs, **_: xs[...].astype(f32)
       stage = xbuf[1 - parity]  # saved_forward: Z2 (keys, then queries) arrives here
       if SF:
         z2 = plgpu.layout_cast(stage[...], plgpu.Layout.WGMMA)  # (+ b2 already)
@@ -296,13 +300,7 @@ def build_backward(BH: int, G: int, ln_eps: float, *, groups: int = 1,
       xh_s[...] = xh.astype(bf16)
       v_s[...] = h.astype(bf16)  # V is not needed again
       plgpu.commit_smem()
-      dW1, dW2 = query_reverse_in_kernel(ph, m, parity, dW1, dW2, gam, mlp)
-      if "U" in ablate:
-        ph.close()
-        return dW1, dW2
-      dW1, dW2 = update_reverse(ph, m, parity, E, gam, rstd, dW1, dW2)
-      ph.close()
-      return dW1, dW2
+      return rstd
 
     def query_contributions(ph, dW1, dW2):
       """query_pass: the output path's part of dW_{m+1} and db, from the loaded tiles (X2b in
@@ -320,7 +318,7 @@ def build_backward(BH: int, G: int, ln_eps: float, *, groups: int = 1,
       plgpu.commit_smem()
       return dW1, dW2
 
-    def query_reverse_in_kernel(ph, m, parity, dW1, dW2, gam, mlp):
+    def query_reverse_in_kernel(ph, m, parity, dW1, dW2, gam):
       """The output path's reverse (A) of step m: dW_{m+1} += its part; the dQ partial out."""
       ph("R_query")
       stage = xbuf[1 - parity]

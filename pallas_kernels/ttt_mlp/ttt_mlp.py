@@ -189,9 +189,10 @@ def _forward(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, group, ln_e
 
 # jax.vjp of the dual-form scan | hand-derived primal steps (XLA) | the Mosaic GPU backward kernel
 # | the same kernel with BwdTuningConfig(dw_gmem=True) (opt-in variant: dW kept in GMEM, not regs)
-# | the kernel fed the restart's saved forward activations (no recompute; the default: H100, same
-# start, whole backward 40.0 -> 36.3 ms at NC=282 and 134.0 -> 123.6 ms at NC=1000, bitwise equal)
-# | the same, with the queries' reverse for all steps at once outside the kernel (`query_reverse`)
+# | the kernel fed the restart's saved forward activations (no recompute; H100, same start, whole
+# backward 40.0 -> 36.3 ms at NC=282 and 134.0 -> 123.6 ms at NC=1000, bitwise equal)
+# | the default: the same, with the queries' reverse for all steps at once outside the backward
+# kernel (`kernel_qrev_mgpu`; H100, same start, NC=282 37.0 -> 33.4 ms, gradients within 2.1e-3)
 BACKWARDS = ("xla_vjp", "reference", "pallas", "pallas_dw_gmem", "pallas_saved", "pallas_qpass")
 _KERNEL_BACKWARDS = {"pallas": {}, "pallas_dw_gmem": {"dw_gmem": True},
                      "pallas_saved": {"saved_forward": True},
@@ -245,7 +246,7 @@ QUERY_PASS = "kernel"
 
 # Bytes of per-step restart states one backward launch may hold: the forward kernel is restarted
 # for several checkpoint groups at once (one launch, the groups side by side as extra "heads"),
-# then one backward-kernel launch walks all their steps. ~275 KiB per step and head with
+# then one backward-kernel launch walks all their steps. ~275 KiB per step and head allocated with
 # pallas_qpass (states hi, lo, biases; the keys' activations; the queries' reverse): 4 GiB = 18
 # groups of 16 at H=48. H100, one start, pallas_qpass NC=282 whole backward 33.3 ms (one group per
 # launch) vs 29.1 ms (all 18 in one launch: the restarts run in fewer waves). 0: one group per
@@ -325,10 +326,11 @@ def _bwd_pallas(group, ln_eps, interpret, variant, res, dout, **tuning):
 
   if qpass and QUERY_PASS not in ("kernel", "xla"):
     raise ValueError(f"QUERY_PASS must be 'kernel' or 'xla', got {QUERY_PASS!r}")
-  qrev = kernel_qrev_mgpu.build_query_reverse(
-      BH, S, G, float(ln_eps), config=kernel_qrev_mgpu.QrevTuningConfig(
-          reduction_scratch=REDUCTION_SCRATCH),
-      interpret=jax.experimental.pallas.mosaic_gpu.InterpretGPUParams() if interpret else None)
+  if qpass and QUERY_PASS == "kernel":
+    qrev = kernel_qrev_mgpu.build_query_reverse(
+        BH, S, G, float(ln_eps), config=kernel_qrev_mgpu.QrevTuningConfig(
+            reduction_scratch=REDUCTION_SCRATCH),
+        interpret=jax.experimental.pallas.mosaic_gpu.InterpretGPUParams() if interpret else None)
 
   def body(carry, s):
     dw1, db1, dw2, db2, dgam, dbet = carry
