@@ -136,7 +136,7 @@ def ab_constant(name: str, values: tuple, H=48, NCs=(282, 1000), G=16, reps=5):
               f"whole backward {median_ms(bwds[v], (cot,), reps):8.3f} ms", flush=True)
 
 
-def trace(H=48, NCs=(282, 1000), G=16, reps=3, backward="pallas_saved"):
+def trace(H=48, NCs=(282, 1000), G=16, reps=3, backward="pallas_qpass"):
   """Where the whole backward's device time goes: per-kernel times from a profiler trace."""
   print("device:", jax.devices()[0].device_kind, flush=True)
   default = T.BWD_LAUNCH_BYTES
@@ -146,8 +146,8 @@ def trace(H=48, NCs=(282, 1000), G=16, reps=3, backward="pallas_saved"):
     device_trace.report(f"NC={NC} forward", fwd, args, reps)
     for budget in (default, 8 << 30):
       T.BWD_LAUNCH_BYTES = budget
-      S, L = T.groups_per_launch(-(-NC // G), H, G, step_bytes=T._RESTART_STEP_BYTES
-                                 + T._SAVED_STEP_BYTES)
+      S, L = T.groups_per_launch(-(-NC // G), H, G, step_bytes=T._RESTART_STEP_BYTES + (
+          T._QPASS_STEP_BYTES if backward == "pallas_qpass" else T._SAVED_STEP_BYTES))
       f = jax.jit(lambda *a: T.ttt_mlp_pallas(*a, checkpoint_group_size=G,  # a fresh trace
                                               backward=backward))
       out, vjp = jax.vjp(f, *args)

@@ -23,9 +23,9 @@ from pallas_kernels.ttt_mlp import ttt_mlp_pallas
 from ttt_dit.ttt import inner_loop
 
 
-def make_inputs(key, B, H, NC, CS=64, F=64, eta_scale=1e-5):
+def make_inputs(key, B, H, NC, CS=64, F=64, eta_scale=1e-5, target="unit"):
   """Layer-shaped random inputs for this benchmark (`kernel_common.ttt_inputs`)."""
-  return ttt_inputs(key, B, H, NC, hidden=4 * F, CS=CS, F=F, eta_scale=eta_scale)
+  return ttt_inputs(key, B, H, NC, hidden=4 * F, CS=CS, F=F, eta_scale=eta_scale, target=target)
 
 
 def main(argv=None):
@@ -39,6 +39,8 @@ def main(argv=None):
   p.add_argument("--out", default="")
   p.add_argument("--sensitivity", action="store_true")
   p.add_argument("--eta_scale", type=float, default=1e-5)
+  p.add_argument("--target", default="unit", choices=("unit", "layer"),
+                 help="V-target: random unit rows, or built from V and K as the layer does")
   p.add_argument("--no_ref", action="store_true",
                  help="timing only: no float32 XLA reference (memory at NC=5500), no errors")
   a = p.parse_args(argv)
@@ -85,7 +87,8 @@ def main(argv=None):
   rows = []
   grad_ncs = {int(x) for x in a.grad_nc.split(",") if x}
   for i, NC in enumerate(int(x) for x in a.nc.split(",")):
-    args = make_inputs(jax.random.PRNGKey(1000 + i), 1, a.heads, NC, eta_scale=a.eta_scale)
+    args = make_inputs(jax.random.PRNGKey(1000 + i), 1, a.heads, NC, eta_scale=a.eta_scale,
+                       target=a.target)
     ref = (jnp.zeros(args[0].shape, jnp.float32) if a.no_ref else
            jax.jit(lambda *x: inner_loop.ttt_mlp(*x, checkpoint_group_size=G))(*f32(args)))
     flops = inner_loop.ttt_mlp_flops(1, a.heads, NC)
@@ -102,7 +105,7 @@ def main(argv=None):
     for name in a.impls.split(","):
       fn = impl_fns[name]
       out = fn(*args)
-      row = dict(NC=NC, impl=name, device=dev.device_kind, eta_scale=a.eta_scale,
+      row = dict(NC=NC, impl=name, device=dev.device_kind, eta_scale=a.eta_scale, target=a.target,
                  out_rel=rel(out.astype(jnp.float32) - args[0].astype(jnp.float32),
                              ref - args[0].astype(jnp.float32)),
                  out_rel_full=rel(out, ref), finite=bool(jnp.isfinite(out.astype(jnp.float32)).all()))
