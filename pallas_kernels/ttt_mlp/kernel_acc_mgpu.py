@@ -24,7 +24,8 @@ only, for the backward's restarts), `save_activations` (the restarts of backward
 also the per-step X2 and Z2 of keys and queries), `save_ln` (the restarts of the default
 backward="pallas_qpass": the keys' X2 and LayerNorm-L2 parts G2, xhat, h, rstd), `checkpoint_lo`
 (False for the restarts: per-step states without their lo halves), `precise_update`, `prefetch`,
-`approx_math`, `reduction_scratch`.
+`approx_math`, `reduction_scratch`, `final_checkpoint` (the restarts: the state after the last step
+as one more checkpoint).
 
 Covered only by the GPU run (benchmarks/ttt_mlp_kernel.py): cluster=2 (the DSMEM exchange and its
 barriers) and the in-place accumulation into the carried state (interpret mode has no rule for
@@ -102,9 +103,15 @@ class AccTuningConfig:
   # wgmmas are issued and the previous queries' output), from the bf16 G1 tiles the update reads,
   # instead of two cross-warp column sums of the float32 G1 in the "g1" phase.
   late_bias_sums: bool = False
+  # The backward's restarts: after the last mini-batch one more checkpoint, the state after it
+  # (checkpoint index NC // group; NC must be a multiple of group), so a restart over a group's G
+  # steps gives all G + 1 states its backward reads without running a (G + 1)-th step.
+  final_checkpoint: bool = False
 
   def __post_init__(self):
     check_cluster(self.cluster)
+    if self.final_checkpoint and self.pipeline:
+      raise ValueError("final_checkpoint=True is built only on the plain v3 step (no pipeline)")
     if self.three_pass and (self.prefetch or self.precise_update or self.pipeline):
       raise ValueError("three_pass=True is built without prefetch, precise_update and pipeline")
     if self.pipeline and (self.prefetch or self.precise_update or not self.outputs):
@@ -136,7 +143,8 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
 
   Same argument/result layout as `kernel_mgpu.build_forward` (see there): q, k, v [BH, NC, 64, 64]
   bf16, eta [BH, NC, 64] f32, state chunks [BH, 4, 64, 64] bf16 (hi, lo), b1 [BH, 4, 64],
-  b2 [BH, 64]; checkpoints with an [NG] axis after BH. profile: time the step's phases
+  b2 [BH, 64]; checkpoints with an [NG] axis after BH ([NG + 1] with `final_checkpoint`).
+  profile: time the step's phases
   (`jax.named_scope` regions) on the device (Mosaic GPU profiler).
   """
   C = config.cluster
@@ -144,6 +152,9 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
   NB = 2 if config.prefetch else 1  # Q/K/V/eta buffers
   NQ = 2 if config.pipeline else NB  # Q buffers (v4: Q_{m-1} is read while Q_m arrives)
   NG = -(-NC // group)
+  if config.final_checkpoint and NC % group:
+    raise ValueError(f"final_checkpoint needs NC ({NC}) to be a multiple of group ({group})")
+  NGO = NG + 1 if config.final_checkpoint else NG  # checkpoints written
   bf16, f32 = jnp.bfloat16, jnp.float32
   shp = (64, 64)
   tr = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
@@ -587,7 +598,9 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
     else:
       if NB > 1:
         issue_loads(0, 0)
-      lax.fori_loop(0, NC, step, (w1_0, w2_0))
+      w1, w2 = lax.fori_loop(0, NC, step, (w1_0, w2_0))
+      if config.final_checkpoint:  # (the last step committed the state's SMEM copies)
+        write_checkpoint(NG, w1, w2)
     plgpu.wait_smem_to_gmem(0)
     if C > 1:
       plgpu.barrier_arrive(cbar.at[0])  # no CTA exits while its peer may still push into it
@@ -595,8 +608,9 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
 
   st = lambda *s: jax.ShapeDtypeStruct(s, bf16)
   sf = lambda *s: jax.ShapeDtypeStruct(s, f32)
-  out_type = (st(BH, NC, CS, F), st(BH, NG, NH, 64, 64), st(BH, NG, NH, 64, 64),
-              sf(BH, NG, NH, 64), st(BH, NG, NH, 64, 64), st(BH, NG, NH, 64, 64), sf(BH, NG, 64))
+  out_type = (st(BH, NC, CS, F), st(BH, NGO, NH, 64, 64), st(BH, NGO, NH, 64, 64),
+              sf(BH, NGO, NH, 64), st(BH, NGO, NH, 64, 64), st(BH, NGO, NH, 64, 64),
+              sf(BH, NGO, 64))
   if config.save_ln:  # keys' X2 chunks, G2, xhat, h, rstd per step
     out_type += (st(BH, NC, NH, 64, 64), st(BH, NC, 64, 64), st(BH, NC, 64, 64),
                  st(BH, NC, 64, 64), sf(BH, NC, 64))

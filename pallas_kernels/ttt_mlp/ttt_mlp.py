@@ -25,6 +25,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from absl import logging
+from jax.experimental.compute_on import compute_on
 
 from pallas_kernels import checkpoint_vjp, platform
 from pallas_kernels.ttt_mlp import (backward_reference, kernel_acc_mgpu, kernel_bwd_mgpu,
@@ -110,7 +111,7 @@ REDUCTION_SCRATCH = kernel_acc_mgpu.DEFAULT_REDUCTION_SCRATCH
 
 
 def _build(BH, NC, group, ln_eps, interpret, variant, outputs=True, save_activations=False,
-           checkpoint_lo=True, save_ln=False):
+           checkpoint_lo=True, save_ln=False, final_checkpoint=False):
   """The forward kernel of `variant` (same argument/result layout for all of them).
 
   save_activations (v3 only): 4 more results, the per-step forward activations the backward
@@ -120,6 +121,8 @@ def _build(BH, NC, group, ln_eps, interpret, variant, outputs=True, save_activat
   outputs=False (v3/v4/v5 only; the backward's restarts): the states alone, by v3 without its query
   half (the output array is then left unwritten). checkpoint_lo=False (v3/v4/v5 only; the
   restarts): checkpoints without their lo halves (left unwritten; the backward kernel reads hi).
+  final_checkpoint (v3 paths only; the restarts): one more checkpoint, the state after the last
+  mini-batch.
   """
   if variant not in VARIANTS:
     raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -153,9 +156,12 @@ def _build(BH, NC, group, ln_eps, interpret, variant, outputs=True, save_activat
                                           early_gelu_grad=variant == "v5" and pipeline,
                                           prefetch_next=variant == "v4p" and pipeline,
                                           late_bias_sums=variant == "v4l" and pipeline,
-                                          checkpoint_lo=checkpoint_lo, save_ln=save_ln)
+                                          checkpoint_lo=checkpoint_lo, save_ln=save_ln,
+                                          final_checkpoint=final_checkpoint)
     return kernel_acc_mgpu.build_forward_acc(BH, NC, group, ln_eps, config=cfg,
                                              interpret=iparams)
+  if final_checkpoint:
+    raise ValueError(f"final_checkpoint is built only by the v3 kernels, not {variant!r}")
   return kernel_mgpu.build_forward(BH, NC, group, ln_eps, interpret=iparams,
                                    batched=variant == "v2")
 
@@ -252,6 +258,11 @@ QUERY_PASS = "kernel"
 # launch) vs 29.1 ms (all 18 in one launch: the restarts run in fewer waves). 0: one group per
 # launch, the least memory.
 BWD_LAUNCH_BYTES = 4 << 30
+# True: launch s - 1's restart and queries' reverse run on a second GPU stream (XLA stream
+# annotation, `jax.experimental.compute_on`) while launch s's backward kernel runs: that kernel
+# occupies 2 BH = 96 of the H100's 132 SMs for its whole launch, the rest could take them. Two
+# launches' states are then live (launches sized with half of BWD_LAUNCH_BYTES).
+BWD_SIDE_STREAM = False
 # What one more launch costs, in checkpoint groups of backward work (H100, NC=282: 17 launches
 # fewer saved 4.3 ms, ~0.12 of a group's ~2 ms): launches are sized to minimise padded groups
 # plus this per launch.
@@ -275,23 +286,14 @@ def groups_per_launch(NG: int, BH: int, G: int, budget: int = None,
   return S, -(-NG // S)
 
 
-def _restart_windows(a, s, S, G):
-  """[BH, NP, ...] -> launch s's S restart windows [BH * S, G + 1, ...] (row bh * S + g: the
-  steps g G .. g G + G of the launch's groups; consecutive windows share their end step)."""
-  BH, tail = a.shape[0], a.shape[2:]
-  base = jax.lax.dynamic_slice_in_dim(a, s * S * G, S * G + 1, axis=1)  # [BH, S G + 1, ...]
-  body = base[:, :S * G].reshape((BH, S, G) + tail)
-  nxt = base[:, G::G][:, :, None]  # [BH, S, 1, ...]: the next group's first step
-  return jnp.concatenate([body, nxt], axis=2).reshape((BH * S, G + 1) + tail)
-
-
 def _bwd_pallas(group, ln_eps, interpret, variant, res, dout, **tuning):
   """backward="pallas": checkpoint groups in launches of S (`groups_per_launch`), last to first.
-  Per launch (1) the forward kernel restarted from the S groups' checkpoints at once, with a
-  checkpoint every mini-batch (the per-step states), (2) the backward kernel (`kernel_bwd_mgpu`)
-  over the S G steps in reverse, carrying the state cotangent from launch to launch. Inputs are
-  padded to NGP G + 1 mini-batches (eta = 0: no-op steps, zero cotangents), padded groups restart
-  from the last checkpoint, so every launch has the same shapes.
+  Per launch (1) the forward kernel restarted from the S groups' checkpoints at once (S G steps
+  as BH S rows of G), with a checkpoint every mini-batch and after the last (the per-step states),
+  (2) the backward kernel (`kernel_bwd_mgpu`) over the S G steps in reverse, carrying the state
+  cotangent from launch to launch. Inputs are padded to NGP G mini-batches (eta = 0: no-op steps,
+  zero cotangents), padded groups restart from the last checkpoint, so every launch has the same
+  shapes; a launch's slice of an input serves both kernels (the restart's rows are a reshape).
   """
   XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, ck = res
   B, H, NC, CS, F = XQ.shape
@@ -299,9 +301,11 @@ def _bwd_pallas(group, ln_eps, interpret, variant, res, dout, **tuning):
   NG = ck[0].shape[1]
   saved = tuning.get("saved_forward", False)
   qpass = tuning.get("query_pass", False)
+  side = BWD_SIDE_STREAM
   S, L = groups_per_launch(NG, BH, G, step_bytes=_RESTART_STEP_BYTES + (
-      _QPASS_STEP_BYTES if qpass else _SAVED_STEP_BYTES if saved else 0))
-  NP = S * L * G + 1
+      _QPASS_STEP_BYTES if qpass else _SAVED_STEP_BYTES if saved else 0),
+      budget=BWD_LAUNCH_BYTES // 2 if side else None)  # (side: two launches' states live)
+  NP = S * L * G
   f32, bf16 = jnp.float32, jnp.bfloat16
   padded = lambda a, dt: jnp.pad(a.astype(dt).reshape((BH, NC) + a.shape[3:]),
                                  [(0, 0), (0, NP - NC)] + [(0, 0)] * (a.ndim - 3))
@@ -312,12 +316,12 @@ def _bwd_pallas(group, ln_eps, interpret, variant, res, dout, **tuning):
   gam, bet = _per_head(ln_weight, B), _per_head(ln_bias, B)
   gam_s, bet_s = jnp.repeat(gam, S, axis=0), jnp.repeat(bet, S, axis=0)  # [BH * S, F]
   C = 1 if interpret else 2
-  # v4's folding does not pay over a G + 1 step restart (H100 NC=1000 fwd+bwd 149 vs 142 ms): v3
-  restart = ("v3" if variant in ("v4", "v5", "v4p", "v6", "v4l", "v7", "v7p", "v7e", "v7pe",
-                             "v7pel") or saved else variant)
+  # v4's folding does not pay over a G step restart (H100 NC=1000 fwd+bwd 149 vs 142 ms), and
+  # only the v3 kernels write the final checkpoint: v3 (v3_precise / v3_exact / v3_3pass as such)
+  restart = variant if variant.startswith("v3") and not saved else "v3"
   restart_outputs = (RESTART_OUTPUTS or saved) and not qpass
-  fwd = _build(BH * S, G + 1, 1, float(ln_eps), interpret, restart, outputs=restart_outputs,
-               save_activations=saved, checkpoint_lo=False, save_ln=qpass)
+  fwd = _build(BH * S, G, 1, float(ln_eps), interpret, restart, outputs=restart_outputs,
+               save_activations=saved, checkpoint_lo=False, save_ln=qpass, final_checkpoint=True)
   bwd = kernel_bwd_mgpu.build_backward(
       BH, G, float(ln_eps), groups=S,
       config=kernel_bwd_mgpu.BwdTuningConfig(cluster=C, reduction_scratch=REDUCTION_SCRATCH,
@@ -332,38 +336,69 @@ def _bwd_pallas(group, ln_eps, interpret, variant, res, dout, **tuning):
             reduction_scratch=REDUCTION_SCRATCH),
         interpret=jax.experimental.pallas.mosaic_gpu.InterpretGPUParams() if interpret else None)
 
-  def body(carry, s):
-    dw1, db1, dw2, db2, dgam, dbet = carry
-    win = lambda a: _restart_windows(a, s, S, G)
+  def launch_inputs(s):
+    """Launch s's S G steps of q, k, v, eta, dout [BH, S G, ...] and its S checkpoints [BH S, ...]."""
     st0 = tuple(jax.lax.dynamic_slice_in_dim(a, s * S, S, axis=1).reshape((BH * S,) + a.shape[2:])
                 for a in ck)
-    kw = win(k)  # (without its query half the restart never reads Q: K's window stands in)
-    _, sw1, _, sb1, sw2, _, sb2, *acts = fwd(win(q) if restart_outputs else kw, kw, win(v),
-                                             win(e), gam_s, bet_s, *st0)
-    sl = lambda a: jax.lax.dynamic_slice_in_dim(a, s * S * G, S * G, axis=1)
-    if qpass:  # the output path's reverse of the S G steps at once, from the states after them
+    return tuple(jax.lax.dynamic_slice_in_dim(a, s * S * G, S * G, axis=1)
+                 for a in (q, k, v, e, do)), st0
+
+  def prep(s):
+    """What launch s's backward kernel reads and nothing in the scan's carry feeds: the restart's
+    per-step states and keys' activations, and (qpass) the queries' reverse."""
+    (qs, ks, vs, es, dos), st0 = launch_inputs(s)
+    win = lambda a: a.reshape((BH * S, G) + a.shape[2:])  # the restart's rows [BH S, G, ...]
+    kw = win(ks)  # (without its query half the restart never reads Q: K's rows stand in)
+    _, sw1, _, sb1, sw2, _, sb2, *acts = fwd(win(qs) if restart_outputs else kw, kw, win(vs),
+                                             win(es), gam_s, bet_s, *st0)
+    states = (sw1, sb1, sw2, sb2)
+    if not qpass:
+      return states, tuple(acts), ()
+    if QUERY_PASS == "kernel":  # the output path's reverse of the S G steps, from the states after
+      qr = qrev(qs, dos, sw1, sb1, sw2, sb2, gam)
+    else:
       after = lambda a: a[:, 1:].reshape((BH, S * G) + a.shape[2:])  # [BH, S G, ...]
-      if QUERY_PASS == "kernel":
-        qr = query_reverse.QueryReverse(*qrev(sl(q), sl(do), sw1, sb1, sw2, sb2, gam))
-      else:
-        qr = query_reverse.query_reverse(sl(q), sl(do), after(sw1), after(sb1), after(sw2),
-                                         after(sb2), gam[:, None], bet[:, None], float(ln_eps))
+      qr = query_reverse.query_reverse(qs, dos, after(sw1), after(sb1), after(sw2),
+                                       after(sb2), gam[:, None], bet[:, None], float(ln_eps))
+    return states, tuple(acts), tuple(qr)
+
+  def back(carry, s, prepared):
+    """The backward kernel over launch s's steps: (carry, (dq, dk, dv, deta) of the launch)."""
+    dw1, db1, dw2, db2, dgam, dbet = carry
+    (sw1, sb1, sw2, sb2), acts, qr = prepared
+    (qs, ks, vs, es, dos), _ = launch_inputs(s)
+    if qpass:
+      qr = query_reverse.QueryReverse(*qr)
       dk, dv, de, dgam_g, dbet_g, dw1, db1, dw2, db2 = bwd(
-          sl(q), sl(k), sl(v), sl(e), qr.dz2, gam, bet, sw1, sb1, sw2, sb2, dw1, db1, dw2, db2,
+          qs, ks, vs, es, qr.dz2, gam, bet, sw1, sb1, sw2, sb2, dw1, db1, dw2, db2,
           *acts, qr.x2, qr.dz1, qr.db1, qr.db2)  # (acts: kx2, kg2, kxh, kh, krstd)
       dgam_g = dgam_g + jnp.sum(qr.dgamma, axis=1)
       dbet_g = dbet_g + jnp.sum(qr.dbeta, axis=1)
       dq = qr.dq[:, None]  # [BH, 1, S G, 64, 64]: dQ whole (dout included)
     else:
       dq, dk, dv, de, dgam_g, dbet_g, dw1, db1, dw2, db2 = bwd(
-          sl(q), sl(k), sl(v), sl(e), sl(do), gam, bet, sw1, sb1, sw2, sb2, dw1, db1, dw2, db2,
+          qs, ks, vs, es, dos, gam, bet, sw1, sb1, sw2, sb2, dw1, db1, dw2, db2,
           *acts)  # (saved_forward: kx2, kz2, qx2, qz2)
     return (dw1, db1, dw2, db2, dgam + dgam_g, dbet + dbet_g), (dq, dk, dv, de)
 
   z = lambda *s: jnp.zeros(s, f32)
   init = (z(BH, 4, 64, 64), z(BH, 4, 64), z(BH, 4, 64, 64), z(BH, 64), z(BH, 64), z(BH, 64))
-  (dw1, db1, dw2, db2, dgam, dbet), (dq, dk, dv, de) = jax.lax.scan(
-      body, init, jnp.arange(L), reverse=True)
+  if not side:
+    def body(carry, s):
+      return back(carry, s, prep(s))
+    (dw1, db1, dw2, db2, dgam, dbet), (dq, dk, dv, de) = jax.lax.scan(
+        body, init, jnp.arange(L), reverse=True)
+  else:  # launch s - 1's prep on a second GPU stream while launch s's backward kernel runs
+    prep_side = prep if interpret else compute_on(
+        compute_type="gpu_stream:1", out_memory_spaces=jax.memory.Space.Device)(prep)
+
+    def body(carry, s):
+      carry, prepared = carry
+      nxt = prep_side(jnp.maximum(s - 1, 0))  # (s = 0: launch 0 again, unused)
+      carry, outs = back(carry, s, prepared)
+      return (carry, nxt), outs
+    ((dw1, db1, dw2, db2, dgam, dbet), _), (dq, dk, dv, de) = jax.lax.scan(
+        body, (init, prep(L - 1)), jnp.arange(L), reverse=True)
 
   def steps(a):  # [L, BH, S G, ...] -> [B, H, NC, ...] float32
     a = jnp.moveaxis(a.astype(f32), 0, 1).reshape((BH, L * S * G) + a.shape[3:])[:, :NC]

@@ -44,10 +44,9 @@ def test_backward_kernel_gradients_batch_and_groups_interpret(backward):
     assert err < 2e-2, (name, err)
 
 
-def test_groups_per_launch_and_restart_windows(monkeypatch):
+def test_groups_per_launch(monkeypatch):
   """Launch sizing covers every group within the byte budget, trading padded groups against
-  launches (BWD_LAUNCH_COST_GROUPS each); the restart windows are the groups' G + 1 steps,
-  consecutive windows sharing their end step."""
+  launches (BWD_LAUNCH_COST_GROUPS each)."""
   per_group = 2 * 3 * T._RESTART_STEP_BYTES  # BH = 2, G = 2
   assert T.groups_per_launch(3, 2, 2, 0) == (1, 3)
   assert T.groups_per_launch(3, 2, 2, 2 * per_group) == (1, 3)  # a padded group costs more
@@ -57,9 +56,27 @@ def test_groups_per_launch_and_restart_windows(monkeypatch):
   monkeypatch.setattr(T, "BWD_LAUNCH_COST_GROUPS", 10.0)  # launches dear: padding accepted
   assert T.groups_per_launch(3, 2, 2, 2 * per_group) == (2, 2)  # 4 slots for 3 groups
   assert T.groups_per_launch(63, 48, 16, 18 * 48 * 17 * T._RESTART_STEP_BYTES) == (16, 4)
-  a = jnp.arange(2 * 9).reshape(2, 9)  # [BH, NP]: S = 2 groups of G = 2 per launch, 2 launches
-  w = T._restart_windows(a, 1, 2, 2)  # launch 1: steps 4..8
-  assert w.tolist() == [[4, 5, 6], [6, 7, 8], [13, 14, 15], [15, 16, 17]]
+
+
+def test_restart_final_checkpoint_interpret():
+  """The restart kernel with `final_checkpoint` over G steps gives the G + 1 states of the same
+  kernel run over G + 1 steps (the last step's inputs only move states after it): bitwise."""
+  B, H, NC, G = 1, 1, 3, 2
+  args = ttt_inputs(B, H, NC, 5)
+  bf = lambda a: a.astype(jnp.bfloat16).reshape(B * H, NC, 64, 64)
+  q, k, v = bf(args[0]), bf(args[1]), bf(args[2])
+  e = args[3].astype(jnp.float32).reshape(B * H, NC, 64)
+  st = T._to_kernel_state(*args[6:], B)
+  rest = (T._per_head(args[4], B), T._per_head(args[5], B)) + tuple(st)
+  full = T._build(B * H, G + 1, 1, 1e-6, True, "v3", outputs=False, checkpoint_lo=False)(
+      q, k, v, e, *rest)
+  fin = T._build(B * H, G, 1, 1e-6, True, "v3", outputs=False, checkpoint_lo=False,
+                 final_checkpoint=True)(q[:, :G], k[:, :G], v[:, :G], e[:, :G], *rest)
+  for i in (1, 3, 4, 6):  # hi states and biases: [BH, G + 1, ...] both
+    assert fin[i].shape == full[i].shape, (i, fin[i].shape, full[i].shape)
+    assert bool(jnp.array_equal(fin[i], full[i])), i
+  with pytest.raises(ValueError, match="multiple of group"):
+    T._build(B * H, 3, 2, 1e-6, True, "v3", final_checkpoint=True)
 
 
 @pytest.mark.parametrize("groups_per_launch", [1, 2])
@@ -87,6 +104,28 @@ def test_backward_launch_grouping_does_not_change_gradients(groups_per_launch, m
   for name, x, y, z in zip(NAMES, got, one, want):
     assert rel(x, y) < 1e-6, (name, rel(x, y))
     assert rel(x, z) < 2e-2, (name, rel(x, z))
+
+
+def test_side_stream_pipeline_is_bitwise_the_plain_scan(monkeypatch):
+  """BWD_SIDE_STREAM (launch s - 1's restart and queries' reverse computed during launch s, carried
+  to the next iteration) gives bitwise the gradients of the plain scan with the same launches
+  (interpret: the stream annotation is not applied; NC = 5, G = 2, one group per launch: 3
+  launches, so the pipeline's first, middle and last iterations all run). A pipeline one launch
+  off (prep of s - 2 carried) was seen to give > 1e-2."""
+  B, H, NC, G = 1, 1, 5, 2
+  args = ttt_inputs(B, H, NC, 7)
+  cot = jax.random.normal(jax.random.PRNGKey(12), (B, H, NC, 64, 64))
+  per_group = B * H * (G + 1) * (T._RESTART_STEP_BYTES + T._QPASS_STEP_BYTES)
+
+  def grads(side):
+    monkeypatch.setattr(T, "BWD_SIDE_STREAM", side)
+    monkeypatch.setattr(T, "BWD_LAUNCH_BYTES", (2 if side else 1) * per_group)  # 1 group each
+    return jax.grad(lambda a: jnp.sum(ttt_mlp_pallas(
+        *a, checkpoint_group_size=G, interpret=True).astype(jnp.float32) * cot))(args)
+
+  plain, side = grads(False), grads(True)
+  for name, x, y in zip(NAMES, side, plain):
+    assert bool(jnp.array_equal(x, y)), (name, rel(x, y))
 
 
 @pytest.mark.parametrize("launch_bytes", [0, 1 << 30])
