@@ -136,18 +136,22 @@ def ab_constant(name: str, values: tuple, H=48, NCs=(282, 1000), G=16, reps=5):
               f"whole backward {median_ms(bwds[v], (cot,), reps):8.3f} ms", flush=True)
 
 
-def trace(H=48, NCs=(282, 1000), G=16, reps=3, backward="pallas_qpass"):
-  """Where the whole backward's device time goes: per-kernel times from a profiler trace."""
+def trace(H=48, NCs=(282, 1000), G=16, reps=3, backward="pallas_qpass",
+          budgets=(None, 8 << 30), forward=True):
+  """Where the whole backward's device time goes: per-kernel times from a profiler trace (per NC:
+  the forward, then the whole backward with each BWD_LAUNCH_BYTES of `budgets`, None: default)."""
   print("device:", jax.devices()[0].device_kind, flush=True)
   default = T.BWD_LAUNCH_BYTES
   for i, NC in enumerate(NCs):
     args = make_inputs(jax.random.PRNGKey(1000 + i), 1, H, NC)
     fwd = jax.jit(functools.partial(T.ttt_mlp_pallas, checkpoint_group_size=G))
-    device_trace.report(f"NC={NC} forward", fwd, args, reps)
-    for budget in (default, 8 << 30):
+    if forward:
+      device_trace.report(f"NC={NC} forward", fwd, args, reps)
+    for budget in (default if b is None else b for b in budgets):
       T.BWD_LAUNCH_BYTES = budget
       S, L = T.groups_per_launch(-(-NC // G), H, G, step_bytes=T._RESTART_STEP_BYTES + (
-          T._QPASS_STEP_BYTES if backward == "pallas_qpass" else T._SAVED_STEP_BYTES))
+          T._QPASS_STEP_BYTES if backward == "pallas_qpass" else T._SAVED_STEP_BYTES),
+          budget=budget // 2 if T.BWD_SIDE_STREAM else budget)
       f = jax.jit(lambda *a: T.ttt_mlp_pallas(*a, checkpoint_group_size=G,  # a fresh trace
                                               backward=backward))
       out, vjp = jax.vjp(f, *args)
