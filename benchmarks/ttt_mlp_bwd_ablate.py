@@ -151,7 +151,7 @@ def trace(H=48, NCs=(282, 1000), G=16, reps=3, backward="pallas_qpass",
       T.BWD_LAUNCH_BYTES = budget
       S, L = T.groups_per_launch(-(-NC // G), H, G, step_bytes=T._RESTART_STEP_BYTES + (
           T._QPASS_STEP_BYTES if backward == "pallas_qpass" else T._SAVED_STEP_BYTES),
-          budget=budget // 2 if T.BWD_SIDE_STREAM else budget)
+          budget=budget)
       f = jax.jit(lambda *a: T.ttt_mlp_pallas(*a, checkpoint_group_size=G,  # a fresh trace
                                               backward=backward))
       out, vjp = jax.vjp(f, *args)

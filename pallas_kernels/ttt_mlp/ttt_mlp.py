@@ -25,7 +25,6 @@ import functools
 import jax
 import jax.numpy as jnp
 from absl import logging
-from jax.experimental.compute_on import compute_on
 
 from pallas_kernels import checkpoint_vjp, platform
 from pallas_kernels.ttt_mlp import (backward_reference, kernel_acc_mgpu, kernel_bwd_mgpu,
@@ -258,11 +257,6 @@ QUERY_PASS = "kernel"
 # launch) vs 29.1 ms (all 18 in one launch: the restarts run in fewer waves). 0: one group per
 # launch, the least memory.
 BWD_LAUNCH_BYTES = 4 << 30
-# True: launch s - 1's restart and queries' reverse run on a second GPU stream (XLA stream
-# annotation, `jax.experimental.compute_on`) while launch s's backward kernel runs: that kernel
-# occupies 2 BH = 96 of the H100's 132 SMs for its whole launch, the rest could take them. Two
-# launches' states are then live (launches sized with half of BWD_LAUNCH_BYTES).
-BWD_SIDE_STREAM = False
 # What one more launch costs, in checkpoint groups of backward work (H100, NC=282: 17 launches
 # fewer saved 4.3 ms, ~0.12 of a group's ~2 ms): launches are sized to minimise padded groups
 # plus this per launch.
@@ -301,10 +295,8 @@ def _bwd_pallas(group, ln_eps, interpret, variant, res, dout, **tuning):
   NG = ck[0].shape[1]
   saved = tuning.get("saved_forward", False)
   qpass = tuning.get("query_pass", False)
-  side = BWD_SIDE_STREAM
   S, L = groups_per_launch(NG, BH, G, step_bytes=_RESTART_STEP_BYTES + (
-      _QPASS_STEP_BYTES if qpass else _SAVED_STEP_BYTES if saved else 0),
-      budget=BWD_LAUNCH_BYTES // 2 if side else None)  # (side: two launches' states live)
+      _QPASS_STEP_BYTES if qpass else _SAVED_STEP_BYTES if saved else 0))
   NP = S * L * G
   f32, bf16 = jnp.float32, jnp.bfloat16
   padded = lambda a, dt: jnp.pad(a.astype(dt).reshape((BH, NC) + a.shape[3:]),
@@ -344,7 +336,7 @@ def _bwd_pallas(group, ln_eps, interpret, variant, res, dout, **tuning):
                  for a in (q, k, v, e, do)), st0
 
   def prep(s):
-    """What launch s's backward kernel reads and nothing in the scan's carry feeds: the restart's
+    """What launch s's backward kernel reads that nothing in the scan's carry feeds: the restart's
     per-step states and keys' activations, and (qpass) the queries' reverse."""
     (qs, ks, vs, es, dos), st0 = launch_inputs(s)
     win = lambda a: a.reshape((BH * S, G) + a.shape[2:])  # the restart's rows [BH S, G, ...]
@@ -383,22 +375,10 @@ def _bwd_pallas(group, ln_eps, interpret, variant, res, dout, **tuning):
 
   z = lambda *s: jnp.zeros(s, f32)
   init = (z(BH, 4, 64, 64), z(BH, 4, 64), z(BH, 4, 64, 64), z(BH, 64), z(BH, 64), z(BH, 64))
-  if not side:
-    def body(carry, s):
-      return back(carry, s, prep(s))
-    (dw1, db1, dw2, db2, dgam, dbet), (dq, dk, dv, de) = jax.lax.scan(
-        body, init, jnp.arange(L), reverse=True)
-  else:  # launch s - 1's prep on a second GPU stream while launch s's backward kernel runs
-    prep_side = prep if interpret else compute_on(
-        compute_type="gpu_stream:1", out_memory_spaces=jax.memory.Space.Device)(prep)
-
-    def body(carry, s):
-      carry, prepared = carry
-      nxt = prep_side(jnp.maximum(s - 1, 0))  # (s = 0: launch 0 again, unused)
-      carry, outs = back(carry, s, prepared)
-      return (carry, nxt), outs
-    ((dw1, db1, dw2, db2, dgam, dbet), _), (dq, dk, dv, de) = jax.lax.scan(
-        body, (init, prep(L - 1)), jnp.arange(L), reverse=True)
+  def body(carry, s):
+    return back(carry, s, prep(s))
+  (dw1, db1, dw2, db2, dgam, dbet), (dq, dk, dv, de) = jax.lax.scan(
+      body, init, jnp.arange(L), reverse=True)
 
   def steps(a):  # [L, BH, S G, ...] -> [B, H, NC, ...] float32
     a = jnp.moveaxis(a.astype(f32), 0, 1).reshape((BH, L * S * G) + a.shape[3:])[:, :NC]
