@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
-
+from jax import lax
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 # [64, 64] SMEM tiles as wgmma operands (bf16) and f32 exchange / staging tiles: 128-byte swizzle.
@@ -102,6 +104,85 @@ def per_head_kernel(body, *, out_type, scratch, BH: int, approx_math: bool, inte
   return plgpu.kernel(
       body, out_type=out_type, scratch_types=scratch, grid=(BH,), grid_names=("bh",),
       compiler_params=compiler_params(approx_math, profile, reduction_scratch), **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelParts:
+  """A per-head kernel's pieces (what `per_head_kernel` would launch), for `two_role_kernel`.
+
+  body(*inputs, *outputs, *scratch, bh=row) runs one row (None: the grid's "bh" index)."""
+
+  body: Callable
+  out_type: tuple
+  scratch: list
+  kwargs: dict  # plgpu.kernel keywords (cluster, cluster_names)
+  approx_math: bool
+  reduction_scratch: int
+
+
+def _is_barrier(x) -> bool:
+  return isinstance(x, (plgpu.Barrier, plgpu.ClusterBarrier))
+
+
+def two_role_kernel(first: KernelParts, n_in_first: int, rows_first: int,
+                    second: KernelParts, n_in_second: int, rows_second: int, programs_second: int,
+                    interpret=None):
+  """One launch running two per-head kernels side by side (e.g. a long sequential chain on part of
+  the GPU and independent work on the SMs it leaves idle).
+
+  Programs (clusters) 0 .. rows_first - 1 run `first`, one row each; programs rows_first ..
+  rows_first + programs_second - 1 run `second` over its rows_second rows, program j taking rows
+  j, j + programs_second, ... one after another. The two kernels' SMEM refs share one `RefUnion`
+  (a CTA runs one role only); barriers stay each kernel's own. Returns
+  f(*inputs_first, *inputs_second) -> (*outputs_first, *outputs_second).
+  """
+  if (first.kwargs != second.kwargs or first.approx_math != second.approx_math
+      or first.reduction_scratch != second.reduction_scratch):
+    raise ValueError("two_role_kernel: the kernels' cluster, approx_math and reduction scratch "
+                     f"must agree, got {first.kwargs, first.approx_math, first.reduction_scratch}"
+                     f" and {second.kwargs, second.approx_math, second.reduction_scratch}")
+  mem = [[x for x in k.scratch if not _is_barrier(x)] for k in (first, second)]
+  bars = [[x for x in k.scratch if _is_barrier(x)] for k in (first, second)]
+  n_out = (len(first.out_type), len(second.out_type))
+  P = programs_second
+  trips = -(-rows_second // P)
+
+  def merged(kernel, mem_refs, bar_refs):  # the kernel's scratch refs in its own order
+    m, b = iter(mem_refs), iter(bar_refs)
+    return [next(b) if _is_barrier(x) else next(m) for x in kernel.scratch]
+
+  def body(*refs):
+    ins = refs[:n_in_first], refs[n_in_first:n_in_first + n_in_second]
+    o0 = n_in_first + n_in_second
+    outs = refs[o0:o0 + n_out[0]], refs[o0 + n_out[0]:o0 + n_out[0] + n_out[1]]
+    (mem0, mem1), *bar_refs = refs[o0 + n_out[0] + n_out[1]:]
+    scr0 = merged(first, mem0, bar_refs[:len(bars[0])])
+    scr1 = merged(second, mem1, bar_refs[len(bars[0]):])
+    i = lax.axis_index("bh")
+
+    @pl.when(i < rows_first)
+    def _():
+      first.body(*ins[0], *outs[0], *scr0, bh=i)
+
+    @pl.when(i >= rows_first)
+    def _():
+      def one(t, carry):
+        row = i - rows_first + t * P
+
+        @pl.when(row < rows_second)
+        def _():
+          second.body(*ins[1], *outs[1], *scr1, bh=row)
+        return carry
+      lax.fori_loop(0, trips, one, 0)
+
+  kw = dict(first.kwargs)
+  if interpret is not None:
+    kw["interpret"] = interpret
+  return plgpu.kernel(
+      body, out_type=tuple(first.out_type) + tuple(second.out_type),
+      scratch_types=[plgpu.RefUnion(mem[0], mem[1])] + bars[0] + bars[1],
+      grid=(rows_first + P,), grid_names=("bh",),
+      compiler_params=compiler_params(first.approx_math, None, first.reduction_scratch), **kw)
 
 
 class Phases:

@@ -44,8 +44,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mgpu_common import (DEFAULT_REDUCTION_SCRATCH, Phases, Profile, check_cluster,
-                                        copy_in, pair_exchange, per_head_kernel)
+from pallas_kernels.mgpu_common import (DEFAULT_REDUCTION_SCRATCH, KernelParts, Phases, Profile,
+                                        check_cluster, copy_in, pair_exchange, per_head_kernel)
 from pallas_kernels.ttt_mlp.kernel_mgpu import (CS, F, NH, _col_bcast, _gelu, _gelu_and_grad,
                                                 _ln_l2_grad, _ln_l2_parts, _ln_stats, _row_bcast,
                                                 mlp_forward, wgmma_chain, wgmma_chains,
@@ -138,12 +138,13 @@ class AccTuningConfig:
 
 def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
                       config: AccTuningConfig = AccTuningConfig(), interpret=None,
-                      profile: Profile | None = None):
+                      profile: Profile | None = None, parts: bool = False):
   """Returns f(q, k, v, eta, gamma, beta, w1h, w1l, b1, w2h, w2l, b2) -> (out, ckpts).
 
   Same argument/result layout as `kernel_mgpu.build_forward` (see there): q, k, v [BH, NC, 64, 64]
   bf16, eta [BH, NC, 64] f32, state chunks [BH, 4, 64, 64] bf16 (hi, lo), b1 [BH, 4, 64],
   b2 [BH, 64]; checkpoints with an [NG] axis after BH ([NG + 1] with `final_checkpoint`).
+  parts=True: the kernel's `KernelParts` instead (to run it as one role of a launch).
   profile: time the step's phases
   (`jax.named_scope` regions) on the device (Mosaic GPU profiler).
   """
@@ -176,22 +177,23 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
   if config.save_ln:  # keys' X2, G2, xhat, h, rstd; staging: xhat, h tiles, rstd vector
     NSAVE, NSTAGE = 5, 3
 
-  def body(*refs):
+  def body(*refs, bh=None):
     if not NSAVE:
-      return body_(*refs, saves=None)
+      return body_(*refs, saves=None, bh=bh)
     if config.save_ln:
-      return body_(*refs[:19], *refs[19 + NSAVE:-NSTAGE], saves=refs[19:19 + NSAVE] + refs[-3:])
+      return body_(*refs[:19], *refs[19 + NSAVE:-NSTAGE], saves=refs[19:19 + NSAVE] + refs[-3:],
+                   bh=bh)
     # refs: 12 inputs, 7 outputs, NSAVE saved-activation outputs, scratch (staging tiles last);
     # saves: (keys' X2, keys' Z2, queries' X2, queries' Z2, keys' staging, queries' staging)
     pad = (None,) * (4 - NSAVE)
     stage = refs[-NSTAGE:]
     return body_(*refs[:19], *refs[19 + NSAVE:-NSTAGE],
-                 saves=refs[19:19 + NSAVE] + pad + stage + pad[:2 - NSTAGE])
+                 saves=refs[19:19 + NSAVE] + pad + stage + pad[:2 - NSTAGE], bh=bh)
 
   def body_(q_ref, k_ref, v_ref, eta_ref, g_ref, bt_ref, w1h_ref, w1l_ref, b1_ref, w2h_ref,
             w2l_ref, b2_ref, o_ref, cw1h, cw1l, cb1, cw2h, cw2l, cb2,
             q_sb, k_sb, v_sb, ek_s, g2_s, g1_s, ex2_s, x_s, w1h, w2h, lo_s,
-            eta_sb, b1_s, b2_s, gam_s, bet_s, bars, *rest, saves):
+            eta_sb, b1_s, b2_s, gam_s, bet_s, bars, *rest, saves, bh=None):
     # precise_update, three_pass: [2, 64, 64] -eta G2 (hi, lo); pipeline: [1, 64, 64] -eta G2
     eg2_s = rest[0] if config.precise_update or config.pipeline or config.three_pass else None
     xch = rest[1:] if eg2_s is not None else rest
@@ -199,7 +201,7 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
     # x_s the keys' X2 lo (ex2_s their hi) until the update, x_s the queries' X2 after it
     g1l_s = xch[0] if config.three_pass else None
     xch = xch[1:] if config.three_pass else xch
-    bh = lax.axis_index("bh")
+    bh = lax.axis_index("bh") if bh is None else bh  # (a row given: `KernelParts`)
     r = lax.axis_index("c") if C > 1 else 0
     c0 = r * NL  # first global hidden chunk of this CTA
 
@@ -638,6 +640,9 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
     scratch += [tile(), tile(), plgpu.SMEM((64,), f32)]
   elif NSAVE:  # f32 staging of the keys' [and the queries'] Z2 (kept last: see body)
     scratch += [plgpu.SMEM(shp, f32, transforms=tr32) for _ in range(NSTAGE)]
+  if parts:
+    return KernelParts(body, out_type, scratch, kwargs, config.approx_math,
+                       config.reduction_scratch)
   return per_head_kernel(body, out_type=out_type, scratch=scratch, BH=BH,
                          approx_math=config.approx_math, interpret=interpret, profile=profile,
                          reduction_scratch=config.reduction_scratch,

@@ -35,8 +35,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mgpu_common import (DEFAULT_REDUCTION_SCRATCH, Phases, Profile, check_cluster,
-                                        copy_in, per_head_kernel)
+from pallas_kernels.mgpu_common import (DEFAULT_REDUCTION_SCRATCH, KernelParts, Phases, Profile,
+                                        check_cluster, copy_in, per_head_kernel)
 from pallas_kernels.ttt_mlp.kernel_mgpu import (F, GELU_C, GELU_C3, NH, _col_bcast, _ln_stats,
                                                 _row_bcast, mlp_forward, wgmma_chain,
                                                 wgmma_chains, wgmma_multi)
@@ -90,7 +90,8 @@ def _gelu_grad(z):
 
 def build_backward(BH: int, G: int, ln_eps: float, *, groups: int = 1,
                    config: BwdTuningConfig = BwdTuningConfig(), interpret=None,
-                   ablate: frozenset = frozenset(), profile: Profile | None = None):
+                   ablate: frozenset = frozenset(), profile: Profile | None = None,
+                   parts: bool = False):
   """Returns the backward kernel f(...) over `groups` consecutive checkpoint groups of G
   mini-batches (NS = groups * G steps, walked from the last to the first) in one launch.
 
@@ -112,6 +113,7 @@ def build_backward(BH: int, G: int, ln_eps: float, *, groups: int = 1,
   [BH, NS, 4, 64] f32, db2q [BH, NS, 64] f32; `dout` is dZ2b [BH, NS, 64, 64] bf16 (not the
   output's cotangent) and `v` is not read. No dq_part result (the first result is dk_part);
   dgamma/dbeta are the keys' part.
+  parts=True: the kernel's `KernelParts` instead (to run it as one role of a launch).
   ablate: for timing attribution only (results are WRONG): "X" (no cluster exchange), "R" (no
   forward recompute matmuls), "U" (stop each step after dQ: no reverse of the update).
   Results:
@@ -143,12 +145,12 @@ def build_backward(BH: int, G: int, ln_eps: float, *, groups: int = 1,
   SF = config.saved_forward
   QP = config.query_pass
 
-  def body(*refs):
+  def body(*refs, bh=None):
     if not SF:
-      return body_(*refs, saved=None)
+      return body_(*refs, saved=None, bh=bh)
     if QP:  # 9 extra inputs after db2_in; no dq_part result
-      return body_(*refs[:15], None, *refs[24:], saved=refs[15:24])
-    return body_(*refs[:15], *refs[19:], saved=refs[15:19])  # the 4 saved inputs follow db2_in
+      return body_(*refs[:15], None, *refs[24:], saved=refs[15:24], bh=bh)
+    return body_(*refs[:15], *refs[19:], saved=refs[15:19], bh=bh)  # (4 saved inputs after db2_in)
 
   def body_(q_ref, k_ref, v_ref, eta_ref, do_ref, g_ref, bt_ref, sw1_ref, sb1_ref, sw2_ref,
            sb2_ref, dw1_in, db1_in, dw2_in, db2_in,
@@ -156,8 +158,8 @@ def build_backward(BH: int, G: int, ln_eps: float, *, groups: int = 1,
            db2_out,
            q_s, k_s, v_s, do_s, w1_s, w2_s, nw1_s, nw2_s, x_s, xb_s, g1_s, g2_s, dz_s, xh_s,
            eta_s, b1_s, nb1_s, b2_s, nb2_s, gam_s, bet_s, de_s, db1_a, db2_a, dgam_a, dbet_a,
-           xb0, xb1, bars, *rest, saved):
-    bh = lax.axis_index("bh")
+           xb0, xb1, bars, *rest, saved, bh=None):
+    bh = lax.axis_index("bh") if bh is None else bh  # (a row given: `KernelParts`)
     r = lax.axis_index("c") if C > 1 else 0
     c0 = r * NL
     xbuf = (xb0, xb1)  # exchange slots (one allocation each) / f32 staging
@@ -511,6 +513,9 @@ def build_backward(BH: int, G: int, ln_eps: float, *, groups: int = 1,
     scratch += [tile(NL - 2)]
   if QP:
     scratch.append(vec())  # rstd (kept last: see body_)
+  if parts:
+    return KernelParts(body, out_type, scratch, kwargs, config.approx_math,
+                       config.reduction_scratch)
   return per_head_kernel(body, out_type=out_type, scratch=scratch, BH=BH,
                          approx_math=config.approx_math, interpret=interpret, profile=profile,
                          reduction_scratch=config.reduction_scratch,

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from pallas_kernels import checkpoint_vjp, platform
+from pallas_kernels import checkpoint_vjp, mgpu_common, platform
 from pallas_kernels.ttt_mlp import (backward_reference, kernel_acc_mgpu, kernel_bwd_mgpu,
                                     kernel_mgpu, kernel_qrev_mgpu, kernel_wg2_mgpu, kernel_ws_mgpu,
                                     query_reverse)
@@ -110,7 +110,7 @@ REDUCTION_SCRATCH = kernel_acc_mgpu.DEFAULT_REDUCTION_SCRATCH
 
 
 def _build(BH, NC, group, ln_eps, interpret, variant, outputs=True, save_activations=False,
-           checkpoint_lo=True, save_ln=False, final_checkpoint=False):
+           checkpoint_lo=True, save_ln=False, final_checkpoint=False, parts=False):
   """The forward kernel of `variant` (same argument/result layout for all of them).
 
   save_activations (v3 only): 4 more results, the per-step forward activations the backward
@@ -121,7 +121,7 @@ def _build(BH, NC, group, ln_eps, interpret, variant, outputs=True, save_activat
   half (the output array is then left unwritten). checkpoint_lo=False (v3/v4/v5 only; the
   restarts): checkpoints without their lo halves (left unwritten; the backward kernel reads hi).
   final_checkpoint (v3 paths only; the restarts): one more checkpoint, the state after the last
-  mini-batch.
+  mini-batch. parts (v3 paths only): the kernel's `KernelParts`, not the kernel.
   """
   if variant not in VARIANTS:
     raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -158,9 +158,9 @@ def _build(BH, NC, group, ln_eps, interpret, variant, outputs=True, save_activat
                                           checkpoint_lo=checkpoint_lo, save_ln=save_ln,
                                           final_checkpoint=final_checkpoint)
     return kernel_acc_mgpu.build_forward_acc(BH, NC, group, ln_eps, config=cfg,
-                                             interpret=iparams)
-  if final_checkpoint:
-    raise ValueError(f"final_checkpoint is built only by the v3 kernels, not {variant!r}")
+                                             interpret=iparams, parts=parts)
+  if final_checkpoint or parts:
+    raise ValueError(f"final_checkpoint / parts are built only by the v3 kernels, not {variant!r}")
   return kernel_mgpu.build_forward(BH, NC, group, ln_eps, interpret=iparams,
                                    batched=variant == "v2")
 
@@ -257,6 +257,12 @@ QUERY_PASS = "kernel"
 # launch) vs 29.1 ms (all 18 in one launch: the restarts run in fewer waves). 0: one group per
 # launch, the least memory.
 BWD_LAUNCH_BYTES = 4 << 30
+# True: launch s's backward kernel and launch s - 1's restarts run as one launch
+# (`mgpu_common.two_role_kernel`): the backward kernel's 2 BH = 96 CTAs hold their SMs for the
+# whole launch, the restarts take RESTART_PROGRAMS clusters of the 36 SMs left on an H100 (launches
+# in pairs, sized with half of BWD_LAUNCH_BYTES: two launches' states live).
+FUSED_RESTARTS = False
+RESTART_PROGRAMS = 16
 # What one more launch costs, in checkpoint groups of backward work (H100, NC=282: 17 launches
 # fewer saved 4.3 ms, ~0.12 of a group's ~2 ms): launches are sized to minimise padded groups
 # plus this per launch.
@@ -270,14 +276,17 @@ _QPASS_STEP_BYTES = (4 * 64 * 64 * 2 + 3 * 64 * 64 * 2 + 64 * 4) + (
 
 
 def groups_per_launch(NG: int, BH: int, G: int, budget: int = None,
-                      step_bytes: int = _RESTART_STEP_BYTES) -> tuple[int, int]:
+                      step_bytes: int = _RESTART_STEP_BYTES, even: bool = False
+                      ) -> tuple[int, int]:
   """(groups per backward launch S, launches L): S * L >= NG groups, S within the byte budget,
-  chosen to minimise the groups walked (padding included) + BWD_LAUNCH_COST_GROUPS per launch."""
+  chosen to minimise the groups walked (padding included) + BWD_LAUNCH_COST_GROUPS per launch;
+  even: L even (launches in pairs)."""
   budget = BWD_LAUNCH_BYTES if budget is None else budget
   s_max = max(1, min(NG, budget // (BH * (G + 1) * step_bytes)))
-  cost = lambda S: (-(-NG // S) * (S + BWD_LAUNCH_COST_GROUPS), -S)
+  launches = lambda S: -(-NG // S) + (-(-NG // S) % 2 if even else 0)
+  cost = lambda S: (launches(S) * (S + BWD_LAUNCH_COST_GROUPS), -S)
   S = min(range(1, s_max + 1), key=cost)
-  return S, -(-NG // S)
+  return S, launches(S)
 
 
 def _bwd_pallas(group, ln_eps, interpret, variant, res, dout, **tuning):
@@ -295,8 +304,10 @@ def _bwd_pallas(group, ln_eps, interpret, variant, res, dout, **tuning):
   NG = ck[0].shape[1]
   saved = tuning.get("saved_forward", False)
   qpass = tuning.get("query_pass", False)
+  fused = FUSED_RESTARTS
   S, L = groups_per_launch(NG, BH, G, step_bytes=_RESTART_STEP_BYTES + (
-      _QPASS_STEP_BYTES if qpass else _SAVED_STEP_BYTES if saved else 0))
+      _QPASS_STEP_BYTES if qpass else _SAVED_STEP_BYTES if saved else 0),
+      budget=BWD_LAUNCH_BYTES // 2 if fused else None, even=fused)  # (fused: 2 launches live)
   NP = S * L * G
   f32, bf16 = jnp.float32, jnp.bfloat16
   padded = lambda a, dt: jnp.pad(a.astype(dt).reshape((BH, NC) + a.shape[3:]),
@@ -314,11 +325,20 @@ def _bwd_pallas(group, ln_eps, interpret, variant, res, dout, **tuning):
   restart_outputs = (RESTART_OUTPUTS or saved) and not qpass
   fwd = _build(BH * S, G, 1, float(ln_eps), interpret, restart, outputs=restart_outputs,
                save_activations=saved, checkpoint_lo=False, save_ln=qpass, final_checkpoint=True)
-  bwd = kernel_bwd_mgpu.build_backward(
-      BH, G, float(ln_eps), groups=S,
-      config=kernel_bwd_mgpu.BwdTuningConfig(cluster=C, reduction_scratch=REDUCTION_SCRATCH,
-                                             **tuning),
-      interpret=jax.experimental.pallas.mosaic_gpu.InterpretGPUParams() if interpret else None)
+  iparams = jax.experimental.pallas.mosaic_gpu.InterpretGPUParams() if interpret else None
+  bwd_cfg = kernel_bwd_mgpu.BwdTuningConfig(cluster=C, reduction_scratch=REDUCTION_SCRATCH,
+                                            **tuning)
+  bwd = kernel_bwd_mgpu.build_backward(BH, G, float(ln_eps), groups=S, config=bwd_cfg,
+                                       interpret=iparams)
+  if fused:  # the backward kernel of launch s with the restarts of launch s - 1 on other SMs
+    bwd_parts = kernel_bwd_mgpu.build_backward(BH, G, float(ln_eps), groups=S, config=bwd_cfg,
+                                               interpret=iparams, parts=True)
+    fused_kernel = mgpu_common.two_role_kernel(
+        bwd_parts, 15 + (9 if qpass else 4 if saved else 0), BH,
+        _build(BH * S, G, 1, float(ln_eps), interpret, restart, outputs=restart_outputs,
+               save_activations=saved, checkpoint_lo=False, save_ln=qpass,
+               final_checkpoint=True, parts=True),
+        12, BH * S, RESTART_PROGRAMS, interpret=iparams)
 
   if qpass and QUERY_PASS not in ("kernel", "xla"):
     raise ValueError(f"QUERY_PASS must be 'kernel' or 'xla', got {QUERY_PASS!r}")
@@ -335,50 +355,81 @@ def _bwd_pallas(group, ln_eps, interpret, variant, res, dout, **tuning):
     return tuple(jax.lax.dynamic_slice_in_dim(a, s * S * G, S * G, axis=1)
                  for a in (q, k, v, e, do)), st0
 
-  def prep(s):
-    """What launch s's backward kernel reads that nothing in the scan's carry feeds: the restart's
-    per-step states and keys' activations, and (qpass) the queries' reverse."""
-    (qs, ks, vs, es, dos), st0 = launch_inputs(s)
-    win = lambda a: a.reshape((BH * S, G) + a.shape[2:])  # the restart's rows [BH S, G, ...]
+  def restart_args(s):
+    """The restart kernel's arguments for launch s (its rows [BH S, G, ...]: a reshape)."""
+    (qs, ks, vs, es, _), st0 = launch_inputs(s)
+    win = lambda a: a.reshape((BH * S, G) + a.shape[2:])
     kw = win(ks)  # (without its query half the restart never reads Q: K's rows stand in)
-    _, sw1, _, sb1, sw2, _, sb2, *acts = fwd(win(qs) if restart_outputs else kw, kw, win(vs),
-                                             win(es), gam_s, bet_s, *st0)
-    states = (sw1, sb1, sw2, sb2)
+    return (win(qs) if restart_outputs else kw, kw, win(vs), win(es), gam_s, bet_s) + st0
+
+  def prepared(s, restarted):
+    """Launch s's backward kernel inputs that nothing in the scan's carry feeds, from its
+    restart's results: the per-step states, the keys' activations, and (qpass) the queries'
+    reverse."""
+    _, sw1, _, sb1, sw2, _, sb2, *acts = restarted
     if not qpass:
-      return states, tuple(acts), ()
+      return (sw1, sb1, sw2, sb2), tuple(acts), ()
+    (qs, _, _, _, dos), _ = launch_inputs(s)
     if QUERY_PASS == "kernel":  # the output path's reverse of the S G steps, from the states after
       qr = qrev(qs, dos, sw1, sb1, sw2, sb2, gam)
     else:
       after = lambda a: a[:, 1:].reshape((BH, S * G) + a.shape[2:])  # [BH, S G, ...]
       qr = query_reverse.query_reverse(qs, dos, after(sw1), after(sb1), after(sw2),
                                        after(sb2), gam[:, None], bet[:, None], float(ln_eps))
-    return states, tuple(acts), tuple(qr)
+    return (sw1, sb1, sw2, sb2), tuple(acts), tuple(qr)
 
-  def back(carry, s, prepared):
-    """The backward kernel over launch s's steps: (carry, (dq, dk, dv, deta) of the launch)."""
-    dw1, db1, dw2, db2, dgam, dbet = carry
-    (sw1, sb1, sw2, sb2), acts, qr = prepared
+  def bwd_args(carry, s, prep):
+    """The backward kernel's arguments for launch s."""
+    dw1, db1, dw2, db2, _, _ = carry
+    (sw1, sb1, sw2, sb2), acts, qr = prep
     (qs, ks, vs, es, dos), _ = launch_inputs(s)
     if qpass:
       qr = query_reverse.QueryReverse(*qr)
-      dk, dv, de, dgam_g, dbet_g, dw1, db1, dw2, db2 = bwd(
-          qs, ks, vs, es, qr.dz2, gam, bet, sw1, sb1, sw2, sb2, dw1, db1, dw2, db2,
-          *acts, qr.x2, qr.dz1, qr.db1, qr.db2)  # (acts: kx2, kg2, kxh, kh, krstd)
+      return (qs, ks, vs, es, qr.dz2, gam, bet, sw1, sb1, sw2, sb2, dw1, db1, dw2, db2, *acts,
+              qr.x2, qr.dz1, qr.db1, qr.db2)  # (acts: kx2, kg2, kxh, kh, krstd)
+    return (qs, ks, vs, es, dos, gam, bet, sw1, sb1, sw2, sb2, dw1, db1, dw2, db2,
+            *acts)  # (saved_forward: kx2, kz2, qx2, qz2)
+
+  def bwd_results(carry, prep, res):
+    """(carry, (dq, dk, dv, deta) of the launch) from the backward kernel's results."""
+    if qpass:
+      qr = query_reverse.QueryReverse(*prep[2])
+      dk, dv, de, dgam_g, dbet_g, dw1, db1, dw2, db2 = res
       dgam_g = dgam_g + jnp.sum(qr.dgamma, axis=1)
       dbet_g = dbet_g + jnp.sum(qr.dbeta, axis=1)
       dq = qr.dq[:, None]  # [BH, 1, S G, 64, 64]: dQ whole (dout included)
     else:
-      dq, dk, dv, de, dgam_g, dbet_g, dw1, db1, dw2, db2 = bwd(
-          qs, ks, vs, es, dos, gam, bet, sw1, sb1, sw2, sb2, dw1, db1, dw2, db2,
-          *acts)  # (saved_forward: kx2, kz2, qx2, qz2)
+      dq, dk, dv, de, dgam_g, dbet_g, dw1, db1, dw2, db2 = res
+    dgam, dbet = carry[4:]
     return (dw1, db1, dw2, db2, dgam + dgam_g, dbet + dbet_g), (dq, dk, dv, de)
 
   z = lambda *s: jnp.zeros(s, f32)
   init = (z(BH, 4, 64, 64), z(BH, 4, 64), z(BH, 4, 64, 64), z(BH, 64), z(BH, 64), z(BH, 64))
-  def body(carry, s):
-    return back(carry, s, prep(s))
-  (dw1, db1, dw2, db2, dgam, dbet), (dq, dk, dv, de) = jax.lax.scan(
-      body, init, jnp.arange(L), reverse=True)
+  if not fused:
+    def body(carry, s):
+      prep = prepared(s, fwd(*restart_args(s)))
+      return bwd_results(carry, prep, bwd(*bwd_args(carry, s, prep)))
+    (dw1, db1, dw2, db2, dgam, dbet), (dq, dk, dv, de) = jax.lax.scan(
+        body, init, jnp.arange(L), reverse=True)
+  else:  # launches in pairs (s = 2p + 1, then 2p): no launch's inputs cross the loop carry while
+    n_bwd_out = len(bwd_parts.out_type)  # they are read (no carry copies)
+
+    def one(carry, s, prep):  # launch s's backward kernel and launch s - 1's restarts (launch 0:
+      res = fused_kernel(*bwd_args(carry, s, prep),  # launch 0's again, unused)
+                         *restart_args(jnp.maximum(s - 1, 0)))
+      carry, outs = bwd_results(carry, prep, res[:n_bwd_out])
+      return carry, outs, prepared(jnp.maximum(s - 1, 0), res[n_bwd_out:])
+
+    def body(carry, p):
+      carry, prep = carry
+      carry, outs_hi, prep = one(carry, 2 * p + 1, prep)
+      carry, outs_lo, prep = one(carry, 2 * p, prep)
+      return (carry, prep), jax.tree.map(lambda a, b: jnp.stack([a, b]), outs_lo, outs_hi)
+
+    ((dw1, db1, dw2, db2, dgam, dbet), _), outs = jax.lax.scan(
+        body, (init, prepared(L - 1, fwd(*restart_args(L - 1)))), jnp.arange(L // 2),
+        reverse=True)
+    dq, dk, dv, de = (a.reshape((L,) + a.shape[2:]) for a in outs)  # [L/2, 2, ...]: launch 2p + j
 
   def steps(a):  # [L, BH, S G, ...] -> [B, H, NC, ...] float32
     a = jnp.moveaxis(a.astype(f32), 0, 1).reshape((BH, L * S * G) + a.shape[3:])[:, :NC]

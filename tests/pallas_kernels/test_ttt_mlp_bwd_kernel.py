@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels.ttt_mlp import kernel_bwd_mgpu, ttt_mlp_pallas
+from pallas_kernels.ttt_mlp import kernel_acc_mgpu, kernel_bwd_mgpu, ttt_mlp_pallas
 from pallas_kernels.ttt_mlp import ttt_mlp as T
 from kernel_testing import rel, ttt_inputs
 from ttt_dit.ttt import inner_loop
@@ -106,6 +106,32 @@ def test_backward_launch_grouping_does_not_change_gradients(groups_per_launch, m
     assert rel(x, z) < 2e-2, (name, rel(x, z))
 
 
+@pytest.mark.parametrize("backward", ["pallas_qpass", "pallas"])
+def test_fused_restarts_give_the_plain_gradients(backward, monkeypatch):
+  """FUSED_RESTARTS (launch s's backward kernel and launch s - 1's restarts in one two-role
+  launch, launches in pairs) gives the gradients of the plain scan (interpret, cluster 1; NC = 5,
+  G = 2, one group per launch: 3 launches plain, 4 fused (one padded group); H = 2 rows of
+  restarts walked by one program, so the restart role loops over rows). A pair body that
+  restarted launch s instead of s - 1 was seen to give > 1e-2."""
+  B, H, NC, G = 1, 2, 5, 2
+  args = ttt_inputs(B, H, NC, 7)
+  cot = jax.random.normal(jax.random.PRNGKey(12), (B, H, NC, 64, 64))
+  per_group = B * H * (G + 1) * (T._RESTART_STEP_BYTES + (
+      T._QPASS_STEP_BYTES if backward == "pallas_qpass" else 0))
+  monkeypatch.setattr(T, "RESTART_PROGRAMS", 1)
+
+  def grads(fused):
+    monkeypatch.setattr(T, "FUSED_RESTARTS", fused)
+    monkeypatch.setattr(T, "BWD_LAUNCH_BYTES", (2 if fused else 1) * per_group)  # 1 group each
+    return jax.grad(lambda a: jnp.sum(ttt_mlp_pallas(
+        *a, checkpoint_group_size=G, interpret=True, backward=backward).astype(jnp.float32)
+        * cot))(args)
+
+  plain, fused = grads(False), grads(True)
+  for name, x, y in zip(NAMES, fused, plain):
+    assert rel(x, y) < 1e-6, (name, rel(x, y))
+
+
 @pytest.mark.parametrize("launch_bytes", [0, 1 << 30])
 def test_saved_forward_backward_is_bitwise_the_recomputing_one(launch_bytes, monkeypatch):
   """backward="pallas_saved" (the restart saves X2 / Z2 of keys and queries; the backward kernel
@@ -163,6 +189,35 @@ def test_backward_kernel_cluster2_lowers_for_cuda(dw_gmem, groups, saved, qpass)
     assert len(outs) == 9
   else:
     assert outs[0].shape == (bh, 2, ns, 64, 64) and outs[6].shape == (bh, 4, 64, 64)
+
+
+def test_fused_backward_and_restart_cluster2_lowers_for_cuda():
+  """The two-role launch of FUSED_RESTARTS at the GPU configuration (cluster 2: the backward
+  kernel with the queries' reverse from outside, the restart with save_ln and the final
+  checkpoint, their SMEM in one union under the 227 KiB limit) lowers for CUDA."""
+  from pallas_kernels import mgpu_common
+  bh, g, groups = 4, 16, 2
+  rows, ns = bh * groups, groups * g
+  bwd = kernel_bwd_mgpu.build_backward(
+      bh, g, 1e-6, groups=groups, parts=True,
+      config=kernel_bwd_mgpu.BwdTuningConfig(cluster=2, saved_forward=True, query_pass=True))
+  rst = kernel_acc_mgpu.build_forward_acc(
+      rows, g, 1, 1e-6, parts=True, config=kernel_acc_mgpu.AccTuningConfig(
+          cluster=2, outputs=False, save_activations=True, save_ln=True, checkpoint_lo=False,
+          final_checkpoint=True))
+  fn = mgpu_common.two_role_kernel(bwd, 24, bh, rst, 12, rows, 16)
+  S, bf, f32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.float32
+  args = (_bwd_args(bh, g, groups)
+          + (S((rows, g + 1, 4, 64, 64), bf),) + (S((rows, g + 1, 64, 64), bf),) * 3
+          + (S((rows, g + 1, 64), f32), S((bh, ns, 4, 64, 64), bf), S((bh, ns, 4, 64, 64), bf),
+             S((bh, ns, 4, 64), f32), S((bh, ns, 64), f32))
+          + (S((rows, g, 64, 64), bf),) * 3 + (S((rows, g, 64), f32),)
+          + (S((rows, 64), f32),) * 2 + (S((rows, 4, 64, 64), bf),) * 2 + (S((rows, 4, 64), f32),)
+          + (S((rows, 4, 64, 64), bf),) * 2 + (S((rows, 64), f32),))
+  lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text().lower()
+  outs = jax.eval_shape(fn, *args)
+  assert len(outs) == 9 + 12 and outs[10].shape == (rows, g + 1, 4, 64, 64)
 
 
 def test_query_pass_needs_saved_forward():
