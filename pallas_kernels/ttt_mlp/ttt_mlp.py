@@ -260,7 +260,9 @@ BWD_LAUNCH_BYTES = 4 << 30
 # True: launch s's backward kernel and launch s - 1's restarts run as one launch
 # (`mgpu_common.two_role_kernel`): the backward kernel's 2 BH = 96 CTAs hold their SMs for the
 # whole launch, the restarts take RESTART_PROGRAMS clusters of the 36 SMs left on an H100 (launches
-# in pairs, sized with half of BWD_LAUNCH_BYTES: two launches' states live).
+# in pairs, sized with half of BWD_LAUNCH_BYTES: two launches' states live). H100, same start:
+# no faster (NC=1000 whole backward 87.1 vs 87.0 ms): the restarts hide, but the backward's steps
+# get ~9% slower next to their memory traffic (NOTES-ttt-mlp.md). Opt-in.
 FUSED_RESTARTS = False
 RESTART_PROGRAMS = 16
 # What one more launch costs, in checkpoint groups of backward work (H100, NC=282: 17 launches
