@@ -65,9 +65,16 @@ class BwdTuningConfig:
   # writes them with `AccTuningConfig(save_ln=True)`: X2 chunks and the LayerNorm-L2 parts G2,
   # xhat, h (bf16) and rstd, so the step starts without a LayerNorm (and V is not read).
   query_pass: bool = False
+  # query_pass: a step's loads are issued at once in the order they are first used and each is
+  # waited just before its first use (not all at the step's start), so the later tiles' TMA
+  # latency overlaps the queries' contributions and the first update phase; the sb2 load (unread
+  # with query_pass) is dropped.
+  lazy_waits: bool = False
 
   def __post_init__(self):
     check_cluster(self.cluster)
+    if self.lazy_waits and not self.query_pass:
+      raise ValueError("lazy_waits=True is built only with query_pass=True")
     if self.query_pass and (self.dw_gmem or not self.saved_forward):
       raise ValueError("query_pass=True is built with saved_forward=True and dw_gmem=False; got "
                        f"saved_forward={self.saved_forward}, dw_gmem={self.dw_gmem}")
@@ -231,8 +238,31 @@ def build_backward(BH: int, G: int, ln_eps: float, *, groups: int = 1,
             plgpu.wgmma(acc, a, b)
       return pl.run_state(fn)(tuple(plgpu.ACC.init(v) for v in vals))
 
+    pending = {}  # lazy_waits: load name -> its barrier, waited before first use (`need`)
+
+    def need(*names):
+      for n in names:
+        if n in pending:
+          plgpu.barrier_wait(bars.at[pending.pop(n)])
+
     def issue_loads(m, parity):
       g, i = bh * groups + m // G, m % G  # the per-step states of step m: [g, i] and [g, i + 1]
+      if config.lazy_waits:  # in the order of first use (see `step`)
+        kx2, kg2, kxh, kh, krstd, qx2, dz1, db1q, db2q = saved
+        named = (("eta", eta_ref.at[bh, m], eta_s), ("db2q", db2q.at[bh, m], nb2_s),
+                 ("db1q", db1q.at[bh, m, pl.ds(c0, NL)], nb1_s),
+                 ("qx2", qx2.at[bh, m, pl.ds(c0, NL)], xb_s), ("do", do_ref.at[bh, m], do_s),
+                 ("q", q_ref.at[bh, m], q_s), ("dz1", dz1.at[bh, m, pl.ds(c0, NL)], g1_s),
+                 ("krstd", krstd.at[g, i], rstd_s), ("k", k_ref.at[bh, m], k_s),
+                 ("w1", sw1_ref.at[g, i, pl.ds(c0, NL)], w1_s),
+                 ("w2", sw2_ref.at[g, i, pl.ds(c0, NL)], w2_s), ("kg2", kg2.at[g, i], g2_s),
+                 ("b1", sb1_ref.at[g, i, pl.ds(c0, NL)], b1_s),
+                 ("kx2", kx2.at[g, i, pl.ds(c0, NL)], x_s), ("kxh", kxh.at[g, i], xh_s),
+                 ("kh", kh.at[g, i], v_s))
+        for j, (name, src, dst) in enumerate(named):
+          plgpu.copy_gmem_to_smem(src, dst, bars.at[j])
+          pending[name] = j
+        return
       copies = ((q_ref.at[bh, m], q_s), (k_ref.at[bh, m], k_s),
                 (do_ref.at[bh, m], do_s), (eta_ref.at[bh, m], eta_s),
                 (sw1_ref.at[g, i, pl.ds(c0, NL)], w1_s), (sw2_ref.at[g, i, pl.ds(c0, NL)], w2_s),
@@ -266,18 +296,21 @@ def build_backward(BH: int, G: int, ln_eps: float, *, groups: int = 1,
       ph = Phases()  # named regions: what a `Profile` times
       ph("load")
       issue_loads(m, parity)
+      need("eta")
       E = col(plgpu.load(eta_s, layout=red1))  # eta per row
       gam = row(plgpu.load(gam_s, layout=red0))
       bet = row(plgpu.load(bet_s, layout=red0))
 
       if QP:  # the keys' LayerNorm-L2 parts came with the loads; the queries' reverse too
         dW1, dW2 = query_contributions(ph, dW1, dW2)
+        need("krstd")
         rstd = plgpu.load(rstd_s, layout=red1)
       else:
         rstd = keys_layernorm(ph, parity, gam, bet)
         dW1, dW2 = query_reverse_in_kernel(ph, m, parity, dW1, dW2, gam)
       if "U" not in ablate:
         dW1, dW2 = update_reverse(ph, m, parity, E, gam, rstd, dW1, dW2)
+      need(*list(pending))  # (every load waited once per step, whatever was ablated)
       ph.close()
       return dW1, dW2
 
@@ -308,6 +341,7 @@ def build_backward(BH: int, G: int, ln_eps: float, *, groups: int = 1,
       """query_pass: the output path's part of dW_{m+1} and db, from the loaded tiles (X2b in
       xb_s, dZ2b in do_s, dZ1b in g1_s) and vectors (db1q in nb1_s, db2q in nb2_s)."""
       ph("A_qpass")
+      need("db2q", "db1q", "qx2", "do", "q", "dz1")
       db2_a[...] = plgpu.load(db2_a, layout=red0) + plgpu.load(nb2_s, layout=red0)
       for c in range(NL):
         db1_a[c] = plgpu.load(db1_a.at[c], layout=red0) + plgpu.load(nb1_s.at[c], layout=red0)
@@ -389,6 +423,7 @@ def build_backward(BH: int, G: int, ln_eps: float, *, groups: int = 1,
     def update_reverse(ph, m, parity, E, gam, rstd, dW1, dW2):
       """U: W1' = W1 - K^T (e G1), W2' = W2 - X2^T (e G2), b' likewise (dW*, db* now final)."""
       ph("U_g1")
+      need("k", "w1", "w2", "kg2", "b1")
       db2v = plgpu.load(db2_a, layout=red0)
       de = None
       for c in range(NL):  # ordered for few live [64, 64] values (128 registers are the dW)
@@ -406,6 +441,7 @@ def build_backward(BH: int, G: int, ln_eps: float, *, groups: int = 1,
         zp[c][...] = (dg1 * pg).astype(bf16)  # first part of dZ1
       plgpu.commit_smem()
       ph("U_t")
+      need("kx2")
       t1, t2 = wgmma_chains([[(x_s.at[c], nw2_s.at[c]) for c in range(NL)],
                              [(xb_s.at[c], w2_s.at[c]) for c in range(NL)]], shp)
       g2f = g2_s[...].astype(f32)
@@ -417,6 +453,7 @@ def build_backward(BH: int, G: int, ln_eps: float, *, groups: int = 1,
       ph("U_xchg")
       dg2 = allreduce(t2 - E * t1, parity) - E * row(db2v)
       ph("U_lnvjp")
+      need("kxh", "kh")
       # ---- LayerNorm-L2 gradient G2 = rstd (g - mean g - xh mean(g xh)), g = gamma h: its VJP
       u = dg2 * col(rstd)
       dstd = -jnp.sum(u * g2_s[...].astype(f32), axis=1)

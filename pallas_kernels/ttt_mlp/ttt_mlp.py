@@ -257,6 +257,9 @@ QUERY_PASS = "kernel"
 # launch) vs 29.1 ms (all 18 in one launch: the restarts run in fewer waves). 0: one group per
 # launch, the least memory.
 BWD_LAUNCH_BYTES = 4 << 30
+# pallas_qpass: the backward kernel waits for each of a step's loads just before its first use
+# (`BwdTuningConfig.lazy_waits`) instead of all at the step's start.
+BWD_LAZY_WAITS = False
 # True: launch s's backward kernel and launch s - 1's restarts run as one launch
 # (`mgpu_common.two_role_kernel`): the backward kernel's 2 BH = 96 CTAs hold their SMs for the
 # whole launch, the restarts take RESTART_PROGRAMS clusters of the 36 SMs left on an H100 (launches
@@ -329,7 +332,7 @@ def _bwd_pallas(group, ln_eps, interpret, variant, res, dout, **tuning):
                save_activations=saved, checkpoint_lo=False, save_ln=qpass, final_checkpoint=True)
   iparams = jax.experimental.pallas.mosaic_gpu.InterpretGPUParams() if interpret else None
   bwd_cfg = kernel_bwd_mgpu.BwdTuningConfig(cluster=C, reduction_scratch=REDUCTION_SCRATCH,
-                                            **tuning)
+                                            lazy_waits=BWD_LAZY_WAITS and qpass, **tuning)
   bwd = kernel_bwd_mgpu.build_backward(BH, G, float(ln_eps), groups=S, config=bwd_cfg,
                                        interpret=iparams)
   if fused:  # the backward kernel of launch s with the restarts of launch s - 1 on other SMs

@@ -132,6 +132,25 @@ def test_fused_restarts_give_the_plain_gradients(backward, monkeypatch):
     assert rel(x, y) < 1e-6, (name, rel(x, y))
 
 
+def test_lazy_waits_give_bitwise_the_same_gradients(monkeypatch):
+  """BWD_LAZY_WAITS (each of a step's loads waited just before its first use) changes no
+  arithmetic: gradients bitwise those with all loads waited at the step's start (interpret,
+  cluster 1, NC = 3, G = 2: two groups)."""
+  B, H, NC, G = 1, 1, 3, 2
+  args = ttt_inputs(B, H, NC, 5)
+  cot = jax.random.normal(jax.random.PRNGKey(11), (B, H, NC, 64, 64))
+
+  def grads(lazy):
+    monkeypatch.setattr(T, "BWD_LAZY_WAITS", lazy)
+    return jax.grad(lambda a: jnp.sum(ttt_mlp_pallas(
+        *a, checkpoint_group_size=G, interpret=True).astype(jnp.float32) * cot))(args)
+
+  for name, x, y in zip(NAMES, grads(True), grads(False)):
+    assert bool(jnp.array_equal(x, y)), (name, rel(x, y))
+  with pytest.raises(ValueError, match="query_pass"):
+    kernel_bwd_mgpu.BwdTuningConfig(lazy_waits=True)
+
+
 @pytest.mark.parametrize("launch_bytes", [0, 1 << 30])
 def test_saved_forward_backward_is_bitwise_the_recomputing_one(launch_bytes, monkeypatch):
   """backward="pallas_saved" (the restart saves X2 / Z2 of keys and queries; the backward kernel
@@ -159,18 +178,20 @@ def _bwd_args(bh, g, groups=1):
              S((bh, 4, 64), f32), S((bh, 4, 64, 64), f32), S((bh, 64), f32)))
 
 
-@pytest.mark.parametrize("dw_gmem,groups,saved,qpass", [
-    (False, 1, False, False), (True, 1, False, False), (False, 3, False, False),
-    (False, 2, True, False), (False, 2, True, True)])
-def test_backward_kernel_cluster2_lowers_for_cuda(dw_gmem, groups, saved, qpass):
+@pytest.mark.parametrize("dw_gmem,groups,saved,qpass,lazy", [
+    (False, 1, False, False, False), (True, 1, False, False, False),
+    (False, 3, False, False, False), (False, 2, True, False, False),
+    (False, 2, True, True, False), (False, 2, True, True, True)])
+def test_backward_kernel_cluster2_lowers_for_cuda(dw_gmem, groups, saved, qpass, lazy):
   """The GPU configuration (cluster 2, 2 exchange slots, SMEM under the 227 KiB limit) lowers;
   also with dW kept in GMEM (dw_gmem), over 3 groups in one launch, fed saved activations, and
-  with the queries' reverse from outside (query_pass: no dQ partials)."""
+  with the queries' reverse from outside (query_pass: no dQ partials), and with its loads waited
+  lazily."""
   bh, g = 4, 16
   fn = kernel_bwd_mgpu.build_backward(
       bh, g, 1e-6, groups=groups,
       config=kernel_bwd_mgpu.BwdTuningConfig(cluster=2, dw_gmem=dw_gmem, saved_forward=saved,
-                                             query_pass=qpass))
+                                             query_pass=qpass, lazy_waits=lazy))
   args = _bwd_args(bh, g, groups)
   S, ns = jax.ShapeDtypeStruct, groups * g
   rows = bh * groups
