@@ -24,7 +24,7 @@ setup: $(VENV)/.installed
 
 # Tests marked `serial` run after the parallel run, alone (see setup.cfg).
 test: setup
-	$(VENV)/bin/python -m pytest -n 2 -q -m "not serial" $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -n 2 --dist worksteal -q -m "not serial" $(PYTEST_ARGS)
 	$(VENV)/bin/python -m pytest -q -m serial $(PYTEST_ARGS)
 
 clean:
