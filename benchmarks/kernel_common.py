@@ -62,15 +62,30 @@ def median_ms(fn, args, reps: int) -> float:
   return statistics.median(ts)
 
 
+def in_flight_ms(fn, args, n: int, reps: int) -> float:
+  """Median over `reps` of (wall ms of n calls dispatched back to back, waited once) / n: the
+  per-call cost when the host's work per call overlaps the previous call's kernels, as in a model
+  that runs many layers (`benchmarks/launch_overhead.py`)."""
+  jax.block_until_ready(fn(*args))
+  ts = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    jax.block_until_ready([fn(*args) for _ in range(n)])
+    ts.append((time.perf_counter() - t) * 1e3 / n)
+  return statistics.median(ts)
+
+
 def summarize(rows: list[dict], out: str = "") -> None:
   """Prints the kernel benchmarks' closing table (one line per row) and writes rows to `out` (JSON)."""
   nan = float("nan")
-  print("\neta    NC    impl            fwd_ms  TFLOP/s  fwd+bwd_ms  out_rel  max_grad_rel")
+  print("\neta    NC    impl            fwd_ms  TFLOP/s  fwd+bwd_ms  out_rel  max_grad_rel"
+        "  (in flight: fwd_ms fwd+bwd_ms)")
   for r in rows:
     mg = max(r["grad_rel"].values()) if "grad_rel" in r else nan  # nan if any is nan
     print(f"{r['eta_scale']:.0e} {r['NC']:5d} {r['impl']:14s} {r.get('fwd_ms', nan):8.2f} "
           f"{r.get('fwd_tflops', nan):8.3f} {r.get('fwdbwd_ms', nan):10.1f} "
-          f"{r['out_rel']:.2e} {mg:.2e}")
+          f"{r['out_rel']:.2e} {mg:.2e}  {r.get('fwd_ms_in_flight', nan):8.2f} "
+          f"{r.get('fwdbwd_ms_in_flight', nan):10.1f}")
   if out:
     with open(out, "w") as fh:
       json.dump(rows, fh, indent=1)

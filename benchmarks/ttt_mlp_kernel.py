@@ -6,7 +6,9 @@ checkpoints; "pallas" before the backward kernel became the default) | other var
 
 B=1, H=48, F=CS=64, hidden 256, NC in {282, 1000, 2750, 5500}; fresh random inputs per NC,
 L2-normalised Q/K, eta ~1e-5 per token. Prints one table row per (NC, impl) and writes JSON to
---out (if given). Tolerances: outputs rel L2 < 1e-2, gradients < 2e-2 vs the float32 XLA scan.
+--out (if given). Times: `fwd_ms` / `fwdbwd_ms` one call at a time, waited; `*_in_flight` with
+--in_flight calls dispatched back to back (the host's ~0.4 ms per call hidden, as in a model:
+`benchmarks/launch_overhead.py`). Tolerances: outputs rel L2 < 1e-2, gradients < 2e-2 vs the float32 XLA scan.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from benchmarks.kernel_common import median_ms, rel, summarize, ttt_inputs
+from benchmarks.kernel_common import in_flight_ms, median_ms, rel, summarize, ttt_inputs
 from pallas_kernels.ttt_mlp import ttt_mlp_pallas
 from ttt_dit.ttt import inner_loop
 
@@ -37,6 +39,8 @@ def main(argv=None):
   p.add_argument("--grad_nc", default="282", help="NCs at which gradients are checked/timed")
   p.add_argument("--impls", default="xla,pallas")
   p.add_argument("--out", default="")
+  p.add_argument("--in_flight", type=int, default=4,
+                 help="calls dispatched back to back for the *_in_flight timings (host work hidden)")
   p.add_argument("--sensitivity", action="store_true")
   p.add_argument("--eta_scale", type=float, default=1e-5)
   p.add_argument("--target", default="unit", choices=("unit", "layer"),
@@ -118,7 +122,8 @@ def main(argv=None):
             f"{lo}-{hi}": rel(out[:, :, lo:hi].astype(jnp.float32) - q32[:, :, lo:hi],
                               ref[:, :, lo:hi] - q32[:, :, lo:hi])
             for lo, hi in zip(bounds[:-1], bounds[1:])}
-      row["fwd_ms"] = median_ms(fn, args, a.reps)
+      row["fwd_ms"] = median_ms(fn, args, a.reps)  # one call at a time, waited
+      row["fwd_ms_in_flight"] = in_flight_ms(fn, args, a.in_flight, max(2, a.reps // 2))
       row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
       if NC in grad_ncs:
         lf = loss_fn(fn)
@@ -130,6 +135,7 @@ def main(argv=None):
           row["grad_rel"] = {k: rel(x, y) for k, x, y in zip(names, g, gref)}
           row["gref_finite"] = all(fin(x) for x in gref)
         row["fwdbwd_ms"] = median_ms(lf, (args, cot), max(2, a.reps // 2))
+        row["fwdbwd_ms_in_flight"] = in_flight_ms(lf, (args, cot), a.in_flight, 2)
         # nominal: backward counted as 2x the forward's FLOPs (no recompute counted)
         row["fwdbwd_tflops_nominal"] = 3 * flops / row["fwdbwd_ms"] / 1e9
       try:
