@@ -63,6 +63,8 @@ def main(argv=None):
                                                       variant="v3_exact")),
       "pallas_3pass": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G,
                                                         variant="v3_3pass")),
+      "pallas_3pass_pbwd": jax.jit(lambda *x: ttt_mlp_pallas(  # 3-pass restarts too
+          *x, checkpoint_group_size=G, variant="v3_3pass", backward="pallas")),
       "pallas_v3": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G, variant="v3")),
       "pallas_saved": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G,
                                                         backward="pallas_saved")),

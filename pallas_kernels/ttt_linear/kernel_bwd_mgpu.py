@@ -15,6 +15,7 @@ b' = b - e^T G, Zb = Q W' + b', out = Q + gamma LN(Zb) + beta):
 Matmul operands are bf16 (the forward kernel's operand rounding: W_m as bf16 is exactly the copy
 the forward used), accumulation and elementwise math float32. Interpret mode (CPU tests) adds the
 update products from a fresh accumulator (no rule for wgmma under `run_state`).
+`python -m pallas_kernels.ttt_linear.kernel_bwd_mgpu` times it against jax.grad of the float32 XLA scan (`kernel_bench`).
 """
 
 from __future__ import annotations
@@ -186,3 +187,15 @@ def build_backward(BH: int, G: int, ln_eps: float, *,
              plgpu.Barrier(num_barriers=9)]
   return per_head_kernel(body, out_type=out_type, scratch=scratch, BH=BH,
                          approx_math=config.approx_math, interpret=interpret)
+
+
+def main(argv=None) -> dict[str, float]:
+  """Times the TTT-Linear backward kernel against jax.grad of the float32 XLA scan (`kernel_bench.backward_main`):
+  `python -m pallas_kernels.ttt_linear.kernel_bwd_mgpu [--nc N] [--variants V,...] [--interpret]`."""
+  from pallas_kernels import kernel_bench
+  variants = ("pallas",)
+  return kernel_bench.backward_main(argv, main.__doc__, variants, None, layer="linear")
+
+
+if __name__ == "__main__":
+  main()

@@ -17,6 +17,7 @@ Checkpoints (W1, b1 float32, the state before mini-batch g * group) go to HBM by
 Interpret mode (CPU tests) has no rule for wgmma under `run_state`: there the update goes to a fresh
 accumulator and is added; the in-place accumulation is covered by the CUDA lowering test and the GPU
 benchmark only.
+`python -m pallas_kernels.ttt_linear.kernel_mgpu` times it against the float32 XLA scan (`kernel_bench`).
 """
 
 from __future__ import annotations
@@ -208,3 +209,15 @@ def build_forward(BH: int, NC: int, group: int, ln_eps: float, *,
              plgpu.Barrier(num_barriers=4 * NB)]
   return per_head_kernel(body, out_type=out_type, scratch=scratch, BH=BH,
                          approx_math=config.approx_math, interpret=interpret)
+
+
+def main(argv=None) -> dict[str, float]:
+  """Times the TTT-Linear forward configurations against the float32 XLA scan (`kernel_bench.forward_main`):
+  `python -m pallas_kernels.ttt_linear.kernel_mgpu [--nc N] [--variants V,...] [--interpret]`."""
+  from pallas_kernels import kernel_bench
+  variants = ("primal", "dual", "primal_prefetch", "dual_prefetch")
+  return kernel_bench.forward_main(argv, main.__doc__, variants, ("primal_prefetch",), layer="linear")
+
+
+if __name__ == "__main__":
+  main()

@@ -31,6 +31,7 @@ Covered only by the GPU run (benchmarks/ttt_mlp_kernel.py): cluster=2 (the DSMEM
 barriers) and the in-place accumulation into the carried state (interpret mode has no rule for
 wgmma under `run_state`, so there the update goes to a fresh accumulator and is added). On CPU,
 cluster=1 runs in interpret mode and cluster=2 is lowered for CUDA (tests/pallas_kernels).
+`python -m pallas_kernels.ttt_mlp.kernel_acc_mgpu` times it against the float32 XLA scan (`kernel_bench`).
 """
 
 from __future__ import annotations
@@ -647,3 +648,15 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
                          approx_math=config.approx_math, interpret=interpret, profile=profile,
                          reduction_scratch=config.reduction_scratch,
                          **kwargs)
+
+
+def main(argv=None) -> dict[str, float]:
+  """Times the v3 / v4 family against the float32 XLA scan (`kernel_bench.forward_main`):
+  `python -m pallas_kernels.ttt_mlp.kernel_acc_mgpu [--nc N] [--variants V,...] [--interpret]`."""
+  from pallas_kernels import kernel_bench
+  variants = ("v3", "v3_precise", "v3_exact", "v3_3pass", "v4", "v5", "v4p", "v4l")
+  return kernel_bench.forward_main(argv, main.__doc__, variants, ("v3", "v4", "v3_3pass"), layer="mlp")
+
+
+if __name__ == "__main__":
+  main()

@@ -23,6 +23,7 @@ other products that sum over the hidden dim (dQ, dK, deta) are written out per C
 and summed by the caller (outputs with a [cluster] axis). cluster=1 (everything in one CTA) is
 what CPU interpret mode runs; cluster=2 is the GPU kernel (lowered for CUDA in the CPU tests).
 Matmul operands are bf16 (as in the forward kernel); accumulation and all elementwise math f32.
+`python -m pallas_kernels.ttt_mlp.kernel_bwd_mgpu` times it against jax.grad of the float32 XLA scan (`kernel_bench`).
 """
 
 from __future__ import annotations
@@ -557,3 +558,15 @@ def build_backward(BH: int, G: int, ln_eps: float, *, groups: int = 1,
                          approx_math=config.approx_math, interpret=interpret, profile=profile,
                          reduction_scratch=config.reduction_scratch,
                          **kwargs)
+
+
+def main(argv=None) -> dict[str, float]:
+  """Times the backward kernel's `ttt_mlp_pallas(backward=...)` paths against jax.grad of the float32 XLA scan (`kernel_bench.backward_main`):
+  `python -m pallas_kernels.ttt_mlp.kernel_bwd_mgpu [--nc N] [--variants V,...] [--interpret]`."""
+  from pallas_kernels import kernel_bench
+  variants = ("pallas_qpass", "pallas_saved", "pallas", "pallas_dw_gmem")
+  return kernel_bench.backward_main(argv, main.__doc__, variants, ("pallas_qpass",), layer="mlp")
+
+
+if __name__ == "__main__":
+  main()

@@ -6,6 +6,7 @@ b1, b2 in float32, and walks the NC mini-batches with `wgmma` bf16 x bf16 -> f32
 mini-batch it runs the update (spec §3.4 (1)-(8)) in primal form, then applies the new state to the
 queries (9)-(10). The 256-wide hidden dimension is processed as 4 chunks of 64.
 Checkpoints of the state are written to HBM before every `group`-th mini-batch.
+`python -m pallas_kernels.ttt_mlp.kernel_mgpu` times it against the float32 XLA scan (`kernel_bench`).
 """
 
 from __future__ import annotations
@@ -296,3 +297,15 @@ def build_forward(BH: int, NC: int, group: int, ln_eps: float, interpret=None,
   return plgpu.kernel(
       body, out_type=out_type, scratch_types=scratch, grid=(BH,), grid_names=("bh",),
       compiler_params=plgpu.CompilerParams(approx_math=True), **kwargs)
+
+
+def main(argv=None) -> dict[str, float]:
+  """Times v1/v2 (state as bf16 (hi, lo) in SMEM) against the float32 XLA scan (`kernel_bench.forward_main`):
+  `python -m pallas_kernels.ttt_mlp.kernel_mgpu [--nc N] [--variants V,...] [--interpret]`."""
+  from pallas_kernels import kernel_bench
+  variants = ("v1", "v2")
+  return kernel_bench.forward_main(argv, main.__doc__, variants, ("v2",), layer="mlp")
+
+
+if __name__ == "__main__":
+  main()

@@ -116,21 +116,13 @@ def build_query_reverse(BH: int, S: int, G: int, ln_eps: float, *,
                                                       config.reduction_scratch), **kwargs)
 
 
-def main(argv=None) -> None:
-  """Times the kernel against its XLA reference at one backward launch's shapes (B=1 heads, S
-  groups of G steps) and prints their largest relative difference over the outputs."""
-  import argparse
-  import statistics
-  import time
-
+def main(argv=None) -> dict[str, float]:
+  """Times the kernel against its XLA reference (`query_reverse`) at one backward launch's
+  shapes (B=1 heads, S groups of G steps; `kernel_bench.report`):
+  `python -m pallas_kernels.ttt_mlp.kernel_qrev_mgpu [--heads 48] [--groups 18] [--interpret]`."""
+  from pallas_kernels import kernel_bench
   from pallas_kernels.ttt_mlp import query_reverse
-  p = argparse.ArgumentParser()
-  p.add_argument("--heads", type=int, default=48)
-  p.add_argument("--groups", type=int, default=18)
-  p.add_argument("--group", type=int, default=16)
-  p.add_argument("--reps", type=int, default=5)
-  p.add_argument("--interpret", action="store_true", help="CPU: Mosaic GPU interpret mode")
-  a = p.parse_args(argv)
+  a = kernel_bench.parse_flags(argv, main.__doc__, ("kernel",), groups=18)
   BH, S, G = a.heads, a.groups, a.group
   ks = jax.random.split(jax.random.PRNGKey(0), 8)
   n = lambda k, s, sc=1.0: sc * jax.random.normal(k, s)
@@ -140,27 +132,13 @@ def main(argv=None) -> None:
   sw2 = n(ks[3], (BH * S, G + 1, NH, 64, 64), 0.1).astype(bf)
   sb1, sb2 = n(ks[4], (BH * S, G + 1, NH, 64), 0.1), n(ks[5], (BH * S, G + 1, 64), 0.1)
   gam, bet = 1.0 + n(ks[6], (BH, 64), 0.1), n(ks[7], (BH, 64), 0.1)
-  args = (q, do, sw1, sb1, sw2, sb2, gam)
-  interp = jax.experimental.pallas.mosaic_gpu.InterpretGPUParams() if a.interpret else None
-  kern = jax.jit(build_query_reverse(BH, S, G, 1e-6, interpret=interp))
+  args = (q, do, sw1, sb1, sw2, sb2, gam, bet)
+  kern = build_query_reverse(BH, S, G, 1e-6, interpret=kernel_bench.interpret_params(a))
   after = lambda x: x[:, 1:].reshape((BH, S * G) + x.shape[2:])
-  ref = jax.jit(lambda q, do, w1, b1, w2, b2, g: query_reverse.query_reverse(
-      q, do, after(w1), after(b1), after(w2), after(b2), g[:, None], bet[:, None], 1e-6))
-
-  def median_ms(fn):
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(a.reps):
-      t = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      ts.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(ts)
-
-  rel = lambda x, y: float(jnp.linalg.norm((x.astype(jnp.float32) - y.astype(jnp.float32)).ravel())
-                           / jnp.linalg.norm(y.astype(jnp.float32).ravel()))
-  diff = max(rel(x, y) for x, y in zip(kern(*args), ref(*args)))
-  print(f"device {jax.devices()[0].device_kind}; BH={BH}, {S} x {G} steps: kernel "
-        f"{median_ms(kern):.3f} ms, XLA reference {median_ms(ref):.3f} ms, max rel diff {diff:.2e}")
+  ref = lambda q, do, w1, b1, w2, b2, g, b: query_reverse.query_reverse(
+      q, do, after(w1), after(b1), after(w2), after(b2), g[:, None], b[:, None], 1e-6)
+  name = f"TTT-MLP queries' reverse, BH={BH}, {S} x {G} steps"
+  return {"kernel": kernel_bench.report(name, lambda *x: kern(*x[:7]), args, ref, args, a.reps)}
 
 
 if __name__ == "__main__":

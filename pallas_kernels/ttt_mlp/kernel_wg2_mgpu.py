@@ -27,6 +27,7 @@ ordered by the step's TMA barriers (see `body`). CPU interpret mode runs both wa
 1 with race detection (tests/pallas_kernels); cluster 2 is lowered for CUDA there and run on GPU.
 Same argument/result layout as `kernel_acc_mgpu.build_forward_acc`. H100 (NOTES-ttt-mlp.md "v6"):
 v4's accuracy, 40% slower; each hand-off costs about a cluster exchange. Opt-in (`variant="v6"`).
+`python -m pallas_kernels.ttt_mlp.kernel_wg2_mgpu` times it against the float32 XLA scan (`kernel_bench`).
 """
 
 from __future__ import annotations
@@ -367,3 +368,15 @@ def build_forward_wg2(BH: int, NC: int, group: int, ln_eps: float, *,
   return per_head_kernel(body, out_type=out_type, scratch=scratch, BH=BH,
                          approx_math=config.approx_math, interpret=interpret, profile=profile,
                          reduction_scratch=config.reduction_scratch, **kwargs)
+
+
+def main(argv=None) -> dict[str, float]:
+  """Times v6 against the float32 XLA scan (`kernel_bench.forward_main`):
+  `python -m pallas_kernels.ttt_mlp.kernel_wg2_mgpu [--nc N] [--variants V,...] [--interpret]`."""
+  from pallas_kernels import kernel_bench
+  variants = ("v6",)
+  return kernel_bench.forward_main(argv, main.__doc__, variants, None, layer="mlp")
+
+
+if __name__ == "__main__":
+  main()

@@ -27,6 +27,7 @@ v4's arithmetic (the queries use the same bf16 state and biases) unless `early_g
 tests/pallas_kernels/test_ttt_mlp_ws_kernel.py runs these in child processes with a time limit,
 because jax 0.11.2's interpreter can stall them on a busy CPU); cluster 2 is lowered for CUDA
 there and run on the GPU.
+`python -m pallas_kernels.ttt_mlp.kernel_ws_mgpu` times it against the float32 XLA scan (`kernel_bench`).
 """
 
 from __future__ import annotations
@@ -398,3 +399,15 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
   return per_head_kernel(body, out_type=out_type, scratch=scratch, BH=BH,
                          approx_math=config.approx_math, interpret=interpret, profile=profile,
                          reduction_scratch=config.reduction_scratch, **kwargs)
+
+
+def main(argv=None) -> dict[str, float]:
+  """Times v7* (the GPU default: v7pe) against the float32 XLA scan (`kernel_bench.forward_main`):
+  `python -m pallas_kernels.ttt_mlp.kernel_ws_mgpu [--nc N] [--variants V,...] [--interpret]`."""
+  from pallas_kernels import kernel_bench
+  variants = ("v7", "v7p", "v7e", "v7pe", "v7pel")
+  return kernel_bench.forward_main(argv, main.__doc__, variants, ("v7pe",), layer="mlp")
+
+
+if __name__ == "__main__":
+  main()
