@@ -6,7 +6,8 @@ Emulates the kernels' forward numerics in XLA: the state trajectory of the TTT-M
 matmul operand rounded to bf16 (`all`, as the Mosaic GPU kernels feed wgmma), or all but the
 state W1/W2 (`w_precise`: the state as an exact (hi, lo) pair), or every operand rounded to a bf16
 (hi, lo) pair (`split`: ~16 mantissa bits, what 3-pass bf16 products would give a kernel), or none
-(`none`: a self-check, 0 error). Its states at the checkpoint-group starts then seed the float32 XLA backward (as
+(`none`: a self-check, 0 error), or one product's operands only (`only_z1` K W1, `only_z2` X2 W2,
+`only_g1` G2 W2^T, `only_dw1` the W1 update, `only_dw2` the W2 update; the rest exact). Its states at the checkpoint-group starts then seed the float32 XLA backward (as
 `backward="xla_vjp"` does with the kernel's checkpoints), and the gradients are compared with
 `jax.vjp` of the float32 scan (same bf16-valued inputs as `benchmarks.ttt_mlp_kernel.make_inputs`).
 Prints the max relative L2 error over the ten gradients, and per head for XK (errors concentrate in
@@ -38,19 +39,28 @@ def emulated_update(state, xs, mode: str, ln_eps: float):
   W1, b1, W2, b2 = state  # [B,H,F,4F] [B,H,1,4F] [B,H,4F,F] [B,H,1,F]
   XK, XV, eta, gamma, beta = xs  # [B,H,CS,F] x2, [B,H,CS], [H,1,F] x2
   split = lambda x: bf16(x) + bf16(x - bf16(x))
-  ro = {"none": lambda x: x, "split": split}.get(mode, bf16)        # data operands
-  rw = {"all": bf16, "split": split}.get(mode, lambda x: x)         # state operands
-  mm = lambda s, a, b, ra, rb: jnp.einsum(s, ra(a), rb(b), precision="highest")
+  exact = lambda x: x
+  if mode.startswith("only_"):  # one product's operands rounded (both), every other one exact
+    ops = {"only_z1": "z1", "only_z2": "z2", "only_g1": "g1", "only_dw1": "dw1", "only_dw2": "dw2"}
+    if mode not in ops:
+      raise ValueError(f"mode {mode!r}: one of {sorted(ops)}")
+    r = {o: (bf16 if o == ops[mode] else exact) for o in ops.values()}
+  else:
+    ro = {"none": exact, "split": split}.get(mode, bf16)        # data operands
+    rw = {"all": bf16, "split": split}.get(mode, exact)         # state operands
+    r = {o: (ro, rw) for o in ("z1", "z2", "g1")} | {o: (ro, ro) for o in ("dw1", "dw2")}
+  rr = lambda o: r[o] if isinstance(r[o], tuple) else (r[o], r[o])
+  mm = lambda s, a, b, o: jnp.einsum(s, rr(o)[0](a), rr(o)[1](b), precision="highest")
   XK, XV = XK.astype(jnp.float32), XV.astype(jnp.float32)
-  Z1 = mm("bhcf,bhfk->bhck", XK, W1, ro, rw) + b1                                  # [B,H,CS,4F]
+  Z1 = mm("bhcf,bhfk->bhck", XK, W1, "z1") + b1                                  # [B,H,CS,4F]
   X2 = inner_loop.gelu_tanh(Z1)
-  Z2 = mm("bhck,bhkf->bhcf", X2, W2, ro, rw) + b2                                  # [B,H,CS,F]
+  Z2 = mm("bhck,bhkf->bhcf", X2, W2, "z2") + b2                                  # [B,H,CS,F]
   G2 = inner_loop.ln_l2_grad(Z2, XV - XK, gamma, beta, ln_eps)
-  G1 = mm("bhcf,bhkf->bhck", G2, W2, ro, rw) * inner_loop.gelu_tanh_grad(Z1)
+  G1 = mm("bhcf,bhkf->bhck", G2, W2, "g1") * inner_loop.gelu_tanh_grad(Z1)
   eG1 = jnp.einsum("bhj,bhjk->bhk", eta, G1)[:, :, None]
   eG2 = jnp.einsum("bhj,bhjf->bhf", eta, G2)[:, :, None]
-  dW1 = mm("bhjf,bhjk->bhfk", XK * eta[..., None], G1, ro, ro)
-  dW2 = mm("bhjk,bhjf->bhkf", X2 * eta[..., None], G2, ro, ro)
+  dW1 = mm("bhjf,bhjk->bhfk", XK * eta[..., None], G1, "dw1")
+  dW2 = mm("bhjk,bhjf->bhkf", X2 * eta[..., None], G2, "dw2")
   return W1 - dW1, b1 - eG1, W2 - dW2, b2 - eG2
 
 
@@ -93,14 +103,20 @@ def main(argv=None):
   p.add_argument("--key", type=int, default=0,
                  help="input key (benchmarks.ttt_mlp_kernel uses 1000 + the NC's position)")
   p.add_argument("--ln_eps", type=float, default=1e-6)
+  p.add_argument("--head_ids", default="",
+                 help="comma list: only these heads of the --heads inputs (heads are independent)")
   p.add_argument("--perturb", default="",
                  help="comma list of relative sizes: also the float32 scan's own gradients with W1 "
                       "scaled by (1 + size), against the unperturbed ones (the problem's conditioning)")
   a = p.parse_args(argv)
   B, H, NC, G = 1, a.heads, a.nc, a.group
   args = make_inputs(jax.random.PRNGKey(a.key), B, H, NC, eta_scale=a.eta_scale)
+  cot = jax.random.normal(jax.random.key(7), args[0].shape, jnp.float32)
+  if a.head_ids:
+    ids = jnp.array([int(x) for x in a.head_ids.split(",")])
+    args = tuple(x[:, ids] if x.ndim == 5 or x.ndim == 4 else x[ids] for x in args)
+    cot, H = cot[:, ids], len(ids)
   XQ, XK, XV, eta, lw, lb, W1, b1, W2, b2 = args
-  cot = jax.random.normal(jax.random.key(7), XQ.shape, jnp.float32)
   state0 = tuple(jnp.broadcast_to(s, (B,) + s.shape) for s in (W1, b1, W2, b2))
 
   def trajectory(state0, mode):  # the state before every mini-batch [NC, B, H, ...]
@@ -133,6 +149,9 @@ def main(argv=None):
           f"{int((per_head >= 2e-2).sum())} of {H} heads >= 2e-2; the 3 largest-gradient heads hold "
           f"{float(np.linalg.norm(norms[top]) / np.linalg.norm(norms)):.0%} of the norm, errors "
           + ", ".join(f"{per_head[h]:.1e}" for h in top), flush=True)
+    worst = np.argsort(-per_head)[:3]
+    print("  XK worst heads (head: error, share of the norm): " + ", ".join(
+        f"{h}: {per_head[h]:.1e}, {norms[h] ** 2 / (norms ** 2).sum():.1%}" for h in worst), flush=True)
 
 
 if __name__ == "__main__":
