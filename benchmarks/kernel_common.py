@@ -7,9 +7,17 @@ import statistics
 import time
 
 import jax
+import numpy as np
 
 # (the kernel files' mains share these: kept in pallas_kernels, re-exported here)
 from pallas_kernels.kernel_bench import layer_target, median_ms, rel, ttt_inputs  # noqa: F401
+
+
+def per_head_rel(a, b) -> np.ndarray:
+  """Relative L2 difference of a against b per head: [B, H, ...] -> [H] (float64)."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  axes = (0,) + tuple(range(2, a.ndim))
+  return np.sqrt(((a - b) ** 2).sum(axes) / (b ** 2).sum(axes))
 
 
 def in_flight_ms(fn, args, n: int, reps: int) -> float:

@@ -23,15 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.kernel_common import per_head_rel
 from benchmarks.ttt_mlp_kernel import make_inputs
 from ttt_dit.ttt import inner_loop
-
-
-def per_head_rel(a, b) -> np.ndarray:
-  """Relative L2 difference of a against b per head: [B, H, ...] -> [H]."""
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  axes = (0,) + tuple(range(2, a.ndim))
-  return np.sqrt(((a - b) ** 2).sum(axes) / (b ** 2).sum(axes))
 
 
 def main(argv=None):
@@ -71,8 +65,9 @@ def main(argv=None):
   print(f" rest ({len(rest)} heads): share {share[rest].sum():.1%}, sens median {np.median(sens[rest]):.1e}"
         f" max {sens[rest].max():.1e}, updates raising the loss: median {np.median(raised[rest]):.1%}"
         f" max {raised[rest].max():.1%}")
-  corr = np.corrcoef(np.log(sens), raised)[0, 1]
-  print(f" correlation over heads of log(sens) and the fraction of loss-raising updates: {corr:.2f}")
+  if raised.std() > 0:  # (no loss-raising update in any head: nothing to correlate)
+    corr = np.corrcoef(np.log(sens), raised)[0, 1]
+    print(f" correlation over heads of log(sens) and the fraction of loss-raising updates: {corr:.2f}")
 
 
 if __name__ == "__main__":

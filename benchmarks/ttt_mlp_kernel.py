@@ -19,8 +19,10 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from benchmarks.kernel_common import in_flight_ms, median_ms, rel, summarize, ttt_inputs
+from benchmarks.kernel_common import (in_flight_ms, median_ms, per_head_rel, rel, summarize,
+                                      ttt_inputs)
 from pallas_kernels.ttt_mlp import ttt_mlp_pallas
 from ttt_dit.ttt import inner_loop
 
@@ -135,6 +137,10 @@ def main(argv=None):
         row["grad_finite"] = all(fin(x) for x in g)
         if gref is not None:
           row["grad_rel"] = {k: rel(x, y) for k, x, y in zip(names, g, gref)}
+          ph = per_head_rel(g[1], gref[1])  # XK per head: the global error is decided by a few
+          row["grad_rel_xk_per_head"] = dict(  # ill-conditioned heads (NOTES-ttt-mlp.md)
+              median=float(np.median(ph)), max=float(ph.max()), argmax=int(ph.argmax()),
+              heads_over_2e_2=int((ph >= 2e-2).sum()))
           row["gref_finite"] = all(fin(x) for x in gref)
         row["fwdbwd_ms"] = median_ms(lf, (args, cot), max(2, a.reps // 2))
         row["fwdbwd_ms_in_flight"] = in_flight_ms(lf, (args, cot), a.in_flight, 2)

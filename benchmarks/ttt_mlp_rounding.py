@@ -7,7 +7,8 @@ matmul operand rounded to bf16 (`all`, as the Mosaic GPU kernels feed wgmma), or
 state W1/W2 (`w_precise`: the state as an exact (hi, lo) pair), or every operand rounded to a bf16
 (hi, lo) pair (`split`: ~16 mantissa bits, what 3-pass bf16 products would give a kernel), or none
 (`none`: a self-check, 0 error), or one product's operands only (`only_z1` K W1, `only_z2` X2 W2,
-`only_g1` G2 W2^T, `only_dw1` the W1 update, `only_dw2` the W2 update; the rest exact). Its states at the checkpoint-group starts then seed the float32 XLA backward (as
+`only_g1` G2 W2^T, `only_dw1` the W1 update, `only_dw2` the W2 update; the rest exact), or
+`split_z` (K W1 and X2 W2 as (hi, lo) pairs, the rest bf16; `split_zg` with G2 W2^T too). Its states at the checkpoint-group starts then seed the float32 XLA backward (as
 `backward="xla_vjp"` does with the kernel's checkpoints), and the gradients are compared with
 `jax.vjp` of the float32 scan (same bf16-valued inputs as `benchmarks.ttt_mlp_kernel.make_inputs`).
 Prints the max relative L2 error over the ten gradients, and per head for XK (errors concentrate in
@@ -40,7 +41,10 @@ def emulated_update(state, xs, mode: str, ln_eps: float):
   XK, XV, eta, gamma, beta = xs  # [B,H,CS,F] x2, [B,H,CS], [H,1,F] x2
   split = lambda x: bf16(x) + bf16(x - bf16(x))
   exact = lambda x: x
-  if mode.startswith("only_"):  # one product's operands rounded (both), every other one exact
+  if mode in ("split_z", "split_zg"):  # K W1, X2 W2 (and G2 W2^T) as (hi, lo) pairs, the rest bf16
+    pairs = ("z1", "z2") + (("g1",) if mode == "split_zg" else ())
+    r = {o: (split if o in pairs else bf16) for o in ("z1", "z2", "g1", "dw1", "dw2")}
+  elif mode.startswith("only_"):  # one product's operands rounded (both), every other one exact
     ops = {"only_z1": "z1", "only_z2": "z2", "only_g1": "g1", "only_dw1": "dw1", "only_dw2": "dw2"}
     if mode not in ops:
       raise ValueError(f"mode {mode!r}: one of {sorted(ops)}")
