@@ -8,7 +8,8 @@ state W1/W2 (`w_precise`: the state as an exact (hi, lo) pair), or every operand
 (hi, lo) pair (`split`: ~16 mantissa bits, what 3-pass bf16 products would give a kernel), or none
 (`none`: a self-check, 0 error), or one product's operands only (`only_z1` K W1, `only_z2` X2 W2,
 `only_g1` G2 W2^T, `only_dw1` the W1 update, `only_dw2` the W2 update; the rest exact), or
-`split_z` (K W1 and X2 W2 as (hi, lo) pairs, the rest bf16; `split_zg` with G2 W2^T too). Its states at the checkpoint-group starts then seed the float32 XLA backward (as
+`split_z` (K W1 and X2 W2 as (hi, lo) pairs, the rest bf16; `split_zg` with G2 W2^T too); a mode
+with `+tanh` (e.g. `split+tanh`) also rounds GELU's tanh to 11 bits (the kernels' tanh.approx). Its states at the checkpoint-group starts then seed the float32 XLA backward (as
 `backward="xla_vjp"` does with the kernel's checkpoints), and the gradients are compared with
 `jax.vjp` of the float32 scan (same bf16-valued inputs as `benchmarks.ttt_mlp_kernel.make_inputs`).
 Prints the max relative L2 error over the ten gradients, and per head for XK (errors concentrate in
@@ -18,6 +19,7 @@ a few ill-conditioned heads). Not a test; a tool for NOTES-ttt-mlp.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +27,8 @@ import numpy as np
 
 from benchmarks.kernel_common import rel
 from benchmarks.ttt_mlp_kernel import make_inputs
+from pallas_kernels import checkpoint_vjp
+from pallas_kernels.ttt_mlp import backward_reference as BR
 from ttt_dit.ttt import inner_loop
 
 NAMES = ("XQ", "XK", "XV", "eta", "ln_w", "ln_b", "W1", "b1", "W2", "b2")
@@ -35,12 +39,30 @@ def bf16(x):
   return x.astype(jnp.bfloat16).astype(jnp.float32)
 
 
+def round_bits(x, bits: int):
+  """x with its significand rounded to `bits` bits (a stand-in for an approximate instruction's
+  error: tanh.approx.f32 is good to ~2^-11 relative)."""
+  m, e = jnp.frexp(x)
+  return jnp.ldexp(jnp.round(m * 2.0 ** bits) / 2.0 ** bits, e)
+
+
+def _gelu_and_grad(x, approx: bool):
+  """gelu_tanh(x), gelu_tanh'(x) (inner_loop's), with tanh rounded to 11 bits when approx."""
+  if not approx:
+    return inner_loop.gelu_tanh(x), inner_loop.gelu_tanh_grad(x)
+  tau = round_bits(jnp.tanh(inner_loop.GELU_C * x * (1.0 + 0.044715 * x * x)), 11)
+  return (0.5 * x * (1.0 + tau), 0.5 * (1.0 + tau) + 0.5 * x * (1.0 - tau * tau) * (
+      inner_loop.GELU_C + inner_loop.GELU_C3 * x * x))
+
+
 def emulated_update(state, xs, mode: str, ln_eps: float):
   """The state update of one mini-batch with the kernels' operand rounding (`mode`)."""
   W1, b1, W2, b2 = state  # [B,H,F,4F] [B,H,1,4F] [B,H,4F,F] [B,H,1,F]
   XK, XV, eta, gamma, beta = xs  # [B,H,CS,F] x2, [B,H,CS], [H,1,F] x2
   split = lambda x: bf16(x) + bf16(x - bf16(x))
   exact = lambda x: x
+  approx = mode.endswith("+tanh")  # the same with tanh to 11 bits (the kernels' tanh.approx)
+  mode = mode.removesuffix("+tanh")
   if mode in ("split_z", "split_zg"):  # K W1, X2 W2 (and G2 W2^T) as (hi, lo) pairs, the rest bf16
     pairs = ("z1", "z2") + (("g1",) if mode == "split_zg" else ())
     r = {o: (split if o in pairs else bf16) for o in ("z1", "z2", "g1", "dw1", "dw2")}
@@ -57,10 +79,10 @@ def emulated_update(state, xs, mode: str, ln_eps: float):
   mm = lambda s, a, b, o: jnp.einsum(s, rr(o)[0](a), rr(o)[1](b), precision="highest")
   XK, XV = XK.astype(jnp.float32), XV.astype(jnp.float32)
   Z1 = mm("bhcf,bhfk->bhck", XK, W1, "z1") + b1                                  # [B,H,CS,4F]
-  X2 = inner_loop.gelu_tanh(Z1)
+  X2, dgelu = _gelu_and_grad(Z1, approx)
   Z2 = mm("bhck,bhkf->bhcf", X2, W2, "z2") + b2                                  # [B,H,CS,F]
   G2 = inner_loop.ln_l2_grad(Z2, XV - XK, gamma, beta, ln_eps)
-  G1 = mm("bhcf,bhkf->bhck", G2, W2, "g1") * inner_loop.gelu_tanh_grad(Z1)
+  G1 = mm("bhcf,bhkf->bhck", G2, W2, "g1") * dgelu
   eG1 = jnp.einsum("bhj,bhjk->bhk", eta, G1)[:, :, None]
   eG2 = jnp.einsum("bhj,bhjf->bhf", eta, G2)[:, :, None]
   dW1 = mm("bhjf,bhjk->bhfk", XK * eta[..., None], G1, "dw1")
@@ -97,6 +119,45 @@ def grads_from_checkpoints(states, args, cot, G, ln_eps):
   return tuple(grads) + (d_lw, d_lb) + tuple(d.sum(0) for d in d_state)
 
 
+@contextlib.contextmanager
+def _rounded_products(on: bool):
+  """While on: every matmul of `backward_reference` takes bf16-rounded operands (as wgmma does)."""
+  saved = BR.mm, BR.mtm, BR.mmt
+  if on:
+    BR.mm, BR.mtm, BR.mmt = (lambda a, b, f=f: f(bf16(a), bf16(b)) for f in saved)
+  try:
+    yield
+  finally:
+    BR.mm, BR.mtm, BR.mmt = saved
+
+
+def rounded_group_vjp(where: frozenset):
+  """`backward_reference.group_vjp` (the backward kernels' plan: restart the group, then reverse
+  it) with bf16 matmul operands in its restart ("restart" in where) and / or its reverse steps
+  ("reverse"), for `checkpoint_vjp.vjp_from_checkpoints`."""
+  def group_vjp(*args):
+    fwd, rev = BR.step_forward, BR.step_reverse
+
+    def step_forward(*a, **k):
+      with _rounded_products("restart" in where):
+        return fwd(*a, **k)
+
+    def step_reverse(*a, **k):
+      with _rounded_products("reverse" in where):
+        return rev(*a, **k)
+
+    BR.step_forward, BR.step_reverse = step_forward, step_reverse
+    try:  # (traced here: group_vjp looks the two up when its scans are traced)
+      return BR.group_vjp(*args)
+    finally:
+      BR.step_forward, BR.step_reverse = fwd, rev
+  return group_vjp
+
+
+BWD_MODES = {"exact": frozenset(), "restart": frozenset({"restart"}),
+             "reverse": frozenset({"reverse"}), "both": frozenset({"restart", "reverse"})}
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--heads", type=int, default=4)
@@ -107,6 +168,10 @@ def main(argv=None):
   p.add_argument("--key", type=int, default=0,
                  help="input key (benchmarks.ttt_mlp_kernel uses 1000 + the NC's position)")
   p.add_argument("--ln_eps", type=float, default=1e-6)
+  p.add_argument("--bwd_modes", default="",
+                 help="comma list of exact, restart, reverse, both: the hand-derived backward "
+                      "(backward_reference.group_vjp) with bf16 products in those parts, from the "
+                      "exact checkpoints, vs the float32 scan's gradients")
   p.add_argument("--head_ids", default="",
                  help="comma list: only these heads of the --heads inputs (heads are independent)")
   p.add_argument("--perturb", default="",
@@ -142,6 +207,20 @@ def main(argv=None):
           + ")", flush=True)
   norms = np.array([float(jnp.linalg.norm(g_ref[1][:, h])) for h in range(H)])
   top = np.argsort(-norms)[:3]
+  f32_args = tuple(x.astype(jnp.float32) for x in args)
+  exact_ckpts = None
+  for bmode in (m for m in a.bwd_modes.split(",") if m):
+    if exact_ckpts is None:
+      exact_ckpts = jax.tree.map(lambda s: s[::G], jax.jit(trajectory, static_argnums=1)(state0, "none"))
+    g_b = jax.jit(lambda ck, x, c, bm=bmode: checkpoint_vjp.vjp_from_checkpoints(
+        inner_loop._mlp_step, ck, x, c, group=G, ln_eps=a.ln_eps,  # noqa: SLF001
+        group_vjp=rounded_group_vjp(BWD_MODES[bm])))(exact_ckpts, f32_args, cot)
+    errs = {n: rel(x, y) for n, x, y in zip(NAMES, g_b, g_ref)}
+    per_head = np.array([rel(g_b[1][:, h], g_ref[1][:, h]) for h in range(H)])
+    print(f"H={H} NC={NC} key={a.key} backward bf16 in {bmode}: max grad rel L2 "
+          f"{max(errs.values()):.2e} (" + ", ".join(f"{n} {v:.1e}" for n, v in errs.items()) +
+          f"); XK per head max {per_head.max():.1e} (head {int(per_head.argmax())}), median "
+          f"{np.median(per_head):.1e}", flush=True)
   for mode in (m for m in a.modes.split(",") if m):
     states = jax.jit(trajectory, static_argnums=1)(state0, mode)
     g_emu = grads_from_checkpoints(states, args, cot, G, a.ln_eps)
