@@ -90,6 +90,7 @@ def main(argv=None):
       q32 = args[0].astype(jnp.float32)
       ref = impl_fns["xla"](*f32(args))
       cot = jax.random.normal(jax.random.PRNGKey(7 + i), ref.shape, jnp.float32)
+      cot = cot.astype(jnp.bfloat16).astype(jnp.float32)  # bf16-valued: what the kernel's VJP gets
       gref = None
       if NC in grad_ncs:
         try:

@@ -6,7 +6,8 @@ checkpoints; "pallas" before the backward kernel became the default) | other var
 
 B=1, H=48, F=CS=64, hidden 256, NC in {282, 1000, 2750, 5500}; fresh random inputs per NC,
 L2-normalised Q/K, eta ~1e-5 per token. Prints one table row per (NC, impl) and writes JSON to
---out (if given). Times: `fwd_ms` / `fwdbwd_ms` one call at a time, waited; `*_in_flight` with
+--out (if given). Gradients are of sum(out * cot) with a bf16-valued cotangent (a bf16 output's
+VJP receives one; --f32_cotangent gives the reference a float32 one, as before 2026-12-03). Times: `fwd_ms` / `fwdbwd_ms` one call at a time, waited; `*_in_flight` with
 --in_flight calls dispatched back to back (the host's ~0.4 ms per call hidden, as in a model:
 `benchmarks/launch_overhead.py`). Tolerances: outputs rel L2 < 1e-2, gradients < 2e-2 vs the float32 XLA scan.
 """
@@ -47,6 +48,9 @@ def main(argv=None):
   p.add_argument("--eta_scale", type=float, default=1e-5)
   p.add_argument("--target", default="unit", choices=("unit", "layer"),
                  help="V-target: random unit rows, or built from V and K as the layer does")
+  p.add_argument("--f32_cotangent", action="store_true",
+                 help="the reference's gradients of a float32 cotangent (the kernels' bf16 output "
+                      "rounds it: ~8e-3 of the NC=282 gradient error is that rounding alone)")
   p.add_argument("--no_ref", action="store_true",
                  help="timing only: no float32 XLA reference (memory at NC=5500), no errors")
   a = p.parse_args(argv)
@@ -101,6 +105,8 @@ def main(argv=None):
            jax.jit(lambda *x: inner_loop.ttt_mlp(*x, checkpoint_group_size=G))(*f32(args)))
     flops = inner_loop.ttt_mlp_flops(1, a.heads, NC)
     cot = jax.random.normal(jax.random.PRNGKey(7 + i), ref.shape, jnp.float32)
+    if not a.f32_cotangent:  # the kernels' output is bf16, so their VJP gets a bf16 cotangent: the
+      cot = cot.astype(jnp.bfloat16).astype(jnp.float32)  # reference gets the same values
     if a.sensitivity:  # the float32 scan itself, W1 perturbed by 1e-6 relative
       pert = list(f32(args))
       pert[6] = pert[6] * (1 + 1e-6)

@@ -168,10 +168,21 @@ def main(argv=None):
   p.add_argument("--key", type=int, default=0,
                  help="input key (benchmarks.ttt_mlp_kernel uses 1000 + the NC's position)")
   p.add_argument("--ln_eps", type=float, default=1e-6)
+  p.add_argument("--cot_key", type=int, default=-7,
+                 help="cotangent key: PRNGKey(k) for k >= 0 (ttt_mlp_kernel: 7 + the NC's position), "
+                      "jax.random.key(-k) for k < 0 (this script's earlier runs: -7)")
+  p.add_argument("--bf16_cotangent", action="store_true",
+                 help="a bf16-valued cotangent for reference and emulation alike")
+  p.add_argument("--kernel_cotangent", action="store_true",
+                 help="the reference's cotangent float32, the emulation's rounded to bf16 (what "
+                      "ttt_mlp_kernel compared before 2026-12-03)")
   p.add_argument("--bwd_modes", default="",
                  help="comma list of exact, restart, reverse, both: the hand-derived backward "
                       "(backward_reference.group_vjp) with bf16 products in those parts, from the "
                       "exact checkpoints, vs the float32 scan's gradients")
+  p.add_argument("--ckpt_pairs", action="store_true",
+                 help="with --bwd_modes: the checkpoints stored as bf16 (hi, lo) pairs (~16 "
+                      "significand bits), as the kernels store them, instead of float32")
   p.add_argument("--head_ids", default="",
                  help="comma list: only these heads of the --heads inputs (heads are independent)")
   p.add_argument("--perturb", default="",
@@ -180,11 +191,16 @@ def main(argv=None):
   a = p.parse_args(argv)
   B, H, NC, G = 1, a.heads, a.nc, a.group
   args = make_inputs(jax.random.PRNGKey(a.key), B, H, NC, eta_scale=a.eta_scale)
-  cot = jax.random.normal(jax.random.key(7), args[0].shape, jnp.float32)
+  cot = jax.random.normal(jax.random.key(-a.cot_key) if a.cot_key < 0 else
+                          jax.random.PRNGKey(a.cot_key), args[0].shape, jnp.float32)
   if a.head_ids:
     ids = jnp.array([int(x) for x in a.head_ids.split(",")])
     args = tuple(x[:, ids] if x.ndim == 5 or x.ndim == 4 else x[ids] for x in args)
     cot, H = cot[:, ids], len(ids)
+  to_bf16 = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)
+  cot = to_bf16(cot) if a.bf16_cotangent else cot  # (the kernels' bf16 output gets a bf16 one)
+  cot_ref = cot  # the reference's; the emulations' below, rounded with --kernel_cotangent
+  cot = to_bf16(cot) if a.kernel_cotangent else cot
   XQ, XK, XV, eta, lw, lb, W1, b1, W2, b2 = args
   state0 = tuple(jnp.broadcast_to(s, (B,) + s.shape) for s in (W1, b1, W2, b2))
 
@@ -196,12 +212,12 @@ def main(argv=None):
 
   f = lambda *x: inner_loop.ttt_mlp(*x, checkpoint_group_size=G, ln_eps=a.ln_eps)
   _, vjp = jax.vjp(f, *(x.astype(jnp.float32) for x in args))
-  g_ref = vjp(cot)
+  g_ref = vjp(cot_ref)
   for size in (float(x) for x in a.perturb.split(",") if x):
     pert = [x.astype(jnp.float32) for x in args]
     pert[6] = pert[6] * (1 + size)
     _, vjp_p = jax.vjp(f, *pert)
-    errs = {n: rel(x, y) for n, x, y in zip(NAMES, vjp_p(cot), g_ref)}
+    errs = {n: rel(x, y) for n, x, y in zip(NAMES, vjp_p(cot_ref), g_ref)}
     print(f"H={H} NC={NC} key={a.key} eta={a.eta_scale:g} float32 scan, W1 x (1 + {size:g}): max "
           f"grad rel L2 {max(errs.values()):.2e} (" + ", ".join(f"{n} {v:.1e}" for n, v in errs.items())
           + ")", flush=True)
@@ -212,12 +228,15 @@ def main(argv=None):
   for bmode in (m for m in a.bwd_modes.split(",") if m):
     if exact_ckpts is None:
       exact_ckpts = jax.tree.map(lambda s: s[::G], jax.jit(trajectory, static_argnums=1)(state0, "none"))
+      if a.ckpt_pairs:
+        exact_ckpts = jax.tree.map(lambda s: bf16(s) + bf16(s - bf16(s)), exact_ckpts)
     g_b = jax.jit(lambda ck, x, c, bm=bmode: checkpoint_vjp.vjp_from_checkpoints(
         inner_loop._mlp_step, ck, x, c, group=G, ln_eps=a.ln_eps,  # noqa: SLF001
         group_vjp=rounded_group_vjp(BWD_MODES[bm])))(exact_ckpts, f32_args, cot)
     errs = {n: rel(x, y) for n, x, y in zip(NAMES, g_b, g_ref)}
     per_head = np.array([rel(g_b[1][:, h], g_ref[1][:, h]) for h in range(H)])
-    print(f"H={H} NC={NC} key={a.key} backward bf16 in {bmode}: max grad rel L2 "
+    print(f"H={H} NC={NC} key={a.key} backward bf16 in {bmode}"
+          f"{', checkpoints as (hi, lo)' if a.ckpt_pairs else ''}: max grad rel L2 "
           f"{max(errs.values()):.2e} (" + ", ".join(f"{n} {v:.1e}" for n, v in errs.items()) +
           f"); XK per head max {per_head.max():.1e} (head {int(per_head.argmax())}), median "
           f"{np.median(per_head):.1e}", flush=True)

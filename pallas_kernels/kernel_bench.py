@@ -161,6 +161,7 @@ def backward_main(argv, doc: str, variants: Sequence[str], default_variants=None
   a = parse_flags(argv, doc, variants, default_variants)
   args = ttt_inputs(jax.random.PRNGKey(0), 1, a.heads, a.nc, hidden=hidden, eta_scale=a.eta_scale)
   cot = jax.random.normal(jax.random.PRNGKey(1), args[0].shape, jnp.float32)
+  cot = cot.astype(jnp.bfloat16).astype(jnp.float32)  # bf16-valued: what a bf16 output's VJP gets
   grads = lambda f: jax.grad(lambda *x: jnp.sum(f(*x).astype(jnp.float32) * cot),
                              argnums=tuple(range(len(args))))
   ref = grads(functools.partial(scan, checkpoint_group_size=a.group))
