@@ -48,7 +48,7 @@ def main(argv=None):
   pert = list(args)
   pert[6] = pert[6] * (1 + a.perturb)
   sens = per_head_rel(grad_xk(*pert), g)
-  sq = np.asarray((g.astype(jnp.float64) if jax.config.jax_enable_x64 else g) ** 2).sum((0, 2, 3, 4))
+  sq = (np.asarray(g, np.float64) ** 2).sum((0, 2, 3, 4))  # [H]
   share = sq / sq.sum()
   _, diag = jax.jit(lambda *x: inner_loop.ttt_mlp(*x, checkpoint_group_size=a.group,
                                                   diagnostics=True))(*args)

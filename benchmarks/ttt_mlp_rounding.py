@@ -195,7 +195,7 @@ def main(argv=None):
                           jax.random.PRNGKey(a.cot_key), args[0].shape, jnp.float32)
   if a.head_ids:
     ids = jnp.array([int(x) for x in a.head_ids.split(",")])
-    args = tuple(x[:, ids] if x.ndim == 5 or x.ndim == 4 else x[ids] for x in args)
+    args = tuple(x[:, ids] if x.ndim >= 4 else x[ids] for x in args)  # [B, H, ...] or [H, ...]
     cot, H = cot[:, ids], len(ids)
   to_bf16 = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)
   cot = to_bf16(cot) if a.bf16_cotangent else cot  # (the kernels' bf16 output gets a bf16 one)
