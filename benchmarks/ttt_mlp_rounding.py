@@ -8,7 +8,11 @@ state W1/W2 (`w_precise`: the state as an exact (hi, lo) pair), or every operand
 (hi, lo) pair (`split`: ~16 mantissa bits, what 3-pass bf16 products would give a kernel), or none
 (`none`: a self-check, 0 error), or one product's operands only (`only_z1` K W1, `only_z2` X2 W2,
 `only_g1` G2 W2^T, `only_dw1` the W1 update, `only_dw2` the W2 update; the rest exact), or
-`split_z` (K W1 and X2 W2 as (hi, lo) pairs, the rest bf16; `split_zg` with G2 W2^T too); a mode
+`split_z` (K W1 and X2 W2 as (hi, lo) pairs, the rest bf16; `split_zg` with G2 W2^T too;
+`split_zw` only the state operands W1, W2 of K W1 and X2 W2 as pairs, X2 bf16); a mode
+ending in `+rz` adds W1, W2's updates rounded toward zero; `+trunc` accumulates them as a tensor
+core accumulating into the carried state does (each product aligned to the largest addend and
+truncated: `truncating_accumulate`); a mode
 with `+tanh` (e.g. `split+tanh`) also rounds GELU's tanh to 11 bits (the kernels' tanh.approx). Its states at the checkpoint-group starts then seed the float32 XLA backward (as
 `backward="xla_vjp"` does with the kernel's checkpoints), and the gradients are compared with
 `jax.vjp` of the float32 scan (same bf16-valued inputs as `benchmarks.ttt_mlp_kernel.make_inputs`).
@@ -27,7 +31,7 @@ import numpy as np
 
 from benchmarks.kernel_common import rel
 from benchmarks.ttt_mlp_kernel import make_inputs
-from pallas_kernels import checkpoint_vjp
+from pallas_kernels import checkpoint_vjp, mgpu_common
 from pallas_kernels.ttt_mlp import backward_reference as BR
 from ttt_dit.ttt import inner_loop
 
@@ -35,8 +39,8 @@ NAMES = ("XQ", "XK", "XV", "eta", "ln_w", "ln_b", "W1", "b1", "W2", "b2")
 
 
 def bf16(x):
-  """x rounded to bf16, back in float32."""
-  return x.astype(jnp.bfloat16).astype(jnp.float32)
+  """x rounded to bf16, back in float32 (by bits: a jitted astype round trip is removed on GPUs)."""
+  return mgpu_common.round_to_bf16(x)
 
 
 def round_bits(x, bits: int):
@@ -61,11 +65,17 @@ def emulated_update(state, xs, mode: str, ln_eps: float):
   XK, XV, eta, gamma, beta = xs  # [B,H,CS,F] x2, [B,H,CS], [H,1,F] x2
   split = lambda x: bf16(x) + bf16(x - bf16(x))
   exact = lambda x: x
+  trunc = mode.endswith("+trunc")  # W1, W2 += dW as a tensor core accumulates into the state
+  mode = mode.removesuffix("+trunc")
+  rz = mode.endswith("+rz")  # W1, W2 += dW rounded toward zero (a wgmma accumulating into W)
+  mode = mode.removesuffix("+rz")
   approx = mode.endswith("+tanh")  # the same with tanh to 11 bits (the kernels' tanh.approx)
   mode = mode.removesuffix("+tanh")
   if mode in ("split_z", "split_zg"):  # K W1, X2 W2 (and G2 W2^T) as (hi, lo) pairs, the rest bf16
     pairs = ("z1", "z2") + (("g1",) if mode == "split_zg" else ())
     r = {o: (split if o in pairs else bf16) for o in ("z1", "z2", "g1", "dw1", "dw2")}
+  elif mode == "split_zw":  # only the state operands of K W1 and X2 W2 as pairs (data bf16)
+    r = {o: ((bf16, split) if o in ("z1", "z2") else bf16) for o in ("z1", "z2", "g1", "dw1", "dw2")}
   elif mode.startswith("only_"):  # one product's operands rounded (both), every other one exact
     ops = {"only_z1": "z1", "only_z2": "z2", "only_g1": "g1", "only_dw1": "dw1", "only_dw2": "dw2"}
     if mode not in ops:
@@ -85,9 +95,37 @@ def emulated_update(state, xs, mode: str, ln_eps: float):
   G1 = mm("bhcf,bhkf->bhck", G2, W2, "g1") * dgelu
   eG1 = jnp.einsum("bhj,bhjk->bhk", eta, G1)[:, :, None]
   eG2 = jnp.einsum("bhj,bhjf->bhf", eta, G2)[:, :, None]
+  if trunc:
+    ek, ex2 = -XK * eta[..., None], -X2 * eta[..., None]
+    return (truncating_accumulate(W1, rr("dw1")[0](ek), rr("dw1")[1](G1)), b1 - eG1,
+            truncating_accumulate(W2, rr("dw2")[0](ex2), rr("dw2")[1](G2)), b2 - eG2)
   dW1 = mm("bhjf,bhjk->bhfk", XK * eta[..., None], G1, "dw1")
   dW2 = mm("bhjk,bhjf->bhkf", X2 * eta[..., None], G2, "dw2")
-  return W1 - dW1, b1 - eG1, W2 - dW2, b2 - eG2
+  add = add_toward_zero if rz else jnp.add
+  return add(W1, -dW1), b1 - eG1, add(W2, -dW2), b2 - eG2
+
+
+def truncating_accumulate(W, A, Bm, k_step: int = 16, extra_bits: int = 3):
+  """W + A^T Bm as a Hopper tensor core accumulates into W, one k-step (16 rows) per
+  instruction: every product is aligned to the largest magnitude among W and the step's
+  products and truncated (toward zero) to `extra_bits` below that one's float32 ulp (the
+  behaviour measured for fp16/bf16 wgmma: Khattak & Mikaitis, 2025). W [B, H, M, N], A
+  [B, H, CS, M], Bm [B, H, CS, N] (products exact in float32 for bf16 operands)."""
+  for s in range(0, A.shape[2], k_step):
+    p = A[:, :, s:s + k_step, :, None] * Bm[:, :, s:s + k_step, None, :]  # [B, H, k, M, N]
+    big = jnp.maximum(jnp.abs(W), jnp.max(jnp.abs(p), axis=2))
+    grid = jnp.exp2(jnp.floor(jnp.log2(jnp.maximum(big, 1e-30))) - 23 - extra_bits)[:, :, None]
+    W = W + jnp.sum(jnp.trunc(p / grid) * grid, axis=2)
+  return W
+
+
+def add_toward_zero(a, b):
+  """a + b (float32) rounded toward zero instead of to nearest: the exact sum is s + e (TwoSum);
+  where |s| overshoots it (s e < 0), one ulp toward zero."""
+  s = a + b
+  bb = s - a
+  e = (a - (s - bb)) + (b - bb)
+  return jnp.where(s * e < 0, jnp.nextafter(s, jnp.zeros_like(s)), s)
 
 
 def group_outputs(state, q, k, v, e, lw, lb, ln_eps):
@@ -183,6 +221,12 @@ def main(argv=None):
   p.add_argument("--ckpt_pairs", action="store_true",
                  help="with --bwd_modes: the checkpoints stored as bf16 (hi, lo) pairs (~16 "
                       "significand bits), as the kernels store them, instead of float32")
+  p.add_argument("--bf16_init", action="store_true",
+                 help="with --modes: the emulated trajectory starts from W1, W2 rounded to bf16 "
+                      "(what the GPU kernels ran before 2026-12-03: their initial lo halves lost)")
+  p.add_argument("--ckpt_hi", action="store_true",
+                 help="with --modes: W1, W2 at the group starts rounded to bf16 before the float32 "
+                      "backward (checkpoints that lost their lo halves)")
   p.add_argument("--head_ids", default="",
                  help="comma list: only these heads of the --heads inputs (heads are independent)")
   p.add_argument("--perturb", default="",
@@ -197,7 +241,7 @@ def main(argv=None):
     ids = jnp.array([int(x) for x in a.head_ids.split(",")])
     args = tuple(x[:, ids] if x.ndim >= 4 else x[ids] for x in args)  # [B, H, ...] or [H, ...]
     cot, H = cot[:, ids], len(ids)
-  to_bf16 = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)
+  to_bf16 = bf16
   cot = to_bf16(cot) if a.bf16_cotangent else cot  # (the kernels' bf16 output gets a bf16 one)
   cot_ref = cot  # the reference's; the emulations' below, rounded with --kernel_cotangent
   cot = to_bf16(cot) if a.kernel_cotangent else cot
@@ -241,7 +285,10 @@ def main(argv=None):
           f"); XK per head max {per_head.max():.1e} (head {int(per_head.argmax())}), median "
           f"{np.median(per_head):.1e}", flush=True)
   for mode in (m for m in a.modes.split(",") if m):
-    states = jax.jit(trajectory, static_argnums=1)(state0, mode)
+    s0 = (bf16(state0[0]), state0[1], bf16(state0[2]), state0[3]) if a.bf16_init else state0
+    states = jax.jit(trajectory, static_argnums=1)(s0, mode)
+    if a.ckpt_hi:
+      states = (bf16(states[0]), states[1], bf16(states[2]), states[3])
     g_emu = grads_from_checkpoints(states, args, cot, G, a.ln_eps)
     errs = {n: rel(x, y) for n, x, y in zip(NAMES, g_emu, g_ref)}
     print(f"H={H} NC={NC} key={a.key} eta={a.eta_scale:g} mode={mode}: max grad rel L2 "

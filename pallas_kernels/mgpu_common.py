@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Callable
 
@@ -75,10 +76,46 @@ class Profile:
 DEFAULT_REDUCTION_SCRATCH = 128 * 4 * 4
 
 
+def round_to_bf16(x: jax.Array) -> jax.Array:
+  """float32 x rounded to the nearest bf16 value (ties to even), still float32.
+
+  By integer arithmetic on the bits: XLA's GPU compiler removes `x.astype(bf16).astype(f32)`
+  inside a jit (it may keep excess precision: openxla/xla#41605), which made every (hi, lo) split
+  of the kernels' initial state on the GPU a lo of zero (NOTES-ttt-mlp.md "The lost lo halves").
+  """
+  bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+  rounded = (bits + jnp.uint32(0x7FFF) + ((bits >> 16) & jnp.uint32(1))) & jnp.uint32(0xFFFF0000)
+  return jnp.where(jnp.isnan(x), x, lax.bitcast_convert_type(rounded, jnp.float32))
+
+
+def split_bf16(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """float32 x -> bf16 (hi, lo) with hi + lo = x to ~16 significant bits (what the kernels take
+  as a float32 state); safe under jit on the GPU (`round_to_bf16`)."""
+  x = x.astype(jnp.float32)
+  hi = round_to_bf16(x)
+  return hi.astype(jnp.bfloat16), (x - hi).astype(jnp.bfloat16)
+
+
+_EXACT_MATH = [False]  # set by `exact_math()`
+
+
+@contextlib.contextmanager
+def exact_math():
+  """Kernels built inside this context use exact tanh / rsqrt / division whatever their config
+  says (a numerical diagnostic: `benchmarks/ttt_mlp_bisect.py --exact_math`). Build them under
+  a fresh `jax.jit` inside it: a trace cached outside keeps its approximate math."""
+  _EXACT_MATH[0] = True
+  try:
+    yield
+  finally:
+    _EXACT_MATH[0] = False
+
+
 def compiler_params(approx_math: bool, profile: Profile | None = None,
                     reduction_scratch: int = DEFAULT_REDUCTION_SCRATCH) -> plgpu.CompilerParams:
   """The kernels' compiler parameters, with the profiler on when `profile` is given."""
-  kw = dict(approx_math=approx_math, reduction_scratch_bytes=reduction_scratch)
+  kw = dict(approx_math=approx_math and not _EXACT_MATH[0],
+            reduction_scratch_bytes=reduction_scratch)
   if profile is not None:
     kw.update(profile_space=profile.space, profile_dir=profile.dir, profile_bounds_check=True)
   return plgpu.CompilerParams(**kw)

@@ -77,6 +77,9 @@ class AccTuningConfig:
   # bf16 product; the state's lo half stays in SMEM. The queries' half stays bf16 (outputs only).
   # For the eta ~1e-5 regime where bf16 operands move the gradients by 2e-2 (NOTES-ttt-mlp.md).
   three_pass: bool = False
+  # The updates' products into fresh accumulators, added in float32 (W1's, then W2's): not
+  # truncated against the carried state's exponent (`kernel_ws_mgpu.WsTuningConfig.fresh_update`).
+  fresh_update: bool = False
   # v5 (with pipeline only): the keys' gelu'(Z1_c) is computed with gelu(Z1_c) (one tanh) in the
   # forward half and kept as a bf16 SMEM tile; the gradient phase then only issues G2 W2_c^T (both
   # chunks, one wait) instead of recomputing Z1_c = K W1_c and its tanh. gelu' is rounded to bf16
@@ -269,12 +272,12 @@ def build_forward_acc(BH: int, NC: int, group: int, ln_eps: float, *,
         return ([[(k_s.T, g1_s.at[c]), (k_s.T, lo_s.at[c])] for c in range(NL)]
                 + [[(x2h(c).T, eg2_s.at[0]), (x2l(c).T, eg2_s.at[0]), (x2h(c).T, eg2_s.at[1])]
                    for c in range(NL)])
-      if interpret is not None:
-        d = [mm_chain(ps) for ps in pairs()]
+      if interpret is not None or config.fresh_update:
+        ps = pairs()
+        w1 = tuple(w + x for w, x in zip(w1, wgmma_chains(ps[:NL], shp)))
         if during is not None:
           during()
-        return (tuple(w + x for w, x in zip(w1, d[:NL])),
-                tuple(w + x for w, x in zip(w2, d[NL:])))
+        return w1, tuple(w + x for w, x in zip(w2, wgmma_chains(ps[NL:], shp)))
 
       def fn(accs):
         for acc, ps in zip(accs[0] + accs[1], pairs()):

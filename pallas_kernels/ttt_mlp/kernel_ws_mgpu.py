@@ -21,8 +21,8 @@ writer waits on it before its next push (one step later, so normally already com
 Same argument/result layout as `kernel_acc_mgpu.build_forward_acc`; outputs and checkpoints equal
 v4's arithmetic (the queries use the same bf16 state and biases) unless `early_gelu_grad` or
 `late_bias_sums` (bf16-level changes). Options (WsTuningConfig): `prefetch_keys` (v7p),
-`early_gelu_grad` (v7e), both (v7pe: the default of `ttt_mlp_pallas` on the GPU), and
-`late_bias_sums` (v7pel, slower). H100, NC=282 (NOTES-ttt-mlp.md "v7"): v7 4.7-4.9 ms, v7pe
+`early_gelu_grad` (v7e), both (v7pe), `late_bias_sums` (v7pel, slower), and `fresh_update`
+with v7pe (v7pef: the default of `ttt_mlp_pallas` on the GPU; H200 NC=282 ~9% faster than v7pe). H100, NC=282 (NOTES-ttt-mlp.md "v7"): v7 4.7-4.9 ms, v7pe
 4.3-4.7 ms, v4 5.4-5.7 ms. CPU interpret mode runs both warpgroups at cluster 1 (race detection;
 tests/pallas_kernels/test_ttt_mlp_ws_kernel.py runs these in child processes with a time limit,
 because jax 0.11.2's interpreter can stall them on a busy CPU); cluster 2 is lowered for CUDA
@@ -73,6 +73,12 @@ class WsTuningConfig:
   # update's wgmmas are in flight, from the bf16 G1 tiles they read, instead of in the "g1" phase.
   # Not bitwise v7: b1 from the bf16 G1.
   late_bias_sums: bool = False
+  # The updates' products into fresh (zero) accumulators, then added to the carried state in
+  # float32 (W1's, then W2's: 64 more registers at a time), instead of accumulated into it by
+  # the tensor cores, which align each product to the accumulator's exponent and truncate: a
+  # product ~2^-19 of W keeps ~8 bits, and the truncation biases every update toward zero
+  # (NOTES-ttt-mlp.md "Update truncation").
+  fresh_update: bool = False
 
   def __post_init__(self):
     check_cluster(self.cluster)
@@ -182,16 +188,16 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
       def update_state(w1, w2, during=None):
         """W1_c += (-eta K)^T G1_c, W2_c += X2_c^T (-eta G2), accumulated into the carried state;
         `during()` runs after the wgmmas are issued, before their wait (interpret mode has no
-        wgmma rule under `run_state`: fresh products, added)."""
+        wgmma rule under `run_state`: fresh products, added, as with `fresh_update`)."""
         def pairs():  # (made inside the traced function: see kernel_acc_mgpu.update_state)
           return ([[(ek_s.T, g1_s.at[c])] for c in range(NL)]
                   + [[(ex2_s.at[c].T, eg2_s)] for c in range(NL)])
-        if interpret is not None:
-          d = [wgmma_chain(ps, shp) for ps in pairs()]
+        if interpret is not None or config.fresh_update:
+          ps = pairs()
+          w1 = tuple(a + x for a, x in zip(w1, wgmma_chains(ps[:NL], shp)))
           if during is not None:
             during()
-          return (tuple(a + x for a, x in zip(w1, d[:NL])),
-                  tuple(a + x for a, x in zip(w2, d[NL:])))
+          return w1, tuple(a + x for a, x in zip(w2, wgmma_chains(ps[NL:], shp)))
 
         def fn(accs):
           for acc, ps in zip(accs[0] + accs[1], pairs()):
@@ -402,11 +408,11 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
 
 
 def main(argv=None) -> dict[str, float]:
-  """Times v7* (the GPU default: v7pe) against the float32 XLA scan (`kernel_bench.forward_main`):
+  """Times v7* (the GPU default: v7pef) against the float32 XLA scan (`kernel_bench.forward_main`):
   `python -m pallas_kernels.ttt_mlp.kernel_ws_mgpu [--nc N] [--variants V,...] [--interpret]`."""
   from pallas_kernels import kernel_bench
-  variants = ("v7", "v7p", "v7e", "v7pe", "v7pel")
-  return kernel_bench.forward_main(argv, main.__doc__, variants, ("v7pe",), layer="mlp")
+  variants = ("v7", "v7p", "v7e", "v7pe", "v7pel", "v7pef")
+  return kernel_bench.forward_main(argv, main.__doc__, variants, ("v7pef",), layer="mlp")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """`ttt_mlp_pallas`: the Mosaic GPU forward kernel wrapped in a `jax.custom_vjp`.
 
-Forward: `kernel_ws_mgpu.build_forward_ws` (variant "v7pe", the default compiled: two warpgroups
+Forward: `kernel_ws_mgpu.build_forward_ws` (variant "v7pef", the default compiled: two warpgroups
 per CTA by role), `kernel_acc_mgpu.build_forward_acc` ("v4", the interpret-mode default: float32
 state in wgmma accumulators, hidden dim over a 2-CTA cluster, mini-batch m-1's queries folded into
 step m; "v3" without that folding; cluster 1 in interpret mode) or `kernel_mgpu.build_forward`
@@ -49,8 +49,7 @@ def _to_kernel_state(W1, b1, W2, b2, B):
   nh = Fh // 64
   w1 = W1.astype(jnp.float32).reshape(H, F, nh, 64).transpose(0, 2, 1, 3)  # [H, 4, F, 64]
   w2 = W2.astype(jnp.float32).reshape(H, nh, 64, F)  # [H, 4, 64, F]
-  split = lambda w: (w.astype(jnp.bfloat16), (w - w.astype(jnp.bfloat16).astype(jnp.float32))
-                     .astype(jnp.bfloat16))
+  split = mgpu_common.split_bf16  # (not via astype round trips: XLA's GPU compiler removes those)
   w1h, w1l = split(w1)
   w2h, w2l = split(w2)
   b1k = b1.astype(jnp.float32).reshape(H, nh, 64)
@@ -84,15 +83,17 @@ def _from_kernel_ckpts(ck, B, H):
 # v7: v4's step split by role over two warpgroups (kernel_ws_mgpu: keys' trajectory | outputs);
 # v7p: with the keys' K/V/eta prefetched by the queries' warpgroup; v7e: with gelu' kept from
 # the keys' forward half (WsTuningConfig.early_gelu_grad); v7pe: both; v7pel: v7pe with b1's
-# column sums under the update's wgmmas (late_bias_sums).
+# column sums under the update's wgmmas (late_bias_sums); v7pef (default): v7pe with the updates'
+# products in fresh accumulators, added in float32 (WsTuningConfig.fresh_update; H200 NC=282
+# 4.03-4.07 ms vs v7pe's 4.44-4.79, interleaved); v3_3passf: v3_3pass the same.
 # (H100: benchmarks/NOTES-ttt-mlp.md.)
-VARIANTS = ("v1", "v2", "v3", "v3_precise", "v3_exact", "v3_3pass", "v4", "v5", "v4p", "v6", "v4l",
-            "v7", "v7p", "v7e", "v7pe", "v7pel")
+VARIANTS = ("v1", "v2", "v3", "v3_precise", "v3_exact", "v3_3pass", "v3_3passf", "v4", "v5", "v4p",
+            "v6", "v4l", "v7", "v7p", "v7e", "v7pe", "v7pel", "v7pef")
 
 
-# The forward kernel `ttt_mlp_pallas` runs unless told otherwise (NOTES-ttt-mlp.md: H100 NC=282
-# 4.30-4.56 ms vs v4's 5.40-5.55; outputs within bf16 rounding of v4's).
-DEFAULT_VARIANT = "v7pe"
+# The forward kernel `ttt_mlp_pallas` runs unless told otherwise (NOTES-ttt-mlp.md: v7pe on the
+# H100 at NC=282 4.30-4.56 ms vs v4's 5.40-5.55; v7pef on the H200 ~9% faster than v7pe).
+DEFAULT_VARIANT = "v7pef"
 # ... and in Mosaic GPU interpret mode (CPU): jax 0.11.2's interpreter can stall a kernel whose
 # warpgroups wait on each other for long stretches (v7*) when the CPU is contended (one warpgroup's
 # execution is never scheduled; NOTES-ttt-mlp.md "Interpret mode and two warpgroups"), so the
@@ -136,9 +137,10 @@ def _build(BH, NC, group, ln_eps, interpret, variant, outputs=True, save_activat
                                          reduction_scratch=REDUCTION_SCRATCH,
                                          prefetch_keys="p" in variant[2:],
                                          early_gelu_grad="e" in variant[2:],
-                                         late_bias_sums="l" in variant[2:])
+                                         late_bias_sums="l" in variant[2:],
+                                         fresh_update="f" in variant[2:])
     return kernel_ws_mgpu.build_forward_ws(BH, NC, group, ln_eps, config=cfg7, interpret=iparams)
-  if variant in ("v6", "v7", "v7p", "v7e", "v7pe", "v7pel"):
+  if variant in ("v6", "v7", "v7p", "v7e", "v7pe", "v7pel", "v7pef"):
     variant = "v3"
   if variant.startswith(("v3", "v4", "v5")):  # the exchange has no interpret rule: cluster 1 there
     pipeline = variant in ("v4", "v5", "v4p", "v4l") and outputs
@@ -146,11 +148,12 @@ def _build(BH, NC, group, ln_eps, interpret, variant, outputs=True, save_activat
                                           precise_update=variant == "v3_precise",
                                           approx_math=variant != "v3_exact",
                                           pipeline=pipeline, outputs=outputs,
-                                          three_pass=variant == "v3_3pass",
+                                          three_pass=variant.startswith("v3_3pass"),
+                                          fresh_update=variant == "v3_3passf",
                                           save_activations=save_activations,
                                           # (v3_3pass: its SMEM leaves room for 4 KiB at most)
                                           reduction_scratch=REDUCTION_SCRATCH
-                                          if variant != "v3_3pass" else
+                                          if not variant.startswith("v3_3pass") else
                                           min(REDUCTION_SCRATCH, 4096),
                                           early_gelu_grad=variant == "v5" and pipeline,
                                           prefetch_next=variant == "v4p" and pipeline,
@@ -465,7 +468,7 @@ def ttt_mlp_pallas(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *,
   """TTT-MLP with the fused kernels; same contract as `ttt_dit.ttt.inner_loop.ttt_mlp`.
 
   Returns [B, H, NC, CS, F] in XQ's dtype. `interpret=True` runs the kernel in Mosaic GPU interpret
-  mode (CPU tests); `variant` picks the forward kernel (VARIANTS; None: v7pe compiled, v4 in
+  mode (CPU tests); `variant` picks the forward kernel (VARIANTS; None: v7pef compiled, v4 in
   interpret mode: `default_variant`);
   `backward` picks the VJP (BACKWARDS; "pallas_qpass", the default: the queries' reverse by its own
   kernel for all steps at once, the backward kernel fed the restart's saved keys' activations;
