@@ -79,9 +79,17 @@ class WsTuningConfig:
   # product ~2^-19 of W keeps ~8 bits, and the truncation biases every update toward zero
   # (NOTES-ttt-mlp.md "Update truncation").
   fresh_update: bool = False
+  # The keys' K W1 and X2 W2 with the state (and X2) as bf16 (hi, lo) pairs: K W1h + K W1l and
+  # X2h W2h + X2h W2l + X2l W2h (X2l from registers), the rest bf16 as before. The state's lo
+  # halves stay current in lo_s (gelu' then lives in the G1 tiles). The trajectory's rounding
+  # is what decides the gradients' error on ill-conditioned heads: emulated, these two products
+  # alone take it from 2.5e-2 to 3.4e-4 (NOTES-ttt-mlp.md, `ttt_mlp_rounding` split_z).
+  split_products: bool = False
 
   def __post_init__(self):
     check_cluster(self.cluster)
+    if self.split_products and self.late_bias_sums:
+      raise ValueError("split_products is built without late_bias_sums")
 
 
 def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
@@ -240,19 +248,39 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
         # early_gelu_grad: gelu'(K W1_c + b1_c) into gp_s(c) = lo_s.at[c], free from the step's
         # checkpoint (its TMA reads waited) to its end; written and read back in the WGMMA layout
         # (every thread its own elements). The Z1 and b1 are those "g1" would recompute.
-        gp_s = lambda c: lo_s.at[c]
-        zk = mm_multi([(k_s, w1h.at[c]) for c in range(NL)])
+        # (split_products: lo_s holds the state's lo halves, so gelu' goes to the G1 tiles, free
+        # from the previous step's waited update to this step's "g1" phase, which reads chunk c's
+        # gelu' before it writes chunk c's G1 over it.)
+        gp_s = (lambda c: g1_s.at[c]) if config.split_products else (lambda c: lo_s.at[c])
+        if config.split_products:  # K exact in bf16: K W1h + K W1l
+          zk = wgmma_chains([[(k_s, w1h.at[c]), (k_s, lo_s.at[c])] for c in range(NL)], shp)
+        else:
+          zk = mm_multi([(k_s, w1h.at[c]) for c in range(NL)])
+        x2_lo = []  # split_products: X2's lo halves, bf16 in registers (wgmma's lhs)
         for c in range(NL):
           zb = zk[c] + row(plgpu.load(b1_s.at[c], layout=red0))
           if config.early_gelu_grad:
             x2k, gpk = _gelu_and_grad(zb)  # one tanh
-            ex2_s[c] = x2k.astype(bf16)
             gp_s(c)[...] = gpk.astype(bf16)
           else:
-            ex2_s[c] = _gelu(zb).astype(bf16)
+            x2k = _gelu(zb)
+          x2h = x2k.astype(bf16)
+          ex2_s[c] = x2h
+          if config.split_products:
+            x2_lo.append((x2k - x2h.astype(f32)).astype(bf16))
         plgpu.commit_smem()
         ph("z2")
-        pk = wgmma_chain([(ex2_s.at[c], w2h.at[c]) for c in range(NL)], shp)
+        if config.split_products and interpret is not None:  # (no interpret rule for a
+          pk = wgmma_chain([pr for c in range(NL) for pr in (  # register lhs: X2l W2h by jnp)
+              (ex2_s.at[c], w2h.at[c]), (ex2_s.at[c], lo_s.at[NL + c]))], shp)
+          pk = pk + sum(jnp.dot(x2_lo[c].astype(f32), w2h[c].astype(f32),
+                                precision=lax.Precision.HIGHEST) for c in range(NL))
+        elif config.split_products:  # X2h W2h + X2h W2l + X2l W2h
+          pk = wgmma_chain([pr for c in range(NL) for pr in (
+              (ex2_s.at[c], w2h.at[c]), (ex2_s.at[c], lo_s.at[NL + c]), (x2_lo[c], w2h.at[c]))],
+                           shp)
+        else:
+          pk = wgmma_chain([(ex2_s.at[c], w2h.at[c]) for c in range(NL)], shp)
         ph("xchg")
         z2 = exchange(pk, 0, m == 0) + row(b2v)
         # ---- the queries' warpgroup has read W_m, b1_m, b2_m (mini-batch m-1's output): they
@@ -306,8 +334,12 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
         w1, w2 = update_state(w1, w2, during=bias_sums if config.late_bias_sums else None)
         ph("store_w")
         for c in range(NL):
-          w1h[c] = w1[c].astype(bf16)
-          w2h[c] = w2[c].astype(bf16)
+          h1, h2 = w1[c].astype(bf16), w2[c].astype(bf16)
+          w1h[c] = h1
+          w2h[c] = h2
+          if config.split_products:  # the next step's lo halves (the checkpoint reads them too)
+            lo_s[c] = (w1[c] - h1.astype(f32)).astype(bf16)
+            lo_s[NL + c] = (w2[c] - h2.astype(f32)).astype(bf16)
         plgpu.commit_smem()
         plgpu.barrier_arrive(sync.at[0])
         ph.close()
@@ -411,7 +443,7 @@ def main(argv=None) -> dict[str, float]:
   """Times v7* (the GPU default: v7pef) against the float32 XLA scan (`kernel_bench.forward_main`):
   `python -m pallas_kernels.ttt_mlp.kernel_ws_mgpu [--nc N] [--variants V,...] [--interpret]`."""
   from pallas_kernels import kernel_bench
-  variants = ("v7", "v7p", "v7e", "v7pe", "v7pel", "v7pef")
+  variants = ("v7", "v7p", "v7e", "v7pe", "v7pel", "v7pef", "v7pefs")
   return kernel_bench.forward_main(argv, main.__doc__, variants, ("v7pef",), layer="mlp")
 
 
