@@ -13,6 +13,15 @@ import numpy as np
 from pallas_kernels.kernel_bench import layer_target, median_ms, rel, ttt_inputs  # noqa: F401
 
 
+def select_heads(args: tuple, cot, head_ids: str):
+  """`ttt_inputs`-style inputs and their cotangent restricted to the comma-listed heads (heads
+  are independent): arrays [B, H, ...] (4-d and up) and [H, ...]; unchanged for ""."""
+  if not head_ids:
+    return args, cot
+  ids = np.array([int(x) for x in head_ids.split(",")])
+  return tuple(x[:, ids] if x.ndim >= 4 else x[ids] for x in args), cot[:, ids]
+
+
 def per_head_rel(a, b) -> np.ndarray:
   """Relative L2 difference of a against b per head: [B, H, ...] -> [H] (float64)."""
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

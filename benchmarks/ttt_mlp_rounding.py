@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.kernel_common import rel
+from benchmarks.kernel_common import rel, select_heads
 from benchmarks.ttt_mlp_kernel import make_inputs
 from pallas_kernels import checkpoint_vjp, mgpu_common
 from pallas_kernels.ttt_mlp import backward_reference as BR
@@ -237,10 +237,8 @@ def main(argv=None):
   args = make_inputs(jax.random.PRNGKey(a.key), B, H, NC, eta_scale=a.eta_scale)
   cot = jax.random.normal(jax.random.key(-a.cot_key) if a.cot_key < 0 else
                           jax.random.PRNGKey(a.cot_key), args[0].shape, jnp.float32)
-  if a.head_ids:
-    ids = jnp.array([int(x) for x in a.head_ids.split(",")])
-    args = tuple(x[:, ids] if x.ndim >= 4 else x[ids] for x in args)  # [B, H, ...] or [H, ...]
-    cot, H = cot[:, ids], len(ids)
+  args, cot = select_heads(args, cot, a.head_ids)
+  H = cot.shape[1]
   to_bf16 = bf16
   cot = to_bf16(cot) if a.bf16_cotangent else cot  # (the kernels' bf16 output gets a bf16 one)
   cot_ref = cot  # the reference's; the emulations' below, rounded with --kernel_cotangent
