@@ -33,6 +33,15 @@ def make_inputs(key, B, H, NC, CS=64, F=64, eta_scale=1e-5, target="unit"):
   return ttt_inputs(key, B, H, NC, hidden=4 * F, CS=CS, F=F, eta_scale=eta_scale, target=target)
 
 
+GRAD_NAMES = ("XQ", "XK", "XV", "eta", "ln_w", "ln_b", "W1", "b1", "W2", "b2")
+
+
+def rel_on_heads(x, y, heads, name: str) -> float:
+  """rel(x, y) over the given heads only: axis 1 for the per-token inputs ([B, H, ...]), else 0."""
+  axis = 1 if name in ("XQ", "XK", "XV", "eta") else 0
+  return rel(jnp.take(x, heads, axis=axis), jnp.take(y, heads, axis=axis))
+
+
 def main(argv=None):
   p = argparse.ArgumentParser()
   p.add_argument("--nc", default="282,1000,2750,5500")
@@ -53,6 +62,14 @@ def main(argv=None):
                       "rounds it: ~8e-3 of the NC=282 gradient error is that rounding alone)")
   p.add_argument("--no_ref", action="store_true",
                  help="timing only: no float32 XLA reference (memory at NC=5500), no errors")
+  p.add_argument("--seed", type=int, default=1000,
+                 help="inputs of the i-th NC from PRNGKey(seed + i) (1000: the recorded figures)")
+  p.add_argument("--grad_sensitivity", type=float, default=0.0,
+                 help="also the float32 reference's gradients with W1 scaled by (1 + this), e.g. "
+                      "1.2e-7 (one float32 ulp): the reference's own uncertainty per head")
+  p.add_argument("--conditioned_below", type=float, default=1e-4,
+                 help="with --grad_sensitivity: heads whose XK gradient moves less than this are "
+                      "'conditioned'; errors are also reported over those heads alone")
   a = p.parse_args(argv)
   dev = jax.devices()[0]
   print("device:", dev.device_kind, "jax", jax.__version__, flush=True)
@@ -101,7 +118,7 @@ def main(argv=None):
   rows = []
   grad_ncs = {int(x) for x in a.grad_nc.split(",") if x}
   for i, NC in enumerate(int(x) for x in a.nc.split(",")):
-    args = make_inputs(jax.random.PRNGKey(1000 + i), 1, a.heads, NC, eta_scale=a.eta_scale,
+    args = make_inputs(jax.random.PRNGKey(a.seed + i), 1, a.heads, NC, eta_scale=a.eta_scale,
                        target=a.target)
     ref = (jnp.zeros(args[0].shape, jnp.float32) if a.no_ref else
            jax.jit(lambda *x: inner_loop.ttt_mlp(*x, checkpoint_group_size=G))(*f32(args)))
@@ -115,9 +132,23 @@ def main(argv=None):
       ref2 = jax.jit(lambda *x: inner_loop.ttt_mlp(*x, checkpoint_group_size=G))(*pert)
       q32 = args[0].astype(jnp.float32)
       print(json.dumps({"NC": NC, "ref_sensitivity_W1_1e-6": rel(ref2 - q32, ref - q32)}), flush=True)
-    gref = None
+    gref, cond = None, None
     if NC in grad_ncs and not a.no_ref:
       gref = loss_fn(impl_fns["xla"])(f32(args), cot)[1]
+      if a.grad_sensitivity:  # the reference against itself, W1 moved by ~1 ulp
+        pert = list(f32(args))
+        pert[6] = pert[6] * (1 + a.grad_sensitivity)
+        gpert = loss_fn(impl_fns["xla"])(tuple(pert), cot)[1]
+        sens = per_head_rel(gpert[1], gref[1])  # [H], XK as for the per-head errors
+        cond = np.nonzero(sens < a.conditioned_below)[0]
+        print(json.dumps({"NC": NC, "ref_grad_sensitivity": a.grad_sensitivity,
+                          "max": {k: rel(x, y) for k, x, y in zip(GRAD_NAMES, gpert, gref)},
+                          "xk_per_head_median": float(np.median(sens)),
+                          "xk_per_head_max": float(sens.max()), "argmax": int(sens.argmax()),
+                          "conditioned_heads": len(cond), "worst_heads": {
+                              int(h): float(sens[h]) for h in np.argsort(sens)[::-1][:6]}}),
+              flush=True)
+        del gpert
     for name in a.impls.split(","):
       fn = impl_fns[name]
       out = fn(*args)
@@ -140,7 +171,7 @@ def main(argv=None):
       if NC in grad_ncs:
         lf = loss_fn(fn)
         _, g = lf(args, cot)
-        names = ("XQ", "XK", "XV", "eta", "ln_w", "ln_b", "W1", "b1", "W2", "b2")
+        names = GRAD_NAMES
         fin = lambda x: bool(jnp.isfinite(x.astype(jnp.float32)).all())
         row["grad_finite"] = all(fin(x) for x in g)
         if gref is not None:
@@ -150,6 +181,12 @@ def main(argv=None):
               median=float(np.median(ph)), max=float(ph.max()), argmax=int(ph.argmax()),
               heads_over_2e_2=int((ph >= 2e-2).sum()))
           row["gref_finite"] = all(fin(x) for x in gref)
+          if cond is not None:  # the same errors over the heads the reference is sure of
+            row["conditioned_heads"] = len(cond)
+          if cond is not None and len(cond):
+            row["grad_rel_conditioned"] = {k: rel_on_heads(x, y, cond, k)
+                                           for k, x, y in zip(names, g, gref)}
+            row["xk_per_head_worst"] = {int(h): float(ph[h]) for h in np.argsort(ph)[::-1][:6]}
         row["fwdbwd_ms"] = median_ms(lf, (args, cot), max(2, a.reps // 2))
         row["fwdbwd_ms_in_flight"] = in_flight_ms(lf, (args, cot), a.in_flight, 2)
         # nominal: backward counted as 2x the forward's FLOPs (no recompute counted)

@@ -1,7 +1,7 @@
 """`ttt_mlp_pallas`: the Mosaic GPU forward kernel wrapped in a `jax.custom_vjp`.
 
-Forward: `kernel_ws_mgpu.build_forward_ws` (variant "v7pef", the default compiled: two warpgroups
-per CTA by role), `kernel_acc_mgpu.build_forward_acc` ("v4", the interpret-mode default: float32
+Forward: `kernel_ws_mgpu.build_forward_ws` (variant "v7pefs", the default compiled: two warpgroups
+per CTA by role, the keys' products as (hi, lo) pairs), `kernel_acc_mgpu.build_forward_acc` ("v4", the interpret-mode default: float32
 state in wgmma accumulators, hidden dim over a 2-CTA cluster, mini-batch m-1's queries folded into
 step m; "v3" without that folding; cluster 1 in interpret mode) or `kernel_mgpu.build_forward`
 ("v1"/"v2": state as bf16 (hi, lo) pairs in SMEM); checkpoints every G mini-batches.
@@ -83,23 +83,26 @@ def _from_kernel_ckpts(ck, B, H):
 # v7: v4's step split by role over two warpgroups (kernel_ws_mgpu: keys' trajectory | outputs);
 # v7p: with the keys' K/V/eta prefetched by the queries' warpgroup; v7e: with gelu' kept from
 # the keys' forward half (WsTuningConfig.early_gelu_grad); v7pe: both; v7pel: v7pe with b1's
-# column sums under the update's wgmmas (late_bias_sums); v7pef (default): v7pe with the updates'
+# column sums under the update's wgmmas (late_bias_sums); v7pef: v7pe with the updates'
 # products in fresh accumulators, added in float32 (WsTuningConfig.fresh_update; H200 NC=282
-# 4.03-4.07 ms vs v7pe's 4.44-4.79, interleaved); v3_3passf: v3_3pass the same; v7pefs: v7pef
-# with the keys' K W1 and X2 W2 as (hi, lo) pairs (WsTuningConfig.split_products; not yet on a GPU).
+# 4.03-4.07 ms vs v7pe's 4.44-4.79, interleaved); v3_3passf: v3_3pass the same; v7pefs (default):
+# v7pef with the keys' K W1 and X2 W2 as (hi, lo) pairs (WsTuningConfig.split_products; H200
+# NC=282 4.61 ms, gradients 4.8e-3 vs v7pef's 4.08 ms, 2.5e-2).
 # (H100: benchmarks/NOTES-ttt-mlp.md.)
 VARIANTS = ("v1", "v2", "v3", "v3_precise", "v3_exact", "v3_3pass", "v3_3passf", "v4", "v5", "v4p",
             "v6", "v4l", "v7", "v7p", "v7e", "v7pe", "v7pel", "v7pef", "v7pefs")
 
 
-# The forward kernel `ttt_mlp_pallas` runs unless told otherwise (NOTES-ttt-mlp.md: v7pe on the
-# H100 at NC=282 4.30-4.56 ms vs v4's 5.40-5.55; v7pef on the H200 ~9% faster than v7pe).
-DEFAULT_VARIANT = "v7pef"
+# The forward kernel `ttt_mlp_pallas` runs unless told otherwise (NOTES-ttt-mlp.md: the fastest
+# variant whose gradients meet the 2e-2 bound at NC=282 on the H200: v7pefs, 4.8e-3; the bf16-keys
+# v7pef is 12% faster but 2.5e-2).
+DEFAULT_VARIANT = "v7pefs"
 # ... and in Mosaic GPU interpret mode (CPU): jax 0.11.2's interpreter can stall a kernel whose
 # warpgroups wait on each other for long stretches (v7*) when the CPU is contended (one warpgroup's
 # execution is never scheduled; NOTES-ttt-mlp.md "Interpret mode and two warpgroups"), so the
-# CPU default is v4, the same arithmetic as v7 / v7p (bitwise, tested); the v7 kernels' own CPU
-# tests run in subprocesses with a time limit (tests/pallas_kernels/test_ttt_mlp_ws_kernel.py).
+# CPU default is v4, the same arithmetic as v7 / v7p (bitwise, tested; v7pefs rounds less: its own
+# emulation test); the v7 kernels' own CPU tests run in subprocesses with a time limit
+# (tests/pallas_kernels/test_ttt_mlp_ws_kernel.py).
 DEFAULT_INTERPRET_VARIANT = "v4"
 
 
@@ -470,7 +473,7 @@ def ttt_mlp_pallas(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *,
   """TTT-MLP with the fused kernels; same contract as `ttt_dit.ttt.inner_loop.ttt_mlp`.
 
   Returns [B, H, NC, CS, F] in XQ's dtype. `interpret=True` runs the kernel in Mosaic GPU interpret
-  mode (CPU tests); `variant` picks the forward kernel (VARIANTS; None: v7pef compiled, v4 in
+  mode (CPU tests); `variant` picks the forward kernel (VARIANTS; None: v7pefs compiled, v4 in
   interpret mode: `default_variant`);
   `backward` picks the VJP (BACKWARDS; "pallas_qpass", the default: the queries' reverse by its own
   kernel for all steps at once, the backward kernel fed the restart's saved keys' activations;

@@ -1,0 +1,37 @@
+"""`benchmarks/ttt_mlp_kernel.py` on the CPU at tiny shapes: its per-head error bookkeeping and the
+reference's self-sensitivity report (`--grad_sensitivity`), which the GPU figures rely on."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import ttt_mlp_kernel
+
+
+def test_rel_on_heads_picks_the_head_axis():
+  y = jax.random.normal(jax.random.PRNGKey(0), (1, 3, 2, 4, 4))  # [B, H, NC, CS, F]
+  x = y.at[:, 2].multiply(2.0)  # only head 2 is off, by 100%
+  assert ttt_mlp_kernel.rel_on_heads(x, y, np.array([0, 1]), "XK") == 0.0
+  assert ttt_mlp_kernel.rel_on_heads(x, y, np.array([2]), "XK") == pytest.approx(1.0, rel=1e-6)
+  w = y[0, :, 0]  # [H, CS, F]: a state-shaped gradient, heads on axis 0
+  assert ttt_mlp_kernel.rel_on_heads(w.at[1].add(w[1]), w, np.array([0, 2]), "W1") == 0.0
+  assert ttt_mlp_kernel.rel_on_heads(w.at[1].add(w[1]), w, np.array([1]), "W1") == pytest.approx(1.0)
+
+
+def test_grad_sensitivity_report(tmp_path, capsys):
+  out = tmp_path / "rows.json"
+  ttt_mlp_kernel.main(["--nc", "2", "--heads", "2", "--impls", "xla", "--grad_nc", "2",
+                       "--reps", "1", "--in_flight", "1", "--grad_sensitivity", "1.2e-7",
+                       "--out", str(out)])
+  lines = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
+  sens = next(l for l in lines if "ref_grad_sensitivity" in l)
+  # one float32 ulp of W1 moves a 2-step scan's gradients by float32 rounding, not more
+  assert 0 < sens["xk_per_head_max"] < 1e-5 and sens["conditioned_heads"] == 2, sens
+  row = next(l for l in lines if l.get("impl") == "xla")
+  assert row["conditioned_heads"] == 2
+  # over all heads, the conditioned-heads errors are the global ones
+  assert row["grad_rel_conditioned"] == pytest.approx(row["grad_rel"], rel=1e-5)
+  assert out.exists()
