@@ -7,6 +7,7 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 # (the kernel files' mains share these: kept in pallas_kernels, re-exported here)
@@ -56,3 +57,29 @@ def summarize(rows: list[dict], out: str = "") -> None:
   if out:
     with open(out, "w") as fh:
       json.dump(rows, fh, indent=1)
+
+
+def reference_sensitivity(grad_fn, args: tuple, cot, gref: tuple, names: tuple, size: float,
+                          conditioned_below: float) -> tuple[np.ndarray, dict]:
+  """The float32 reference against itself: its gradients with W1 (args[6]) scaled by (1 + size)
+  vs `gref` (one float32 ulp: size 1.2e-7). Returns (the heads whose XK gradient moves less than
+  `conditioned_below`, a JSON-able report: the max per gradient, XK per head median/max, the
+  6 most sensitive heads). grad_fn(args, cot) -> (loss, grads) as the benchmarks' loss_fn."""
+  pert = list(args)
+  pert[6] = pert[6] * (1 + size)
+  gpert = grad_fn(tuple(pert), cot)[1]
+  sens = per_head_rel(gpert[1], gref[1])  # [H], XK as the per-head errors
+  cond = np.nonzero(sens < conditioned_below)[0]
+  report = {"ref_grad_sensitivity": size,
+            "max": {k: rel(x, y) for k, x, y in zip(names, gpert, gref)},
+            "xk_per_head_median": float(np.median(sens)), "xk_per_head_max": float(sens.max()),
+            "argmax": int(sens.argmax()), "conditioned_heads": len(cond),
+            "worst_heads": {int(h): float(sens[h]) for h in np.argsort(sens)[::-1][:6]}}
+  return cond, report
+
+
+def rel_on_heads(x, y, heads, name: str) -> float:
+  """rel(x, y) over the given heads only: axis 1 for the per-token inputs ([B, H, ...]), else 0."""
+  axis = 1 if name in ("XQ", "XK", "XV", "eta") else 0
+  return rel(jnp.take(x, heads, axis=axis), jnp.take(y, heads, axis=axis))
+

@@ -21,8 +21,10 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from benchmarks.kernel_common import median_ms, rel, summarize, ttt_inputs
+from benchmarks.kernel_common import (median_ms, per_head_rel, reference_sensitivity, rel,
+                                      rel_on_heads, summarize, ttt_inputs)
 from pallas_kernels.ttt_linear import ttt_linear_pallas
 from pallas_kernels.ttt_linear.ttt_linear import DEFAULT_VARIANT
 from ttt_dit.ttt import inner_loop
@@ -56,6 +58,14 @@ def main(argv=None):
   p.add_argument("--interpret", action="store_true",
                  help="kernels in Mosaic GPU interpret mode (a CPU check of this script, tiny sizes)")
   p.add_argument("--out", default="")
+  p.add_argument("--seed", type=int, default=1000,
+                 help="inputs of the i-th NC from PRNGKey(seed + i) (1000: the recorded figures)")
+  p.add_argument("--grad_sensitivity", type=float, default=0.0,
+                 help="also the float32 reference's gradients with W1 scaled by (1 + this), e.g. "
+                      "1.2e-7 (one float32 ulp): the reference's own uncertainty per head")
+  p.add_argument("--conditioned_below", type=float, default=1e-4,
+                 help="with --grad_sensitivity: errors also over the heads whose reference XK "
+                      "gradient moves less than this")
   a = p.parse_args(argv)
   dev = jax.devices()[0]
   print("device:", dev.device_kind, "jax", jax.__version__, flush=True)
@@ -86,15 +96,19 @@ def main(argv=None):
     timed = ei == 0
     ncs = a.nc if timed or not a.eta2_nc else a.eta2_nc
     for i, NC in enumerate(int(x) for x in ncs.split(",")):
-      args = make_inputs(jax.random.PRNGKey(1000 + i), 1, a.heads, NC, eta_scale=eta_scale)
+      args = make_inputs(jax.random.PRNGKey(a.seed + i), 1, a.heads, NC, eta_scale=eta_scale)
       q32 = args[0].astype(jnp.float32)
       ref = impl_fns["xla"](*f32(args))
       cot = jax.random.normal(jax.random.PRNGKey(7 + i), ref.shape, jnp.float32)
       cot = cot.astype(jnp.bfloat16).astype(jnp.float32)  # bf16-valued: what the kernel's VJP gets
-      gref = None
+      gref, cond = None, None
       if NC in grad_ncs:
         try:
           gref = loss_fn(impl_fns["xla"])(f32(args), cot)[1]
+          if a.grad_sensitivity:  # the reference against itself, W1 moved by ~1 ulp
+            cond, report = reference_sensitivity(loss_fn(impl_fns["xla"]), f32(args), cot, gref,
+                                                 NAMES, a.grad_sensitivity, a.conditioned_below)
+            print(json.dumps({"NC": NC, "eta_scale": eta_scale, **report}), flush=True)
         except Exception as e:  # noqa: BLE001
           print(json.dumps({"NC": NC, "gref_error": f"{type(e).__name__}: {str(e)[:200]}"}))
       flops = ttt_linear_flops(1, a.heads, NC)
@@ -113,6 +127,13 @@ def main(argv=None):
             _, g = lf(args, cot)
             row["grad_rel"] = {k: rel(x, y) for k, x, y in zip(NAMES, g, gref)}
             row["grad_finite"] = all(bool(jnp.isfinite(x.astype(jnp.float32)).all()) for x in g)
+            ph = per_head_rel(g[1], gref[1])  # XK per head
+            row["xk_per_head_worst"] = {int(h): float(ph[h]) for h in np.argsort(ph)[::-1][:6]}
+            if cond is not None:
+              row["conditioned_heads"] = len(cond)
+            if cond is not None and len(cond):  # the same errors over the heads the reference is sure of
+              row["grad_rel_conditioned"] = {k: rel_on_heads(x, y, cond, k)
+                                             for k, x, y in zip(NAMES, g, gref)}
             del g
             if timed:
               row["fwdbwd_ms"] = median_ms(lf, (args, cot), max(2, a.reps // 2))

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.kernel_common import (in_flight_ms, median_ms, per_head_rel, rel, summarize,
-                                      ttt_inputs)
+from benchmarks.kernel_common import (in_flight_ms, median_ms, per_head_rel, reference_sensitivity,
+                                      rel, rel_on_heads, summarize, ttt_inputs)
 from pallas_kernels.ttt_mlp import ttt_mlp_pallas
 from ttt_dit.ttt import inner_loop
 
@@ -34,12 +34,6 @@ def make_inputs(key, B, H, NC, CS=64, F=64, eta_scale=1e-5, target="unit"):
 
 
 GRAD_NAMES = ("XQ", "XK", "XV", "eta", "ln_w", "ln_b", "W1", "b1", "W2", "b2")
-
-
-def rel_on_heads(x, y, heads, name: str) -> float:
-  """rel(x, y) over the given heads only: axis 1 for the per-token inputs ([B, H, ...]), else 0."""
-  axis = 1 if name in ("XQ", "XK", "XV", "eta") else 0
-  return rel(jnp.take(x, heads, axis=axis), jnp.take(y, heads, axis=axis))
 
 
 def main(argv=None):
@@ -136,19 +130,9 @@ def main(argv=None):
     if NC in grad_ncs and not a.no_ref:
       gref = loss_fn(impl_fns["xla"])(f32(args), cot)[1]
       if a.grad_sensitivity:  # the reference against itself, W1 moved by ~1 ulp
-        pert = list(f32(args))
-        pert[6] = pert[6] * (1 + a.grad_sensitivity)
-        gpert = loss_fn(impl_fns["xla"])(tuple(pert), cot)[1]
-        sens = per_head_rel(gpert[1], gref[1])  # [H], XK as for the per-head errors
-        cond = np.nonzero(sens < a.conditioned_below)[0]
-        print(json.dumps({"NC": NC, "ref_grad_sensitivity": a.grad_sensitivity,
-                          "max": {k: rel(x, y) for k, x, y in zip(GRAD_NAMES, gpert, gref)},
-                          "xk_per_head_median": float(np.median(sens)),
-                          "xk_per_head_max": float(sens.max()), "argmax": int(sens.argmax()),
-                          "conditioned_heads": len(cond), "worst_heads": {
-                              int(h): float(sens[h]) for h in np.argsort(sens)[::-1][:6]}}),
-              flush=True)
-        del gpert
+        cond, report = reference_sensitivity(loss_fn(impl_fns["xla"]), f32(args), cot, gref,
+                                             GRAD_NAMES, a.grad_sensitivity, a.conditioned_below)
+        print(json.dumps({"NC": NC, **report}), flush=True)
     for name in a.impls.split(","):
       fn = impl_fns[name]
       out = fn(*args)

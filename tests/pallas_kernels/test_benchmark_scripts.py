@@ -8,17 +8,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import ttt_mlp_kernel
+from benchmarks import kernel_common, ttt_linear_kernel, ttt_mlp_kernel
 
 
 def test_rel_on_heads_picks_the_head_axis():
   y = jax.random.normal(jax.random.PRNGKey(0), (1, 3, 2, 4, 4))  # [B, H, NC, CS, F]
   x = y.at[:, 2].multiply(2.0)  # only head 2 is off, by 100%
-  assert ttt_mlp_kernel.rel_on_heads(x, y, np.array([0, 1]), "XK") == 0.0
-  assert ttt_mlp_kernel.rel_on_heads(x, y, np.array([2]), "XK") == pytest.approx(1.0, rel=1e-6)
+  assert kernel_common.rel_on_heads(x, y, np.array([0, 1]), "XK") == 0.0
+  assert kernel_common.rel_on_heads(x, y, np.array([2]), "XK") == pytest.approx(1.0, rel=1e-6)
   w = y[0, :, 0]  # [H, CS, F]: a state-shaped gradient, heads on axis 0
-  assert ttt_mlp_kernel.rel_on_heads(w.at[1].add(w[1]), w, np.array([0, 2]), "W1") == 0.0
-  assert ttt_mlp_kernel.rel_on_heads(w.at[1].add(w[1]), w, np.array([1]), "W1") == pytest.approx(1.0)
+  assert kernel_common.rel_on_heads(w.at[1].add(w[1]), w, np.array([0, 2]), "W1") == 0.0
+  assert kernel_common.rel_on_heads(w.at[1].add(w[1]), w, np.array([1]), "W1") == pytest.approx(1.0)
 
 
 def test_grad_sensitivity_report(tmp_path, capsys):
@@ -35,3 +35,16 @@ def test_grad_sensitivity_report(tmp_path, capsys):
   # over all heads, the conditioned-heads errors are the global ones
   assert row["grad_rel_conditioned"] == pytest.approx(row["grad_rel"], rel=1e-5)
   assert out.exists()
+
+
+def test_ttt_linear_grad_sensitivity_report(capsys):
+  """The TTT-Linear benchmark's reference self-check (the kernels in interpret mode, tiny sizes)."""
+  ttt_linear_kernel.main(["--nc", "2", "--heads", "1", "--impls", "xla", "--grad_impls", "xla",
+                          "--grad_nc", "2", "--eta_scales", "1e-5", "--reps", "1", "--group", "2",
+                          "--grad_sensitivity", "1.2e-7", "--conditioned_below", "0"])
+  lines = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
+  sens = next(l for l in lines if "ref_grad_sensitivity" in l)
+  assert 0 < sens["xk_per_head_max"] < 1e-5 and sens["conditioned_heads"] == 0, sens
+  row = next(l for l in lines if l.get("impl") == "xla")
+  assert row["conditioned_heads"] == 0 and "grad_rel_conditioned" not in row  # no heads: no figure
+  assert set(row["xk_per_head_worst"]) == {"0"}
