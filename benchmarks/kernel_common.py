@@ -83,3 +83,26 @@ def rel_on_heads(x, y, heads, name: str) -> float:
   axis = 1 if name in ("XQ", "XK", "XV", "eta") else 0
   return rel(jnp.take(x, heads, axis=axis), jnp.take(y, heads, axis=axis))
 
+
+def add_reference_flags(p) -> None:
+  """The kernel benchmarks' flags for their inputs' seed and the reference's self-check."""
+  p.add_argument("--seed", type=int, default=1000,
+                 help="inputs of the i-th NC from PRNGKey(seed + i) (1000: the recorded figures)")
+  p.add_argument("--grad_sensitivity", type=float, default=0.0,
+                 help="also the float32 reference's gradients with W1 scaled by (1 + this), e.g. "
+                      "1.2e-7 (one float32 ulp): the reference's own uncertainty per head")
+  p.add_argument("--conditioned_below", type=float, default=1e-4,
+                 help="with --grad_sensitivity: heads whose reference XK gradient moves less than "
+                      "this are 'conditioned'; errors are also reported over those heads alone")
+
+
+def conditioned_errors(g: tuple, gref: tuple, cond, names: tuple) -> dict:
+  """A benchmark row's fields for the conditioned heads (`reference_sensitivity`; none if cond is
+  None): their count and, when there are any, each gradient's rel L2 error over them alone."""
+  if cond is None:
+    return {}
+  out = {"conditioned_heads": len(cond)}
+  if len(cond):
+    out["grad_rel_conditioned"] = {k: rel_on_heads(x, y, cond, k) for k, x, y in zip(names, g, gref)}
+  return out
+

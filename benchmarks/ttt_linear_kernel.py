@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.kernel_common import (median_ms, per_head_rel, reference_sensitivity, rel,
-                                      rel_on_heads, summarize, ttt_inputs)
+from benchmarks.kernel_common import (add_reference_flags, conditioned_errors, median_ms,
+                                      per_head_rel, reference_sensitivity, rel, summarize,
+                                      ttt_inputs)
 from pallas_kernels.ttt_linear import ttt_linear_pallas
 from pallas_kernels.ttt_linear.ttt_linear import DEFAULT_VARIANT
 from ttt_dit.ttt import inner_loop
@@ -58,14 +59,7 @@ def main(argv=None):
   p.add_argument("--interpret", action="store_true",
                  help="kernels in Mosaic GPU interpret mode (a CPU check of this script, tiny sizes)")
   p.add_argument("--out", default="")
-  p.add_argument("--seed", type=int, default=1000,
-                 help="inputs of the i-th NC from PRNGKey(seed + i) (1000: the recorded figures)")
-  p.add_argument("--grad_sensitivity", type=float, default=0.0,
-                 help="also the float32 reference's gradients with W1 scaled by (1 + this), e.g. "
-                      "1.2e-7 (one float32 ulp): the reference's own uncertainty per head")
-  p.add_argument("--conditioned_below", type=float, default=1e-4,
-                 help="with --grad_sensitivity: errors also over the heads whose reference XK "
-                      "gradient moves less than this")
+  add_reference_flags(p)
   a = p.parse_args(argv)
   dev = jax.devices()[0]
   print("device:", dev.device_kind, "jax", jax.__version__, flush=True)
@@ -129,11 +123,7 @@ def main(argv=None):
             row["grad_finite"] = all(bool(jnp.isfinite(x.astype(jnp.float32)).all()) for x in g)
             ph = per_head_rel(g[1], gref[1])  # XK per head
             row["xk_per_head_worst"] = {int(h): float(ph[h]) for h in np.argsort(ph)[::-1][:6]}
-            if cond is not None:
-              row["conditioned_heads"] = len(cond)
-            if cond is not None and len(cond):  # the same errors over the heads the reference is sure of
-              row["grad_rel_conditioned"] = {k: rel_on_heads(x, y, cond, k)
-                                             for k, x, y in zip(NAMES, g, gref)}
+            row.update(conditioned_errors(g, gref, cond, NAMES))
             del g
             if timed:
               row["fwdbwd_ms"] = median_ms(lf, (args, cot), max(2, a.reps // 2))

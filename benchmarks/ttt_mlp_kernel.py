@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.kernel_common import (in_flight_ms, median_ms, per_head_rel, reference_sensitivity,
-                                      rel, rel_on_heads, summarize, ttt_inputs)
+from benchmarks.kernel_common import (add_reference_flags, conditioned_errors, in_flight_ms,
+                                      median_ms, per_head_rel, reference_sensitivity, rel,
+                                      summarize, ttt_inputs)
 from pallas_kernels.ttt_mlp import ttt_mlp_pallas
 from ttt_dit.ttt import inner_loop
 
@@ -56,14 +57,7 @@ def main(argv=None):
                       "rounds it: ~8e-3 of the NC=282 gradient error is that rounding alone)")
   p.add_argument("--no_ref", action="store_true",
                  help="timing only: no float32 XLA reference (memory at NC=5500), no errors")
-  p.add_argument("--seed", type=int, default=1000,
-                 help="inputs of the i-th NC from PRNGKey(seed + i) (1000: the recorded figures)")
-  p.add_argument("--grad_sensitivity", type=float, default=0.0,
-                 help="also the float32 reference's gradients with W1 scaled by (1 + this), e.g. "
-                      "1.2e-7 (one float32 ulp): the reference's own uncertainty per head")
-  p.add_argument("--conditioned_below", type=float, default=1e-4,
-                 help="with --grad_sensitivity: heads whose XK gradient moves less than this are "
-                      "'conditioned'; errors are also reported over those heads alone")
+  add_reference_flags(p)
   a = p.parse_args(argv)
   dev = jax.devices()[0]
   print("device:", dev.device_kind, "jax", jax.__version__, flush=True)
@@ -165,12 +159,8 @@ def main(argv=None):
               median=float(np.median(ph)), max=float(ph.max()), argmax=int(ph.argmax()),
               heads_over_2e_2=int((ph >= 2e-2).sum()))
           row["gref_finite"] = all(fin(x) for x in gref)
-          if cond is not None:  # the same errors over the heads the reference is sure of
-            row["conditioned_heads"] = len(cond)
-          if cond is not None and len(cond):
-            row["grad_rel_conditioned"] = {k: rel_on_heads(x, y, cond, k)
-                                           for k, x, y in zip(names, g, gref)}
-            row["xk_per_head_worst"] = {int(h): float(ph[h]) for h in np.argsort(ph)[::-1][:6]}
+          row.update(conditioned_errors(g, gref, cond, names))
+          row["xk_per_head_worst"] = {int(h): float(ph[h]) for h in np.argsort(ph)[::-1][:6]}
         row["fwdbwd_ms"] = median_ms(lf, (args, cot), max(2, a.reps // 2))
         row["fwdbwd_ms_in_flight"] = in_flight_ms(lf, (args, cot), a.in_flight, 2)
         # nominal: backward counted as 2x the forward's FLOPs (no recompute counted)
