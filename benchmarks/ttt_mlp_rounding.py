@@ -246,11 +246,14 @@ def main(argv=None):
   XQ, XK, XV, eta, lw, lb, W1, b1, W2, b2 = args
   state0 = tuple(jnp.broadcast_to(s, (B,) + s.shape) for s in (W1, b1, W2, b2))
 
-  def trajectory(state0, mode):  # the state before every mini-batch [NC, B, H, ...]
-    def body(s, i):
+  def trajectory_of(state0, inputs, mode):  # the state before every mini-batch [NC, B, H, ...]
+    XK, XV, eta, lw, lb = inputs  # arguments, not closed over: captured arrays would be compiled
+    def body(s, i):               # in as constants (at NC=2750, ~90 MB each: LLVM ran out of memory)
       xs = (XK[:, :, i], XV[:, :, i], eta[:, :, i], lw[:, None, :], lb[:, None, :])
       return emulated_update(s, xs, mode, a.ln_eps), s
     return jax.lax.scan(body, state0, jnp.arange(NC))[1]
+  traj_jit = jax.jit(trajectory_of, static_argnums=2)
+  trajectory = lambda state0, mode: traj_jit(state0, (XK, XV, eta, lw, lb), mode)
 
   f = lambda *x: inner_loop.ttt_mlp(*x, checkpoint_group_size=G, ln_eps=a.ln_eps)
   _, vjp = jax.vjp(f, *(x.astype(jnp.float32) for x in args))
@@ -269,7 +272,7 @@ def main(argv=None):
   exact_ckpts = None
   for bmode in (m for m in a.bwd_modes.split(",") if m):
     if exact_ckpts is None:
-      exact_ckpts = jax.tree.map(lambda s: s[::G], jax.jit(trajectory, static_argnums=1)(state0, "none"))
+      exact_ckpts = jax.tree.map(lambda s: s[::G], trajectory(state0, "none"))
       if a.ckpt_pairs:
         exact_ckpts = jax.tree.map(lambda s: bf16(s) + bf16(s - bf16(s)), exact_ckpts)
     g_b = jax.jit(lambda ck, x, c, bm=bmode: checkpoint_vjp.vjp_from_checkpoints(
@@ -284,7 +287,7 @@ def main(argv=None):
           f"{np.median(per_head):.1e}", flush=True)
   for mode in (m for m in a.modes.split(",") if m):
     s0 = (bf16(state0[0]), state0[1], bf16(state0[2]), state0[3]) if a.bf16_init else state0
-    states = jax.jit(trajectory, static_argnums=1)(s0, mode)
+    states = trajectory(s0, mode)
     if a.ckpt_hi:
       states = (bf16(states[0]), states[1], bf16(states[2]), states[3])
     g_emu = grads_from_checkpoints(states, args, cot, G, a.ln_eps)
