@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -140,21 +141,35 @@ def group_outputs(state, q, k, v, e, lw, lb, ln_eps):
 
 
 def grads_from_checkpoints(states, args, cot, G, ln_eps):
-  """Gradients of sum(out * cot) by the float32 backward restarted from the states at group starts."""
+  """Gradients of sum(out * cot) by the float32 backward restarted from the states at group starts.
+
+  One jitted group VJP with a traced group start (eagerly sliced at static offsets, every group
+  compiled its own small programs: at NC=2750 their code exhausted the process' memory maps)."""
   XQ, XK, XV, eta, lw, lb = (a.astype(jnp.float32) for a in args[:6])
   NC = XQ.shape[2]
   d_state = tuple(jnp.zeros_like(s[0]) for s in states)
   grads = [jnp.zeros_like(a) for a in (XQ, XK, XV, eta)]
   d_lw, d_lb = jnp.zeros_like(lw), jnp.zeros_like(lb)
   for a in reversed(range(0, NC, G)):
-    b = min(a + G, NC)
-    sl = lambda x: x[:, :, a:b]
-    _, vjp = jax.vjp(lambda *x: group_outputs(*x, ln_eps), tuple(s[a] for s in states),
-                     sl(XQ), sl(XK), sl(XV), sl(eta), lw, lb)
-    d_state, *d_in, dlw, dlb = vjp((sl(cot), d_state))
-    grads = [g.at[:, :, a:b].set(d) for g, d in zip(grads, d_in)]
+    n = min(a + G, NC) - a
+    d_state, grads, dlw, dlb = _group_vjp(n, ln_eps, jnp.int32(a), states, d_state, grads,
+                                          (XQ, XK, XV, eta, lw, lb), cot)
     d_lw, d_lb = d_lw + dlw, d_lb + dlb
   return tuple(grads) + (d_lw, d_lb) + tuple(d.sum(0) for d in d_state)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _group_vjp(n: int, ln_eps: float, a, states, d_state, grads, inputs, cot):
+  """The VJP of the n mini-batches from `a` (traced), restarted from states[a]; writes their
+  input cotangents into `grads` and returns the state cotangent at `a`."""
+  XQ, XK, XV, eta, lw, lb = inputs
+  sl = lambda x: jax.lax.dynamic_slice_in_dim(x, a, n, axis=2)
+  s_a = tuple(jax.lax.dynamic_index_in_dim(s, a, axis=0, keepdims=False) for s in states)
+  _, vjp = jax.vjp(lambda *x: group_outputs(*x, ln_eps), s_a, sl(XQ), sl(XK), sl(XV), sl(eta),
+                   lw, lb)
+  d_state, *d_in, dlw, dlb = vjp((sl(cot), d_state))
+  grads = [jax.lax.dynamic_update_slice_in_dim(g, d, a, axis=2) for g, d in zip(grads, d_in)]
+  return d_state, grads, dlw, dlb
 
 
 @contextlib.contextmanager
