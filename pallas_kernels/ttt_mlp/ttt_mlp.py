@@ -87,10 +87,11 @@ def _from_kernel_ckpts(ck, B, H):
 # products in fresh accumulators, added in float32 (WsTuningConfig.fresh_update; H200 NC=282
 # 4.03-4.07 ms vs v7pe's 4.44-4.79, interleaved); v3_3passf: v3_3pass the same; v7pefs (default):
 # v7pef with the keys' K W1 and X2 W2 as (hi, lo) pairs (WsTuningConfig.split_products; H200
-# NC=282 4.61 ms, gradients 4.8e-3 vs v7pef's 4.08 ms, 2.5e-2).
+# NC=282 4.61 ms, gradients 4.8e-3 vs v7pef's 4.08 ms, 2.5e-2); v7pefsg: v7pefs with G2 W2^T as
+# (hi, lo) products too (WsTuningConfig.split_g1; CPU-tested and lowered, not yet on a GPU).
 # (H100: benchmarks/NOTES-ttt-mlp.md.)
 VARIANTS = ("v1", "v2", "v3", "v3_precise", "v3_exact", "v3_3pass", "v3_3passf", "v4", "v5", "v4p",
-            "v6", "v4l", "v7", "v7p", "v7e", "v7pe", "v7pel", "v7pef", "v7pefs")
+            "v6", "v4l", "v7", "v7p", "v7e", "v7pe", "v7pel", "v7pef", "v7pefs", "v7pefsg")
 
 
 # The forward kernel `ttt_mlp_pallas` runs unless told otherwise (NOTES-ttt-mlp.md: the fastest
@@ -143,9 +144,10 @@ def _build(BH, NC, group, ln_eps, interpret, variant, outputs=True, save_activat
                                          early_gelu_grad="e" in variant[2:],
                                          late_bias_sums="l" in variant[2:],
                                          fresh_update="f" in variant[2:],
-                                         split_products="s" in variant[2:])
+                                         split_products="s" in variant[2:],
+                                         split_g1="g" in variant[2:])
     return kernel_ws_mgpu.build_forward_ws(BH, NC, group, ln_eps, config=cfg7, interpret=iparams)
-  if variant in ("v6", "v7", "v7p", "v7e", "v7pe", "v7pel", "v7pef", "v7pefs"):
+  if variant in ("v6", "v7", "v7p", "v7e", "v7pe", "v7pel", "v7pef", "v7pefs", "v7pefsg"):
     variant = "v3"
   if variant.startswith(("v3", "v4", "v5")):  # the exchange has no interpret rule: cluster 1 there
     pipeline = variant in ("v4", "v5", "v4p", "v4l") and outputs

@@ -185,7 +185,7 @@ def test_gradients_match_xla_scan_interpret(backward):
                                      "v4p_cluster2", "v3_3pass_cluster2", "v3_saves_cluster2",
                                      "v3_restart_ln_cluster2", "v6_cluster2", "v4l_cluster2",
                                      "v7_cluster2", "v7pe_cluster2", "v7pef_cluster2", "v7pefs_cluster2",
-                                     "v3_3passf_cluster2"])
+                                     "v7pefsg_cluster2", "v3_3passf_cluster2"])
 def test_kernel_lowers_for_cuda(variant):
   """The compiled (non-interpret) kernel lowers to a Mosaic GPU module for CUDA on this CPU box.
 
@@ -200,12 +200,13 @@ def test_kernel_lowers_for_cuda(variant):
     fn = kernel_wg2_mgpu.build_forward_wg2(bh, nc, g, 1e-6)
   elif variant.startswith("v7"):  # two warpgroups by role, each with its own exchange slot
     from pallas_kernels.ttt_mlp import kernel_ws_mgpu
-    pe = variant in ("v7pe_cluster2", "v7pef_cluster2", "v7pefs_cluster2")
+    pe = variant in ("v7pe_cluster2", "v7pef_cluster2", "v7pefs_cluster2", "v7pefsg_cluster2")
     fn = kernel_ws_mgpu.build_forward_ws(
         bh, nc, g, 1e-6, config=kernel_ws_mgpu.WsTuningConfig(
             prefetch_keys=pe, early_gelu_grad=pe,
-            fresh_update=variant in ("v7pef_cluster2", "v7pefs_cluster2"),
-            split_products=variant == "v7pefs_cluster2"))
+            fresh_update=variant in ("v7pef_cluster2", "v7pefs_cluster2", "v7pefsg_cluster2"),
+            split_products=variant in ("v7pefs_cluster2", "v7pefsg_cluster2"),
+            split_g1=variant == "v7pefsg_cluster2"))
   else:
     cfg = kernel_acc_mgpu.AccTuningConfig(
         cluster=2, pipeline=variant in ("v4_cluster2", "v5_cluster2", "v4p_cluster2",
