@@ -94,6 +94,9 @@ def add_reference_flags(p) -> None:
   p.add_argument("--conditioned_below", type=float, default=1e-4,
                  help="with --grad_sensitivity: heads whose reference XK gradient moves less than "
                       "this are 'conditioned'; errors are also reported over those heads alone")
+  p.add_argument("--ref_repeat", action="store_true",
+                 help="also the float32 reference's gradients computed a second time on the same "
+                      "inputs (a 'ref_grad_sensitivity': 0 report): is the device's scan deterministic?")
 
 
 def conditioned_errors(g: tuple, gref: tuple, cond, names: tuple) -> dict:

@@ -103,6 +103,11 @@ def main(argv=None):
             cond, report = reference_sensitivity(loss_fn(impl_fns["xla"]), f32(args), cot, gref,
                                                  NAMES, a.grad_sensitivity, a.conditioned_below)
             print(json.dumps({"NC": NC, "eta_scale": eta_scale, **report}), flush=True)
+          if a.ref_repeat:  # the same inputs again: any difference is the device's nondeterminism
+            report = reference_sensitivity(loss_fn(impl_fns["xla"]), f32(args), cot, gref, NAMES,
+                                           0.0, a.conditioned_below)[1]
+            print(json.dumps({"NC": NC, "eta_scale": eta_scale, "ref_repeat": True, **report}),
+                  flush=True)
         except Exception as e:  # noqa: BLE001
           print(json.dumps({"NC": NC, "gref_error": f"{type(e).__name__}: {str(e)[:200]}"}))
       flops = ttt_linear_flops(1, a.heads, NC)

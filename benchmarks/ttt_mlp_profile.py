@@ -2,7 +2,7 @@
 
 Each kernel's step is split into named phases (`mgpu_common.Phases`: "load", "z1", "xchg", ...).
 With `Profile` the kernel records SM clock cycles at every phase boundary per warpgroup; this
-script runs forward variants (`--which` v3, v4, v4p, v5, v6, v7, v7p, v7e, v7pe) over `--nc` mini-batches and the backward
+script runs forward variants (`--which` v3, v4, v4p, v5, v6, v7*: v7, v7pe, v7pefs, v7pefsg, ...) over `--nc` mini-batches and the backward
 kernel (bwd) over `--bwd_steps` steps, for each `--red` reduction scratch size, and prints per
 phase the median and mean cycles per occurrence over all CTAs and the us per step at the SM clock
 `--ghz`, next to the unprofiled kernel's wall time per step.
@@ -124,10 +124,8 @@ def main(argv=None):
       prof = jax.jit(kernel_wg2_mgpu.build_forward_wg2(
           H, NC, G, 1e-6, config=cfg6, profile=Profile(d, space=12 * NC + 16)))
       kargs, steps = fargs, NC
-    elif which in ("v7", "v7p", "v7e", "v7pe", "v7el"):  # keys' and queries' warpgroups
-      cfg7 = kernel_ws_mgpu.WsTuningConfig(reduction_scratch=red, prefetch_keys="p" in which[2:],
-                                           early_gelu_grad="e" in which[2:],
-                                           late_bias_sums="l" in which[2:])
+    elif which.startswith("v7"):  # keys' and queries' warpgroups (v7pefsg, ...)
+      cfg7 = kernel_ws_mgpu.WsTuningConfig.from_variant(which, reduction_scratch=red)
       plain = jax.jit(kernel_ws_mgpu.build_forward_ws(H, NC, G, 1e-6, config=cfg7))
       wall = median_ms(plain, fargs, a.reps) * 1e3 / NC
       prof = jax.jit(kernel_ws_mgpu.build_forward_ws(
@@ -150,7 +148,7 @@ def main(argv=None):
                                                     profile=Profile(d, space=28 * S + 16)))
       steps = S
     else:
-      raise ValueError(f"--which: unknown kernel {which!r} (v7, v7p, v7e, v7pe, v6, v5, v4p, v4, v3, bwd)")
+      raise ValueError(f"--which: unknown kernel {which!r} (v7*, v6, v5, v4p, v4, v3, bwd)")
     same = all(bool(jnp.array_equal(x, y)) for x, y in zip(plain(*kargs), prof(*kargs)))
     print(f"{title}: profiled results bitwise equal to unprofiled: {same}", flush=True)
     summary[title] = {"wall_us_per_step": wall,

@@ -9,6 +9,7 @@ state W1/W2 (`w_precise`: the state as an exact (hi, lo) pair), or every operand
 (`none`: a self-check, 0 error), or one product's operands only (`only_z1` K W1, `only_z2` X2 W2,
 `only_g1` G2 W2^T, `only_dw1` the W1 update, `only_dw2` the W2 update; the rest exact), or
 `split_z` (K W1 and X2 W2 as (hi, lo) pairs, the rest bf16; `split_zg` with G2 W2^T too;
+`split_zgw` / `split_zgg` with only W2 / only G2 of G2 W2^T as a pair: which lo half matters;
 `split_zw` only the state operands W1, W2 of K W1 and X2 W2 as pairs, X2 bf16); a mode
 ending in `+rz` adds W1, W2's updates rounded toward zero; `+trunc` accumulates them as a tensor
 core accumulating into the carried state does (each product aligned to the largest addend and
@@ -75,6 +76,9 @@ def emulated_update(state, xs, mode: str, ln_eps: float):
   if mode in ("split_z", "split_zg"):  # K W1, X2 W2 (and G2 W2^T) as (hi, lo) pairs, the rest bf16
     pairs = ("z1", "z2") + (("g1",) if mode == "split_zg" else ())
     r = {o: (split if o in pairs else bf16) for o in ("z1", "z2", "g1", "dw1", "dw2")}
+  elif mode in ("split_zgw", "split_zgg"):  # split_z, and G2 W2^T with one operand as a pair
+    g1 = (bf16, split) if mode == "split_zgw" else (split, bf16)  # (G2, W2)
+    r = {"z1": split, "z2": split, "g1": g1, "dw1": bf16, "dw2": bf16}
   elif mode == "split_zw":  # only the state operands of K W1 and X2 W2 as pairs (data bf16)
     r = {o: ((bf16, split) if o in ("z1", "z2") else bf16) for o in ("z1", "z2", "g1", "dw1", "dw2")}
   elif mode.startswith("only_"):  # one product's operands rounded (both), every other one exact

@@ -22,9 +22,11 @@ Same argument/result layout as `kernel_acc_mgpu.build_forward_acc`; outputs and 
 v4's arithmetic (the queries use the same bf16 state and biases) unless `early_gelu_grad` or
 `late_bias_sums` (bf16-level changes). Options (WsTuningConfig): `prefetch_keys` (v7p),
 `early_gelu_grad` (v7e), both (v7pe), `late_bias_sums` (v7pel, slower), and `fresh_update`
-with v7pe (v7pef; H200 NC=282 ~9% faster than v7pe), and `split_products` with v7pef (v7pefs: the
-default of `ttt_mlp_pallas` on the GPU; the keys' K W1 and X2 W2 as (hi, lo) products; H200
-NC=282 10-15% slower than v7pef, gradients 4.8e-3 vs 2.5e-2). H100, NC=282 (NOTES-ttt-mlp.md
+with v7pe (v7pef; H200 NC=282 ~9% faster than v7pe), `split_products` with v7pef (v7pefs: the
+keys' K W1 and X2 W2 as (hi, lo) products; H200 NC=282 10-15% slower than v7pef, gradients 4.8e-3
+vs 2.5e-2), and `split_g1` with v7pefs (v7pefsg, the default of `ttt_mlp_pallas` on the GPU: G2
+W2^T as (hi, lo) products too; H200 8-9% slower than v7pefs, NC=2750 eta ~1e-6 gradients 9.9e-3
+vs 3.9e-2). H100, NC=282 (NOTES-ttt-mlp.md
 "v7"): v7 4.7-4.9 ms, v7pe 4.3-4.7 ms, v4 5.4-5.7 ms. CPU interpret mode runs both warpgroups at cluster 1 (race detection;
 tests/pallas_kernels/test_ttt_mlp_ws_kernel.py runs these in child processes with a time limit,
 because jax 0.11.2's interpreter can stall them on a busy CPU); cluster 2 is lowered for CUDA
@@ -98,6 +100,16 @@ class WsTuningConfig:
       raise ValueError("split_products is built without late_bias_sums")
     if self.split_g1 and not (self.split_products and self.early_gelu_grad):
       raise ValueError("split_g1 needs split_products and early_gelu_grad")
+
+  @classmethod
+  def from_variant(cls, variant: str, **kwargs) -> "WsTuningConfig":
+    """The config a variant name spells ("v7" + letters: p prefetch_keys, e early_gelu_grad,
+    l late_bias_sums, f fresh_update, s split_products, g split_g1; e.g. "v7pefsg")."""
+    letters = dict(p="prefetch_keys", e="early_gelu_grad", l="late_bias_sums", f="fresh_update",
+                   s="split_products", g="split_g1")
+    if not variant.startswith("v7") or any(ch not in letters for ch in variant[2:]):
+      raise ValueError(f"variant {variant!r}: 'v7' followed by letters of {''.join(letters)}")
+    return cls(**{name: ch in variant[2:] for ch, name in letters.items()}, **kwargs)
 
 
 def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
@@ -459,11 +471,11 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
 
 
 def main(argv=None) -> dict[str, float]:
-  """Times v7* (the GPU default: v7pefs) against the float32 XLA scan (`kernel_bench.forward_main`):
+  """Times v7* (the GPU default: v7pefsg) against the float32 XLA scan (`kernel_bench.forward_main`):
   `python -m pallas_kernels.ttt_mlp.kernel_ws_mgpu [--nc N] [--variants V,...] [--interpret]`."""
   from pallas_kernels import kernel_bench
   variants = ("v7", "v7p", "v7e", "v7pe", "v7pel", "v7pef", "v7pefs", "v7pefsg")
-  return kernel_bench.forward_main(argv, main.__doc__, variants, ("v7pefs",), layer="mlp")
+  return kernel_bench.forward_main(argv, main.__doc__, variants, ("v7pefsg",), layer="mlp")
 
 
 if __name__ == "__main__":

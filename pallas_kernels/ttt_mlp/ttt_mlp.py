@@ -1,7 +1,7 @@
 """`ttt_mlp_pallas`: the Mosaic GPU forward kernel wrapped in a `jax.custom_vjp`.
 
-Forward: `kernel_ws_mgpu.build_forward_ws` (variant "v7pefs", the default compiled: two warpgroups
-per CTA by role, the keys' products as (hi, lo) pairs), `kernel_acc_mgpu.build_forward_acc` ("v4", the interpret-mode default: float32
+Forward: `kernel_ws_mgpu.build_forward_ws` (variant "v7pefsg", the default compiled: two warpgroups
+per CTA by role, the keys' products and G2 W2^T as (hi, lo) pairs), `kernel_acc_mgpu.build_forward_acc` ("v4", the interpret-mode default: float32
 state in wgmma accumulators, hidden dim over a 2-CTA cluster, mini-batch m-1's queries folded into
 step m; "v3" without that folding; cluster 1 in interpret mode) or `kernel_mgpu.build_forward`
 ("v1"/"v2": state as bf16 (hi, lo) pairs in SMEM); checkpoints every G mini-batches.
@@ -85,24 +85,26 @@ def _from_kernel_ckpts(ck, B, H):
 # the keys' forward half (WsTuningConfig.early_gelu_grad); v7pe: both; v7pel: v7pe with b1's
 # column sums under the update's wgmmas (late_bias_sums); v7pef: v7pe with the updates'
 # products in fresh accumulators, added in float32 (WsTuningConfig.fresh_update; H200 NC=282
-# 4.03-4.07 ms vs v7pe's 4.44-4.79, interleaved); v3_3passf: v3_3pass the same; v7pefs (default):
+# 4.03-4.07 ms vs v7pe's 4.44-4.79, interleaved); v3_3passf: v3_3pass the same; v7pefs:
 # v7pef with the keys' K W1 and X2 W2 as (hi, lo) pairs (WsTuningConfig.split_products; H200
-# NC=282 4.61 ms, gradients 4.8e-3 vs v7pef's 4.08 ms, 2.5e-2); v7pefsg: v7pefs with G2 W2^T as
-# (hi, lo) products too (WsTuningConfig.split_g1; CPU-tested and lowered, not yet on a GPU).
+# NC=282 4.61 ms, gradients 4.8e-3 vs v7pef's 4.08 ms, 2.5e-2); v7pefsg (default): v7pefs with
+# G2 W2^T as (hi, lo) products too (WsTuningConfig.split_g1; H200 +8-9% forward over v7pefs, eta
+# ~1e-6 NC=2750 gradients 9.9e-3 / 9.1e-3 where v7pefs gives 3.9e-2 / 3.0e-2).
 # (H100: benchmarks/NOTES-ttt-mlp.md.)
 VARIANTS = ("v1", "v2", "v3", "v3_precise", "v3_exact", "v3_3pass", "v3_3passf", "v4", "v5", "v4p",
             "v6", "v4l", "v7", "v7p", "v7e", "v7pe", "v7pel", "v7pef", "v7pefs", "v7pefsg")
 
 
 # The forward kernel `ttt_mlp_pallas` runs unless told otherwise (NOTES-ttt-mlp.md: the fastest
-# variant whose gradients meet the 2e-2 bound at NC=282 on the H200: v7pefs, 4.8e-3; the bf16-keys
-# v7pef is 12% faster but 2.5e-2).
-DEFAULT_VARIANT = "v7pefs"
+# variant whose gradients meet the 2e-2 bound at every draw tested on the H200, NC 282-5500:
+# v7pefsg, 4.7e-3 to 9.9e-3; v7pefs is 8-9% faster but misses at NC=2750 eta ~1e-6, 3.9e-2; the
+# bf16-keys v7pef 12% faster still but 2.5e-2 at NC=282).
+DEFAULT_VARIANT = "v7pefsg"
 # ... and in Mosaic GPU interpret mode (CPU): jax 0.11.2's interpreter can stall a kernel whose
 # warpgroups wait on each other for long stretches (v7*) when the CPU is contended (one warpgroup's
 # execution is never scheduled; NOTES-ttt-mlp.md "Interpret mode and two warpgroups"), so the
-# CPU default is v4, the same arithmetic as v7 / v7p (bitwise, tested; v7pefs rounds less: its own
-# emulation test); the v7 kernels' own CPU tests run in subprocesses with a time limit
+# CPU default is v4, the same arithmetic as v7 / v7p (bitwise, tested; v7pefs / v7pefsg round
+# less: their own emulation test); the v7 kernels' own CPU tests run in subprocesses with a time limit
 # (tests/pallas_kernels/test_ttt_mlp_ws_kernel.py).
 DEFAULT_INTERPRET_VARIANT = "v4"
 
@@ -138,14 +140,8 @@ def _build(BH, NC, group, ln_eps, interpret, variant, outputs=True, save_activat
     return kernel_wg2_mgpu.build_forward_wg2(BH, NC, group, ln_eps, config=cfg6,
                                              interpret=iparams)
   if variant.startswith("v7") and outputs and not save_activations:  # (restarts: v3, as for v4)
-    cfg7 = kernel_ws_mgpu.WsTuningConfig(cluster=1 if interpret else 2,
-                                         reduction_scratch=REDUCTION_SCRATCH,
-                                         prefetch_keys="p" in variant[2:],
-                                         early_gelu_grad="e" in variant[2:],
-                                         late_bias_sums="l" in variant[2:],
-                                         fresh_update="f" in variant[2:],
-                                         split_products="s" in variant[2:],
-                                         split_g1="g" in variant[2:])
+    cfg7 = kernel_ws_mgpu.WsTuningConfig.from_variant(variant, cluster=1 if interpret else 2,
+                                                      reduction_scratch=REDUCTION_SCRATCH)
     return kernel_ws_mgpu.build_forward_ws(BH, NC, group, ln_eps, config=cfg7, interpret=iparams)
   if variant in ("v6", "v7", "v7p", "v7e", "v7pe", "v7pel", "v7pef", "v7pefs", "v7pefsg"):
     variant = "v3"
@@ -475,7 +471,7 @@ def ttt_mlp_pallas(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *,
   """TTT-MLP with the fused kernels; same contract as `ttt_dit.ttt.inner_loop.ttt_mlp`.
 
   Returns [B, H, NC, CS, F] in XQ's dtype. `interpret=True` runs the kernel in Mosaic GPU interpret
-  mode (CPU tests); `variant` picks the forward kernel (VARIANTS; None: v7pefs compiled, v4 in
+  mode (CPU tests); `variant` picks the forward kernel (VARIANTS; None: v7pefsg compiled, v4 in
   interpret mode: `default_variant`);
   `backward` picks the VJP (BACKWARDS; "pallas_qpass", the default: the queries' reverse by its own
   kernel for all steps at once, the backward kernel fed the restart's saved keys' activations;

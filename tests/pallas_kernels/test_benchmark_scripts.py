@@ -25,9 +25,11 @@ def test_grad_sensitivity_report(tmp_path, capsys):
   out = tmp_path / "rows.json"
   ttt_mlp_kernel.main(["--nc", "2", "--heads", "2", "--impls", "xla", "--grad_nc", "2",
                        "--reps", "1", "--in_flight", "1", "--grad_sensitivity", "1.2e-7",
-                       "--out", str(out)])
+                       "--ref_repeat", "--out", str(out)])
   lines = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
-  sens = next(l for l in lines if "ref_grad_sensitivity" in l)
+  sens = next(l for l in lines if "ref_grad_sensitivity" in l and "ref_repeat" not in l)
+  repeat = next(l for l in lines if l.get("ref_repeat"))
+  assert repeat["ref_grad_sensitivity"] == 0.0 and repeat["xk_per_head_max"] == 0.0, repeat  # CPU
   # one float32 ulp of W1 moves a 2-step scan's gradients by float32 rounding, not more
   assert 0 < sens["xk_per_head_max"] < 1e-5 and sens["conditioned_heads"] == 2, sens
   row = next(l for l in lines if l.get("impl") == "xla")
