@@ -2,7 +2,7 @@
 
 impls: xla | pallas (the defaults: forward variant + the backward kernel, backward="pallas") |
 pallas_xbwd (default forward, backward = XLA scan VJP from the kernel's checkpoints) |
-pallas_primal, pallas_dual, pallas_pf, pallas_dual_pf (forward variants, see
+pallas_primal, pallas_dual, pallas_pf, pallas_dual_pf, pallas_split, pallas_dual_split (forward variants, see
 `pallas_kernels.ttt_linear.ttt_linear.VARIANTS`). (Before 2026-11-23 07:00 "pallas" named the
 xla_vjp backward and "pallas_pbwd" the backward kernel; RESULTS.md says which.)
 
@@ -75,6 +75,8 @@ def main(argv=None):
       "pallas_dual": pallas("dual"),
       "pallas_pf": pallas("primal_prefetch"),
       "pallas_dual_pf": pallas("dual_prefetch"),
+      "pallas_split": pallas("primal_prefetch_split"),
+      "pallas_dual_split": pallas("dual_prefetch_split"),
   }
 
   def loss_fn(impl):

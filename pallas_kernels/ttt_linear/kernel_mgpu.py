@@ -44,6 +44,10 @@ class LinearTuningConfig:
   dual_form: bool = False  # (4) as the official dual form (see the module docstring)
   prefetch: bool = False  # double-buffer Q/K/V/eta: mini-batch m+1's TMA under step m
   approx_math: bool = True  # rsqrt.approx etc. (Mosaic GPU approx_math)
+  # The trajectory's Z1 = K W1 as K W1h + K W1l (W1 as its bf16 (hi, lo) pair: one more 64x64x64
+  # product in the same wait): float32-accurate where the bf16 W1 perturbs a long scan's gradients
+  # (NOTES-ttt-linear.md, "split_state"); the output path's Q W1 stays bf16.
+  split_state: bool = False
 
 
 def _row(vec, shape=(64, 64)):
@@ -74,12 +78,15 @@ def _ln_l2_grad(z, target, gam, bet, eps):
 
 
 def mm_group(pairs, shape=(64, 64)):
-  """Independent a @ b products issued together, one wait: tuple of f32 values (inside a kernel)."""
+  """Independent a @ b products issued together, one wait: tuple of f32 values (inside a kernel).
+  An entry that is a list of (a, b) pairs is their sum, accumulated in one accumulator."""
+  chains = [p if isinstance(p, list) else [p] for p in pairs]
   def fn(*accs):
-    for acc, (a, b) in zip(accs, pairs):
-      plgpu.wgmma(acc, a, b)
+    for acc, chain in zip(accs, chains):
+      for a, b in chain:
+        plgpu.wgmma(acc, a, b)
     return tuple(acc[...] for acc in accs)
-  return pl.run_scoped(fn, *[plgpu.ACC(shape, jnp.float32) for _ in pairs])
+  return pl.run_scoped(fn, *[plgpu.ACC(shape, jnp.float32) for _ in chains])
 
 
 def build_forward(BH: int, NC: int, group: int, ln_eps: float, *,
@@ -104,12 +111,20 @@ def build_forward(BH: int, NC: int, group: int, ln_eps: float, *,
   dual = config.dual_form
 
   def body(q_ref, k_ref, v_ref, eta_ref, g_ref, bt_ref, w1_ref, b1_ref, o_ref, cw1, cb1,
-           q_sb, k_sb, v_sb, eta_sb, ek_s, g1_s, w1h, ea_s, w32, b1_s, gam_s, bet_s, bars):
+           q_sb, k_sb, v_sb, eta_sb, ek_s, g1_s, w1h, ea_s, w1l, w32, b1_s, gam_s, bet_s, bars):
     bh = lax.axis_index("bh")
     copy_in(((w1_ref.at[bh], w32), (b1_ref.at[bh], b1_s), (g_ref.at[bh], gam_s),
              (bt_ref.at[bh], bet_s)), bars)
     w1_0 = plgpu.layout_cast(w32[...], plgpu.Layout.WGMMA)
-    w1h[...] = w1_0.astype(bf16)
+
+    def store_state(w1):
+      """W1's bf16 copy (and with split_state its lo half) for the next products."""
+      hi = w1.astype(bf16)
+      w1h[...] = hi
+      if config.split_state:
+        w1l[...] = (w1 - hi.astype(f32)).astype(bf16)
+
+    store_state(w1_0)
     plgpu.commit_smem()
 
     def update(w1):
@@ -160,10 +175,11 @@ def build_forward(BH: int, NC: int, group: int, ln_eps: float, *,
       ek_s[...] = (-E * kf).astype(bf16)  # -diag(eta) K
 
       # (1) Z1 = K W1 + b1 [64, 64] (dual form: also Q W1 and A = Q K^T, same wait)
+      kw1 = [(k_s, w1h), (k_s, w1l)] if config.split_state else (k_s, w1h)
       if dual:
-        z1, qw, a1 = mm_group([(k_s, w1h), (q_s, w1h), (q_s, k_s.T)])
+        z1, qw, a1 = mm_group([kw1, (q_s, w1h), (q_s, k_s.T)])
       else:
-        (z1,) = mm_group([(k_s, w1h)])
+        (z1,) = mm_group([kw1])
       z1 = z1 + _row(b1v)
       # (2) G1 [64, 64]
       g1 = _ln_l2_grad(z1, v_s[...].astype(f32) - kf, gam, bet, ln_eps)
@@ -178,10 +194,10 @@ def build_forward(BH: int, NC: int, group: int, ln_eps: float, *,
         (pa,) = mm_group([(ea_s, g1_s)])
         w1 = update(w1)
         z1b = qw + pa + _row(b1n)
-        w1h[...] = w1.astype(bf16)
+        store_state(w1)
       else:
         w1 = update(w1)
-        w1h[...] = w1.astype(bf16)
+        store_state(w1)
         plgpu.commit_smem()
         # (4) Z1_bar = Q W1' + b1'
         (z1b,) = mm_group([(q_s, w1h)])
@@ -204,6 +220,7 @@ def build_forward(BH: int, NC: int, group: int, ln_eps: float, *,
               jax.ShapeDtypeStruct((BH, NG, F), f32))
   scratch = [tile(NB), tile(NB), tile(NB), plgpu.SMEM((NB, 64), f32),  # q, k, v, eta
              tile(), tile(), tile(), tile(),  # -eta K, G1, W1 bf16, -(eta_row * A) (dual form)
+             tile(),  # W1's lo half (split_state)
              plgpu.SMEM(shp, f32, transforms=tr32),  # W1 f32 staging (init / checkpoints)
              plgpu.SMEM((64,), f32), plgpu.SMEM((64,), f32), plgpu.SMEM((64,), f32),  # b1 g b
              plgpu.Barrier(num_barriers=4 * NB)]

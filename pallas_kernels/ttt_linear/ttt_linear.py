@@ -33,6 +33,9 @@ VARIANTS = {
     "dual": kernel_mgpu.LinearTuningConfig(dual_form=True),
     "primal_prefetch": kernel_mgpu.LinearTuningConfig(prefetch=True),
     "dual_prefetch": kernel_mgpu.LinearTuningConfig(dual_form=True, prefetch=True),
+    "primal_prefetch_split": kernel_mgpu.LinearTuningConfig(prefetch=True, split_state=True),
+    "dual_prefetch_split": kernel_mgpu.LinearTuningConfig(dual_form=True, prefetch=True,
+                                                          split_state=True),
 }
 # primal_prefetch: fastest at every NC where both ran on the H100 (7-14% over primal), same outputs
 DEFAULT_VARIANT = "primal_prefetch"

@@ -74,6 +74,27 @@ def test_forward_and_checkpoints_match_xla_scan_interpret(variant):
     assert rel(ck_b1[g], want[1]) < 1e-2, (g, rel(ck_b1[g], want[1]))
 
 
+@pytest.mark.parametrize("variant,own,other", [("primal", "all", "split_z"),
+                                               ("dual_prefetch_split", "split_z", "all")])
+def test_checkpoints_follow_their_rounding_emulation_interpret(variant, own, other):
+  """B=1, H=2, NC=4, G=1: each step's state update (checkpoint m minus checkpoint 0) matches
+  `benchmarks.ttt_linear_rounding`'s emulation of the kernel's own rounding (measured <= 2.6e-6:
+  bf16 W1 in K W1, or with split_state W1's (hi, lo) pair) and not the other's (1.2e-3 apart):
+  split_state really adds W1's lo half, and the emulation behind NOTES-ttt-linear.md is the kernel's."""
+  from benchmarks import ttt_linear_rounding
+  NC = 4
+  args = _inputs(1, 2, NC, 0)
+  XQ, XK, XV, eta, lw, lb, W1, b1 = _f32(args)
+  _, (ck_w1, _) = jax.jit(lambda *a: ttt_linear_mod._forward(
+      *a, group=1, ln_eps=1e-6, interpret=True, variant=variant))(*args)
+  emu = {m: ttt_linear_rounding.trajectory((W1[None], b1[None]), (XK, XV, eta, lw, lb), m, 1e-6)[0]
+         for m in (own, other)}
+  for m in range(1, NC):
+    moved = ck_w1[m] - ck_w1[0]
+    assert rel(moved, emu[own][m] - emu[own][0]) < 1e-4, (m, own)
+    assert rel(moved, emu[other][m] - emu[other][0]) > 5e-4, (m, other)
+
+
 _GRAD_G = 2
 
 
@@ -104,7 +125,7 @@ def test_gradients_match_jax_grad_interpret(backward):
     assert err < 2e-2, (name, err)
 
 
-@pytest.mark.parametrize("variant", ["primal", "dual_prefetch"])
+@pytest.mark.parametrize("variant", ["primal", "dual_prefetch", "primal_prefetch_split"])
 def test_kernel_lowers_for_cuda(variant):
   """The compiled kernel (state accumulated in place) lowers to a Mosaic GPU module for CUDA."""
   bh, nc, g = 4, 40, 16
