@@ -86,7 +86,7 @@ def main(argv=None):
       "pallas_v6": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G, variant="v6")),
       **{f"pallas_{v}": jax.jit(lambda *x, v=v: ttt_mlp_pallas(*x, checkpoint_group_size=G,
                                                                variant=v))
-         for v in ("v4", "v7", "v7p", "v7e", "v7pe", "v7pel", "v7pef", "v7pefs", "v7pefsg")},
+         for v in ("v4", "v7", "v7p", "v7e", "v7pe", "v7pel", "v7pef", "v7pefs", "v7pefsg", "v7pefsr", "v7pefsgr")},
       "pallas_3passf_pbwd": jax.jit(lambda *x: ttt_mlp_pallas(  # fresh-accumulator updates
           *x, checkpoint_group_size=G, variant="v3_3passf", backward="pallas")),
       "pallas_v5": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G, variant="v5")),

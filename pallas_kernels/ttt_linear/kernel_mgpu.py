@@ -232,8 +232,9 @@ def main(argv=None) -> dict[str, float]:
   """Times the TTT-Linear forward configurations against the float32 XLA scan (`kernel_bench.forward_main`):
   `python -m pallas_kernels.ttt_linear.kernel_mgpu [--nc N] [--variants V,...] [--interpret]`."""
   from pallas_kernels import kernel_bench
-  variants = ("primal", "dual", "primal_prefetch", "dual_prefetch")
-  return kernel_bench.forward_main(argv, main.__doc__, variants, ("primal_prefetch",), layer="linear")
+  variants = ("primal", "dual", "primal_prefetch", "dual_prefetch", "primal_prefetch_split",
+              "dual_prefetch_split")
+  return kernel_bench.forward_main(argv, main.__doc__, variants, ("primal_prefetch_split",), layer="linear")
 
 
 if __name__ == "__main__":

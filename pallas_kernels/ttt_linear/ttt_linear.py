@@ -37,8 +37,12 @@ VARIANTS = {
     "dual_prefetch_split": kernel_mgpu.LinearTuningConfig(dual_form=True, prefetch=True,
                                                           split_state=True),
 }
-# primal_prefetch: fastest at every NC where both ran on the H100 (7-14% over primal), same outputs
-DEFAULT_VARIANT = "primal_prefetch"
+# primal_prefetch: fastest at every NC where both ran on the H100 (7-14% over primal), same outputs.
+# primal_prefetch_split (default): its trajectory's K W1 with W1 as (hi, lo) (split_state). H200,
+# B=1, H=48, eta ~1e-5: gradients 3.0e-3 / 3.5e-3 / 3.5e-3 at NC = 282 / 2750 / 5500 where
+# primal_prefetch gives 9.6e-3 / 2.65e-2 / 3.4e-2; forward +10% at NC >= 2750 (8.35 vs 7.58 ms at
+# 2750), fwd+bwd +2-3% (NOTES-ttt-linear.md "split_state").
+DEFAULT_VARIANT = "primal_prefetch_split"
 # jax.vjp of the XLA dual-form scan from the checkpoints | the Mosaic GPU backward kernel
 BACKWARDS = ("xla_vjp", "pallas")
 

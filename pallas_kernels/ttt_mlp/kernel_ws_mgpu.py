@@ -24,9 +24,10 @@ v4's arithmetic (the queries use the same bf16 state and biases) unless `early_g
 `early_gelu_grad` (v7e), both (v7pe), `late_bias_sums` (v7pel, slower), and `fresh_update`
 with v7pe (v7pef; H200 NC=282 ~9% faster than v7pe), `split_products` with v7pef (v7pefs: the
 keys' K W1 and X2 W2 as (hi, lo) products; H200 NC=282 10-15% slower than v7pef, gradients 4.8e-3
-vs 2.5e-2), and `split_g1` with v7pefs (v7pefsg, the default of `ttt_mlp_pallas` on the GPU: G2
-W2^T as (hi, lo) products too; H200 8-9% slower than v7pefs, NC=2750 eta ~1e-6 gradients 9.9e-3
-vs 3.9e-2). H100, NC=282 (NOTES-ttt-mlp.md
+vs 2.5e-2), `split_g1` with v7pefs (v7pefsg: G2 W2^T as (hi, lo) products too; H200 8-9% slower than
+v7pefs, NC=2750 eta ~1e-6 gradients 9.9e-3 vs 3.9e-2), and `reload_keys` (v7pefsgr, the default
+of `ttt_mlp_pallas` on the GPU: bitwise v7pefsg, K and G2's lo half through SMEM instead of
+registers; H200 NC=282 5-6% faster than v7pefsg). H100, NC=282 (NOTES-ttt-mlp.md
 "v7"): v7 4.7-4.9 ms, v7pe 4.3-4.7 ms, v4 5.4-5.7 ms. CPU interpret mode runs both warpgroups at cluster 1 (race detection;
 tests/pallas_kernels/test_ttt_mlp_ws_kernel.py runs these in child processes with a time limit,
 because jax 0.11.2's interpreter can stall them on a busy CPU); cluster 2 is lowered for CUDA
@@ -93,6 +94,11 @@ class WsTuningConfig:
   # from registers; v7pefsg). Emulated on the eta ~1e-6, NC=2750 head that v7pefs misses by 3.9e-2
   # on the GPU: the trajectory's error 3.0e-2 (split_z) -> 8.5e-4 (split_zg; NOTES-ttt-mlp.md).
   split_g1: bool = False
+  # The keys' K re-read from its SMEM tile for the LayerNorm's target V - K instead of held in
+  # registers from the step's start (32 registers live across z1 / z2 / xchg), and with split_g1
+  # G2's lo half through K's tile (free after that read until the step's end) instead of
+  # registers: the same values (bitwise v7pefsg), less register pressure (v7pefsgr).
+  reload_keys: bool = False
 
   def __post_init__(self):
     check_cluster(self.cluster)
@@ -104,9 +110,9 @@ class WsTuningConfig:
   @classmethod
   def from_variant(cls, variant: str, **kwargs) -> "WsTuningConfig":
     """The config a variant name spells ("v7" + letters: p prefetch_keys, e early_gelu_grad,
-    l late_bias_sums, f fresh_update, s split_products, g split_g1; e.g. "v7pefsg")."""
+    l late_bias_sums, f fresh_update, s split_products, g split_g1, r reload_keys; e.g. "v7pefsg")."""
     letters = dict(p="prefetch_keys", e="early_gelu_grad", l="late_bias_sums", f="fresh_update",
-                   s="split_products", g="split_g1")
+                   s="split_products", g="split_g1", r="reload_keys")
     if not variant.startswith("v7") or any(ch not in letters for ch in variant[2:]):
       raise ValueError(f"variant {variant!r}: 'v7' followed by letters of {''.join(letters)}")
     return cls(**{name: ch in variant[2:] for ch, name in letters.items()}, **kwargs)
@@ -313,10 +319,15 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
 
         # ---- (4)-(6): fused LayerNorm + L2 backward (replicated on every CTA)
         ph("ln")
+        if config.reload_keys:  # K again from SMEM, in the layout (and threads) it was read in
+          kf = plgpu.load(k_s, layout=plgpu.Layout.WGMMA).astype(f32)
         g2 = _ln_l2_grad(z2, v_s[...].astype(f32) - kf, gam, bet, ln_eps)
         g2h = g2.astype(bf16)
         g2_s[...] = g2h
         g2_lo = (g2 - g2h.astype(f32)).astype(bf16) if config.split_g1 else None  # registers
+        if config.split_g1 and config.reload_keys:  # ... or K's tile (each thread its own elements)
+          k_s[...] = g2_lo
+          g2_lo = k_s
         eg2 = -col(eta_c) * g2
         eg2_s[...] = eg2.astype(bf16)
         b2_s[...] = b2v + jnp.sum(eg2, axis=0)
@@ -326,7 +337,10 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
         # sums, cross-warp reductions)
         if config.early_gelu_grad:  # gelu' from the "z1" phase: only G2 W2_c^T, one wait
           ph("g1_mm")
-          if config.split_g1 and interpret is not None:  # (register lhs: G2l W2h^T by jnp)
+          if config.split_g1 and config.reload_keys:  # G2l from SMEM (K's tile)
+            gws = wgmma_chains([[(g2_s, w2h.at[c].T), (g2_s, lo_s.at[NL + c].T),
+                                 (g2_lo, w2h.at[c].T)] for c in range(NL)], shp)
+          elif config.split_g1 and interpret is not None:  # (register lhs: G2l W2h^T by jnp)
             gws = wgmma_chains([[(g2_s, w2h.at[c].T), (g2_s, lo_s.at[NL + c].T)]
                                 for c in range(NL)], shp)
             gws = [gw + jnp.dot(g2_lo.astype(f32), w2h[c].astype(f32).T,
@@ -471,11 +485,11 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
 
 
 def main(argv=None) -> dict[str, float]:
-  """Times v7* (the GPU default: v7pefsg) against the float32 XLA scan (`kernel_bench.forward_main`):
+  """Times v7* (the GPU default: v7pefsgr) against the float32 XLA scan (`kernel_bench.forward_main`):
   `python -m pallas_kernels.ttt_mlp.kernel_ws_mgpu [--nc N] [--variants V,...] [--interpret]`."""
   from pallas_kernels import kernel_bench
-  variants = ("v7", "v7p", "v7e", "v7pe", "v7pel", "v7pef", "v7pefs", "v7pefsg")
-  return kernel_bench.forward_main(argv, main.__doc__, variants, ("v7pefsg",), layer="mlp")
+  variants = ("v7", "v7p", "v7e", "v7pe", "v7pel", "v7pef", "v7pefs", "v7pefsg", "v7pefsr", "v7pefsgr")
+  return kernel_bench.forward_main(argv, main.__doc__, variants, ("v7pefsgr",), layer="mlp")
 
 
 if __name__ == "__main__":

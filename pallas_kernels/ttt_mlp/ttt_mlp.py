@@ -1,6 +1,6 @@
 """`ttt_mlp_pallas`: the Mosaic GPU forward kernel wrapped in a `jax.custom_vjp`.
 
-Forward: `kernel_ws_mgpu.build_forward_ws` (variant "v7pefsg", the default compiled: two warpgroups
+Forward: `kernel_ws_mgpu.build_forward_ws` (variant "v7pefsgr", the default compiled: two warpgroups
 per CTA by role, the keys' products and G2 W2^T as (hi, lo) pairs), `kernel_acc_mgpu.build_forward_acc` ("v4", the interpret-mode default: float32
 state in wgmma accumulators, hidden dim over a 2-CTA cluster, mini-batch m-1's queries folded into
 step m; "v3" without that folding; cluster 1 in interpret mode) or `kernel_mgpu.build_forward`
@@ -87,19 +87,22 @@ def _from_kernel_ckpts(ck, B, H):
 # products in fresh accumulators, added in float32 (WsTuningConfig.fresh_update; H200 NC=282
 # 4.03-4.07 ms vs v7pe's 4.44-4.79, interleaved); v3_3passf: v3_3pass the same; v7pefs:
 # v7pef with the keys' K W1 and X2 W2 as (hi, lo) pairs (WsTuningConfig.split_products; H200
-# NC=282 4.61 ms, gradients 4.8e-3 vs v7pef's 4.08 ms, 2.5e-2); v7pefsg (default): v7pefs with
+# NC=282 4.61 ms, gradients 4.8e-3 vs v7pef's 4.08 ms, 2.5e-2); v7pefsg: v7pefs with
 # G2 W2^T as (hi, lo) products too (WsTuningConfig.split_g1; H200 +8-9% forward over v7pefs, eta
-# ~1e-6 NC=2750 gradients 9.9e-3 / 9.1e-3 where v7pefs gives 3.9e-2 / 3.0e-2).
+# ~1e-6 NC=2750 gradients 9.9e-3 / 9.1e-3 where v7pefs gives 3.9e-2 / 3.0e-2); v7pefsr / v7pefsgr
+# (default): v7pefs / v7pefsg with K re-read from SMEM and G2's lo half through K's tile
+# (WsTuningConfig.reload_keys; bitwise the same; H200 NC=282 v7pefsgr 5-6% faster than v7pefsg).
 # (H100: benchmarks/NOTES-ttt-mlp.md.)
 VARIANTS = ("v1", "v2", "v3", "v3_precise", "v3_exact", "v3_3pass", "v3_3passf", "v4", "v5", "v4p",
-            "v6", "v4l", "v7", "v7p", "v7e", "v7pe", "v7pel", "v7pef", "v7pefs", "v7pefsg")
+            "v6", "v4l", "v7", "v7p", "v7e", "v7pe", "v7pel", "v7pef", "v7pefs", "v7pefsg", "v7pefsr", "v7pefsgr")
 
 
 # The forward kernel `ttt_mlp_pallas` runs unless told otherwise (NOTES-ttt-mlp.md: the fastest
 # variant whose gradients meet the 2e-2 bound at every draw tested on the H200, NC 282-5500:
-# v7pefsg, 4.7e-3 to 9.9e-3; v7pefs is 8-9% faster but misses at NC=2750 eta ~1e-6, 3.9e-2; the
-# bf16-keys v7pef 12% faster still but 2.5e-2 at NC=282).
-DEFAULT_VARIANT = "v7pefsg"
+# v7pefsg's arithmetic, 4.7e-3 to 9.9e-3, run as v7pefsgr (bitwise the same, K and G2's lo half
+# through SMEM: H200 NC=282 4.73-4.79 vs 5.02-5.04 ms, interleaved); v7pefs is ~4% faster still
+# but misses at NC=2750 eta ~1e-6, 3.9e-2; the bf16-keys v7pef 12% faster but 2.5e-2 at NC=282).
+DEFAULT_VARIANT = "v7pefsgr"
 # ... and in Mosaic GPU interpret mode (CPU): jax 0.11.2's interpreter can stall a kernel whose
 # warpgroups wait on each other for long stretches (v7*) when the CPU is contended (one warpgroup's
 # execution is never scheduled; NOTES-ttt-mlp.md "Interpret mode and two warpgroups"), so the
@@ -143,7 +146,7 @@ def _build(BH, NC, group, ln_eps, interpret, variant, outputs=True, save_activat
     cfg7 = kernel_ws_mgpu.WsTuningConfig.from_variant(variant, cluster=1 if interpret else 2,
                                                       reduction_scratch=REDUCTION_SCRATCH)
     return kernel_ws_mgpu.build_forward_ws(BH, NC, group, ln_eps, config=cfg7, interpret=iparams)
-  if variant in ("v6", "v7", "v7p", "v7e", "v7pe", "v7pel", "v7pef", "v7pefs", "v7pefsg"):
+  if variant == "v6" or variant.startswith("v7"):
     variant = "v3"
   if variant.startswith(("v3", "v4", "v5")):  # the exchange has no interpret rule: cluster 1 there
     pipeline = variant in ("v4", "v5", "v4p", "v4l") and outputs
@@ -471,7 +474,7 @@ def ttt_mlp_pallas(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *,
   """TTT-MLP with the fused kernels; same contract as `ttt_dit.ttt.inner_loop.ttt_mlp`.
 
   Returns [B, H, NC, CS, F] in XQ's dtype. `interpret=True` runs the kernel in Mosaic GPU interpret
-  mode (CPU tests); `variant` picks the forward kernel (VARIANTS; None: v7pefsg compiled, v4 in
+  mode (CPU tests); `variant` picks the forward kernel (VARIANTS; None: v7pefsgr compiled, v4 in
   interpret mode: `default_variant`);
   `backward` picks the VJP (BACKWARDS; "pallas_qpass", the default: the queries' reverse by its own
   kernel for all steps at once, the backward kernel fed the restart's saved keys' activations;

@@ -95,14 +95,14 @@ def test_two_warpgroups_are_race_free_interpret():
 
 
 def test_role_split_config_is_validated():
-  """Bad settings name the problem; variant=None is v7pefsg compiled and v4 in interpret mode."""
+  """Bad settings name the problem; variant=None is v7pefsgr compiled and v4 in interpret mode."""
   from pallas_kernels.ttt_mlp import kernel_ws_mgpu
   from pallas_kernels.ttt_mlp import ttt_mlp as T
   with pytest.raises(ValueError, match="cluster must be 1 or 2"):
     kernel_ws_mgpu.WsTuningConfig(cluster=4)
   with pytest.raises(ValueError, match="variant must be one of"):
     T.ttt_mlp_pallas(*_inputs(0), interpret=True, variant="v7x")
-  assert T.default_variant(False) == "v7pefsg" and T.default_variant(True) == "v4"
+  assert T.default_variant(False) == "v7pefsgr" and T.default_variant(True) == "v4"
   cfg = kernel_ws_mgpu.WsTuningConfig.from_variant("v7pefsg", cluster=1)
   assert (cfg.prefetch_keys, cfg.early_gelu_grad, cfg.late_bias_sums, cfg.fresh_update,
           cfg.split_products, cfg.split_g1, cfg.cluster) == (True, True, False, True, True, True, 1)
@@ -193,7 +193,7 @@ def test_gradients_match_xla_scan_interpret(backward):
                                      "v4p_cluster2", "v3_3pass_cluster2", "v3_saves_cluster2",
                                      "v3_restart_ln_cluster2", "v6_cluster2", "v4l_cluster2",
                                      "v7_cluster2", "v7pe_cluster2", "v7pef_cluster2", "v7pefs_cluster2",
-                                     "v7pefsg_cluster2", "v3_3passf_cluster2"])
+                                     "v7pefsg_cluster2", "v7pefsgr_cluster2", "v3_3passf_cluster2"])
 def test_kernel_lowers_for_cuda(variant):
   """The compiled (non-interpret) kernel lowers to a Mosaic GPU module for CUDA on this CPU box.
 
@@ -208,13 +208,9 @@ def test_kernel_lowers_for_cuda(variant):
     fn = kernel_wg2_mgpu.build_forward_wg2(bh, nc, g, 1e-6)
   elif variant.startswith("v7"):  # two warpgroups by role, each with its own exchange slot
     from pallas_kernels.ttt_mlp import kernel_ws_mgpu
-    pe = variant in ("v7pe_cluster2", "v7pef_cluster2", "v7pefs_cluster2", "v7pefsg_cluster2")
     fn = kernel_ws_mgpu.build_forward_ws(
-        bh, nc, g, 1e-6, config=kernel_ws_mgpu.WsTuningConfig(
-            prefetch_keys=pe, early_gelu_grad=pe,
-            fresh_update=variant in ("v7pef_cluster2", "v7pefs_cluster2", "v7pefsg_cluster2"),
-            split_products=variant in ("v7pefs_cluster2", "v7pefsg_cluster2"),
-            split_g1=variant == "v7pefsg_cluster2"))
+        bh, nc, g, 1e-6, config=kernel_ws_mgpu.WsTuningConfig.from_variant(
+            variant.removesuffix("_cluster2")))
   else:
     cfg = kernel_acc_mgpu.AccTuningConfig(
         cluster=2, pipeline=variant in ("v4_cluster2", "v5_cluster2", "v4p_cluster2",
