@@ -25,16 +25,12 @@ import numpy as np
 
 from benchmarks.kernel_common import rel, select_heads
 from benchmarks.ttt_linear_kernel import make_inputs
-from pallas_kernels import checkpoint_vjp, mgpu_common
+from benchmarks.ttt_mlp_rounding import bf16
+from pallas_kernels import checkpoint_vjp
 from ttt_dit.ttt import inner_loop
 
 NAMES = ("XQ", "XK", "XV", "eta", "ln_w", "ln_b", "W1", "b1")
 MODES = ("none", "all", "split_z", "only_z", "only_dw")
-
-
-def bf16(x):
-  """x rounded to bf16, back in float32 (by bits: a jitted astype round trip is removed on GPUs)."""
-  return mgpu_common.round_to_bf16(x)
 
 
 def pair(x):

@@ -337,15 +337,14 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
         # sums, cross-warp reductions)
         if config.early_gelu_grad:  # gelu' from the "z1" phase: only G2 W2_c^T, one wait
           ph("g1_mm")
-          if config.split_g1 and config.reload_keys:  # G2l from SMEM (K's tile)
-            gws = wgmma_chains([[(g2_s, w2h.at[c].T), (g2_s, lo_s.at[NL + c].T),
-                                 (g2_lo, w2h.at[c].T)] for c in range(NL)], shp)
-          elif config.split_g1 and interpret is not None:  # (register lhs: G2l W2h^T by jnp)
+          if config.split_g1 and interpret is not None and not config.reload_keys:  # (register
+            # lhs, no interpret rule: G2l W2h^T by jnp)
             gws = wgmma_chains([[(g2_s, w2h.at[c].T), (g2_s, lo_s.at[NL + c].T)]
                                 for c in range(NL)], shp)
             gws = [gw + jnp.dot(g2_lo.astype(f32), w2h[c].astype(f32).T,
                                 precision=lax.Precision.HIGHEST) for c, gw in enumerate(gws)]
-          elif config.split_g1:  # G2h W2h^T + G2h W2l^T + G2l W2h^T (W2l: the state's lo in lo_s)
+          elif config.split_g1:  # G2h W2h^T + G2h W2l^T + G2l W2h^T (W2l: the state's lo in lo_s;
+            # G2l in registers, or with reload_keys in K's tile)
             gws = wgmma_chains([[(g2_s, w2h.at[c].T), (g2_s, lo_s.at[NL + c].T),
                                  (g2_lo, w2h.at[c].T)] for c in range(NL)], shp)
           else:
