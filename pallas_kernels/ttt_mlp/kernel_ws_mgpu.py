@@ -99,6 +99,21 @@ class WsTuningConfig:
   # G2's lo half through K's tile (free after that read until the step's end) instead of
   # registers: the same values (bitwise v7pefsg), less register pressure (v7pefsgr).
   reload_keys: bool = False
+  # b1's column sums (sum_j eta_j G1[j, :]) of all the CTA's hidden chunks as ONE cross-warp
+  # reduction of the [64, 64 NL] concatenation instead of one per chunk: 2 warpgroup barriers
+  # instead of 2 NL, the chunks' shuffles interleaved (each column's sum in the same order:
+  # bitwise the same). Its 16 KiB of reduction scratch come from the queries' X2 tiles, which
+  # this moves to registers (wgmma's lhs from registers; the same bf16 values).
+  fused_bias_sums: bool = False
+  # With fused_bias_sums: b2's column sum (sum_j -eta_j G2[j, :]) joins the same reduction in the
+  # "g1" phase instead of its own in "ln" (-eta G2 kept in registers across "g1_mm"; 24 KiB of
+  # reduction scratch).
+  fused_b2_sum: bool = False
+  # With prefetch_keys: the next mini-batch's -eta K tile written by the queries' warpgroup at the
+  # start of its step (K and eta are in SMEM two steps ahead) instead of by the keys at the start
+  # of theirs, before Z1's wgmmas. The keys' wait for the queries (sync[1], before "ln") orders it
+  # before the update reads it and before K's tile is reused; the keys write mini-batch 0's.
+  queries_ek: bool = False
 
   def __post_init__(self):
     check_cluster(self.cluster)
@@ -106,13 +121,28 @@ class WsTuningConfig:
       raise ValueError("split_products is built without late_bias_sums")
     if self.split_g1 and not (self.split_products and self.early_gelu_grad):
       raise ValueError("split_g1 needs split_products and early_gelu_grad")
+    if self.fused_bias_sums and (not self.early_gelu_grad or self.late_bias_sums):
+      raise ValueError("fused_bias_sums needs early_gelu_grad, without late_bias_sums")
+    if self.fused_b2_sum and not self.fused_bias_sums:
+      raise ValueError("fused_b2_sum needs fused_bias_sums")
+    if self.queries_ek and not self.prefetch_keys:
+      raise ValueError("queries_ek needs prefetch_keys")
+
+  @property
+  def scratch_bytes(self) -> int:
+    """SMEM bytes for cross-warp reductions: enough for the fused sums in one round (1 KiB per
+    8 columns of the reduced value)."""
+    parts = (NH // self.cluster if self.fused_bias_sums else 1) + self.fused_b2_sum
+    return max(self.reduction_scratch, parts * DEFAULT_REDUCTION_SCRATCH)
 
   @classmethod
   def from_variant(cls, variant: str, **kwargs) -> "WsTuningConfig":
     """The config a variant name spells ("v7" + letters: p prefetch_keys, e early_gelu_grad,
-    l late_bias_sums, f fresh_update, s split_products, g split_g1, r reload_keys; e.g. "v7pefsg")."""
+    l late_bias_sums, f fresh_update, s split_products, g split_g1, r reload_keys, b
+    fused_bias_sums, c fused_b2_sum, k queries_ek; e.g. "v7pefsg")."""
     letters = dict(p="prefetch_keys", e="early_gelu_grad", l="late_bias_sums", f="fresh_update",
-                   s="split_products", g="split_g1", r="reload_keys")
+                   s="split_products", g="split_g1", r="reload_keys", b="fused_bias_sums",
+                   c="fused_b2_sum", k="queries_ek")
     if not variant.startswith("v7") or any(ch not in letters for ch in variant[2:]):
       raise ValueError(f"variant {variant!r}: 'v7' followed by letters of {''.join(letters)}")
     return cls(**{name: ch in variant[2:] for ch, name in letters.items()}, **kwargs)
@@ -266,8 +296,15 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
         gam = plgpu.load(gam_s, layout=red0)  # [64] over columns f
         bet = plgpu.load(bet_s, layout=red0)
         b2v = plgpu.load(b2_s, layout=red0)
-        kf = k_s[...].astype(f32)
-        ek_s[...] = (-col(eta_c) * kf).astype(bf16)  # -diag(eta) K
+        kf = None if config.queries_ek and config.reload_keys else k_s[...].astype(f32)
+
+        def write_ek():  # -diag(eta) K (queries_ek: the queries' warpgroup writes m >= 1's)
+          kk = k_s[...].astype(f32) if kf is None else kf
+          ek_s[...] = (-col(eta_c) * kk).astype(bf16)
+        if config.queries_ek:
+          pl.when(m == 0)(write_ek)
+        else:
+          write_ek()
 
         # ---- (1)-(3): Z2 = gelu(K W1 + b1) W2 + b2, all-reduced over the hidden shards
         ph("z1")
@@ -330,7 +367,8 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
           g2_lo = k_s
         eg2 = -col(eta_c) * g2
         eg2_s[...] = eg2.astype(bf16)
-        b2_s[...] = b2v + jnp.sum(eg2, axis=0)
+        if not config.fused_b2_sum:
+          b2_s[...] = b2v + jnp.sum(eg2, axis=0)
         plgpu.commit_smem()
         # ---- (7): G1 = (G2 W2^T) * gelu'(Z1) per local chunk, with the old state
         # (finer phases: g1_mm the waited wgmmas, g1_ew the elementwise work, g1_sum b1's column
@@ -349,6 +387,7 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
                                  (g2_lo, w2h.at[c].T)] for c in range(NL)], shp)
           else:
             gws = mm_multi([(g2_s, w2h.at[c].T) for c in range(NL)])
+        g1s, b1cs = [], []  # fused_bias_sums: the chunks' G1 (f32) and b1, summed after the loop
         for c in range(NL):
           if config.early_gelu_grad:
             ph("g1_ew")
@@ -363,9 +402,21 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
             _, gp = _gelu_and_grad(z1 + row(b1c))
           g1 = gw * gp
           g1_s[c] = g1.astype(bf16)
-          if not config.late_bias_sums:
+          if config.fused_bias_sums:
+            g1s.append(g1)
+            b1cs.append(b1c)
+          elif not config.late_bias_sums:
             ph("g1_sum")
             b1_s[c] = b1c - jnp.sum(col(eta_c) * g1, axis=0)
+        if config.fused_bias_sums:  # one reduction: [64, 64 n] -> [64 n], then per chunk
+          ph("g1_sum")
+          parts = ([eg2] if config.fused_b2_sum else []) + [col(eta_c) * g for g in g1s]
+          sums = jnp.sum(jnp.concatenate(parts, axis=1), axis=0)
+          off = 64 if config.fused_b2_sum else 0
+          if config.fused_b2_sum:
+            b2_s[...] = b2v + sums[:64]
+          for c in range(NL):
+            b1_s[c] = b1cs[c] - sums[off + 64 * c:off + 64 * (c + 1)]
         plgpu.commit_smem()
 
         def bias_sums():  # late_bias_sums: b1_{m+1} from the bf16 G1 the update reads
@@ -395,6 +446,9 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
     # ------------------------------------------------------------------ queries' warpgroup
     def queries():
       plgpu.copy_gmem_to_smem(q_ref.at[bh, 0], q_sb.at[0], qbars.at[0])
+      if config.queries_ek:  # every phase of the K / eta barriers it waits on: mini-batch 0's too
+        plgpu.barrier_wait(kbars.at[0])
+        plgpu.barrier_wait(kbars.at[2])
 
       def step(j, _):
         """Mini-batch j's output with the state W_{j+1} (after the keys' update j)."""
@@ -410,6 +464,14 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
 
         ph("q_wait_w")
         plgpu.barrier_wait(sync.at[0])
+        if config.queries_ek:  # -eta K of mini-batch j + 1 (buffer 1 - slot, loaded in step j - 1)
+          @pl.when(j + 1 < NC)
+          def _():
+            plgpu.barrier_wait(kbars.at[3 * (1 - slot)])  # its K, and its eta
+            plgpu.barrier_wait(kbars.at[3 * (1 - slot) + 2])
+            eta_n = plgpu.load(eta_sb.at[1 - slot], layout=red1)
+            ek_s[...] = (-col(eta_n) * k_sb[1 - slot].astype(f32)).astype(bf16)
+            plgpu.commit_smem()  # (for the keys' wgmma; they wait sync[1], arrived below)
         if config.prefetch_keys:  # the keys are done with buffer j % 2 (step j): m = j + 2 into it
           @pl.when(j + 2 < NC)
           def _():
@@ -418,11 +480,20 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
         b1r = [row(plgpu.load(b1_s.at[c], layout=red0)) for c in range(NL)]
         b2v = plgpu.load(b2_s, layout=red0)
         zq = mm_multi([(q_s, w1h.at[c]) for c in range(NL)])
-        for c in range(NL):
-          x_s[c] = _gelu(zq[c] + b1r[c]).astype(bf16)
-        plgpu.commit_smem()
-        ph("q_z2")
-        pq = wgmma_chain([(x_s.at[c], w2h.at[c]) for c in range(NL)], shp)
+        if config.fused_bias_sums:  # X2 in registers, wgmma's lhs (interpret mode: jnp, no rule)
+          xq = [_gelu(zq[c] + b1r[c]).astype(bf16) for c in range(NL)]
+          ph("q_z2")
+          if interpret is not None:
+            pq = sum(jnp.dot(xq[c].astype(f32), w2h[c].astype(f32),
+                             precision=lax.Precision.HIGHEST) for c in range(NL))
+          else:
+            pq = wgmma_chain([(xq[c], w2h.at[c]) for c in range(NL)], shp)
+        else:
+          for c in range(NL):
+            x_s[c] = _gelu(zq[c] + b1r[c]).astype(bf16)
+          plgpu.commit_smem()
+          ph("q_z2")
+          pq = wgmma_chain([(x_s.at[c], w2h.at[c]) for c in range(NL)], shp)
         plgpu.barrier_arrive(sync.at[1])  # W_{j+1}, b1, b2 read: the keys may overwrite them
         ph("q_xchg")
         z2b = exchange(pq, 1, j == 0) + row(b2v)
@@ -461,7 +532,10 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
   NK = 2 if config.prefetch_keys else 1  # K/V/eta buffers
   scratch = [tile(2), tile(NK), tile(NK), plgpu.SMEM((NK, 64), f32),  # Q (2 buffers), K, V, eta
              tile(), tile(), tile(),  # -eta K, G2, -eta G2
-             tile(NL), tile(NL), tile(NL), tile(NL), tile(NL),  # G1, keys' X2, queries' X2, W1, W2
+             tile(NL), tile(NL),  # G1, keys' X2
+             # the queries' X2 (fused_bias_sums: in registers; its bytes go to reduction scratch)
+             plgpu.SMEM((8,), f32) if config.fused_bias_sums else tile(NL),
+             tile(NL), tile(NL),  # W1, W2
              tile(2 * NL),  # the state's lo halves (init and checkpoints)
              plgpu.SMEM((NL, 64), f32), plgpu.SMEM((64,), f32),  # b1 chunks, b2
              plgpu.SMEM((64,), f32), plgpu.SMEM((64,), f32),  # gamma, beta
@@ -480,14 +554,15 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
     kwargs.update(cluster=(C,), cluster_names=("c",))
   return per_head_kernel(body, out_type=out_type, scratch=scratch, BH=BH,
                          approx_math=config.approx_math, interpret=interpret, profile=profile,
-                         reduction_scratch=config.reduction_scratch, **kwargs)
+                         reduction_scratch=config.scratch_bytes, **kwargs)
 
 
 def main(argv=None) -> dict[str, float]:
   """Times v7* (the GPU default: v7pefsgr) against the float32 XLA scan (`kernel_bench.forward_main`):
   `python -m pallas_kernels.ttt_mlp.kernel_ws_mgpu [--nc N] [--variants V,...] [--interpret]`."""
   from pallas_kernels import kernel_bench
-  variants = ("v7", "v7p", "v7e", "v7pe", "v7pel", "v7pef", "v7pefs", "v7pefsg", "v7pefsr", "v7pefsgr")
+  variants = ("v7", "v7p", "v7e", "v7pe", "v7pel", "v7pef", "v7pefs", "v7pefsg", "v7pefsr", "v7pefsgr",
+              "v7pefsgrb", "v7pefsgrbc", "v7pefsgrk", "v7pefsgrbk")
   return kernel_bench.forward_main(argv, main.__doc__, variants, ("v7pefsgr",), layer="mlp")
 
 

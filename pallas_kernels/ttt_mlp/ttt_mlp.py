@@ -94,7 +94,8 @@ def _from_kernel_ckpts(ck, B, H):
 # (WsTuningConfig.reload_keys; bitwise the same; H200 NC=282 v7pefsgr 5-6% faster than v7pefsg).
 # (H100: benchmarks/NOTES-ttt-mlp.md.)
 VARIANTS = ("v1", "v2", "v3", "v3_precise", "v3_exact", "v3_3pass", "v3_3passf", "v4", "v5", "v4p",
-            "v6", "v4l", "v7", "v7p", "v7e", "v7pe", "v7pel", "v7pef", "v7pefs", "v7pefsg", "v7pefsr", "v7pefsgr")
+            "v6", "v4l", "v7", "v7p", "v7e", "v7pe", "v7pel", "v7pef", "v7pefs", "v7pefsg", "v7pefsr", "v7pefsgr",
+            "v7pefsgrb", "v7pefsgrbc", "v7pefsgrk", "v7pefsgrbk")
 
 
 # The forward kernel `ttt_mlp_pallas` runs unless told otherwise (NOTES-ttt-mlp.md: the fastest

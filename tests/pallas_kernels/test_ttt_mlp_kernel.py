@@ -193,7 +193,9 @@ def test_gradients_match_xla_scan_interpret(backward):
                                      "v4p_cluster2", "v3_3pass_cluster2", "v3_saves_cluster2",
                                      "v3_restart_ln_cluster2", "v6_cluster2", "v4l_cluster2",
                                      "v7_cluster2", "v7pe_cluster2", "v7pef_cluster2", "v7pefs_cluster2",
-                                     "v7pefsg_cluster2", "v7pefsgr_cluster2", "v3_3passf_cluster2"])
+                                     "v7pefsg_cluster2", "v7pefsgr_cluster2", "v7pefsgrb_cluster2",
+                                     "v7pefsgrbc_cluster2", "v7pefsgrbk_cluster2",
+                                     "v3_3passf_cluster2"])
 def test_kernel_lowers_for_cuda(variant):
   """The compiled (non-interpret) kernel lowers to a Mosaic GPU module for CUDA on this CPU box.
 
