@@ -77,6 +77,7 @@ def main(argv=None):
       "pallas_dual_pf": pallas("dual_prefetch"),
       "pallas_split": pallas("primal_prefetch_split"),
       "pallas_dual_split": pallas("dual_prefetch_split"),
+      "pallas_wide": pallas("primal_prefetch_split_wide", "pallas_wide"),  # 8 KiB reduction scratch
   }
 
   def loss_fn(impl):

@@ -25,6 +25,7 @@ import numpy as np
 from benchmarks.kernel_common import (add_reference_flags, conditioned_errors, in_flight_ms,
                                       median_ms, per_head_rel, reference_sensitivity, rel,
                                       summarize, ttt_inputs)
+from pallas_kernels.ttt_mlp import ttt_mlp as T
 from pallas_kernels.ttt_mlp import ttt_mlp_pallas
 from ttt_dit.ttt import inner_loop
 
@@ -86,7 +87,7 @@ def main(argv=None):
       "pallas_v6": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G, variant="v6")),
       **{f"pallas_{v}": jax.jit(lambda *x, v=v: ttt_mlp_pallas(*x, checkpoint_group_size=G,
                                                                variant=v))
-         for v in ("v4", "v7", "v7p", "v7e", "v7pe", "v7pel", "v7pef", "v7pefs", "v7pefsg", "v7pefsr", "v7pefsgr")},
+         for v in ("v4",) + tuple(v for v in T.VARIANTS if v.startswith("v7"))},
       "pallas_3passf_pbwd": jax.jit(lambda *x: ttt_mlp_pallas(  # fresh-accumulator updates
           *x, checkpoint_group_size=G, variant="v3_3passf", backward="pallas")),
       "pallas_v5": jax.jit(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=G, variant="v5")),

@@ -35,10 +35,22 @@ def compare(base: tuple, other: tuple) -> dict:
   return {"bitwise": all(r == 0.0 for r in rels), "max_rel": max(rels)}
 
 
+def parse_variant(spec: str) -> tuple[str, int | None]:
+  """"v7pefsgr" -> ("v7pefsgr", None); "v7pefsgr@4096" -> ("v7pefsgr", 4096): a v7 variant with
+  that many bytes of reduction scratch (`ttt_mlp._build`)."""
+  name, _, red = spec.partition("@")
+  if name not in T.VARIANTS:
+    raise SystemExit(f"--variants: {name!r} is not one of {T.VARIANTS}")
+  if red and not (red.isdigit() and name.startswith("v7")):
+    raise SystemExit(f"--variants: {spec!r}: '@' takes a byte count, for v7 variants only")
+  return name, int(red) if red else None
+
+
 def main(argv=None) -> list[dict]:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--nc", default="282,1000", help="comma-separated mini-batch counts")
-  p.add_argument("--variants", default="v7pefsgr", help="comma-separated; the first is the baseline")
+  p.add_argument("--variants", default="v7pefsgr",
+                 help="comma-separated, the first the baseline; NAME@BYTES: v7 with that reduction scratch")
   p.add_argument("--heads", type=int, default=48)
   p.add_argument("--group", type=int, default=16, help="checkpoint group size")
   p.add_argument("--eta_scale", type=float, default=1e-5)
@@ -50,16 +62,14 @@ def main(argv=None) -> list[dict]:
   p.add_argument("--out", default="", help="JSON file for the rows")
   a = p.parse_args(argv)
   variants = a.variants.split(",")
-  for v in variants:
-    if v not in T.VARIANTS:
-      raise SystemExit(f"--variants: {v!r} is not one of {T.VARIANTS}")
+  specs = {v: parse_variant(v) for v in variants}
   print("device:", jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
   rows = []
   for i, NC in enumerate(int(x) for x in a.nc.split(",")):
     args = make_inputs(jax.random.PRNGKey(a.seed + i), 1, a.heads, NC, eta_scale=a.eta_scale)
-    fns = {v: jax.jit(lambda *x, v=v: T._forward_raw(*x, group=a.group, ln_eps=1e-6,
-                                                     interpret=a.interpret, variant=v))
-           for v in variants}
+    fns = {v: jax.jit(lambda *x, s=specs[v]: T._forward_raw(
+        *x, group=a.group, ln_eps=1e-6, interpret=a.interpret, variant=s[0],
+        reduction_scratch=s[1])) for v in variants}
     outs = {v: fns[v](*args) for v in variants}
     cmp = {v: compare(outs[variants[0]], outs[v]) for v in variants[1:]}
     del outs

@@ -28,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mgpu_common import copy_in, per_head_kernel
+from pallas_kernels.mgpu_common import DEFAULT_REDUCTION_SCRATCH, copy_in, per_head_kernel
 from pallas_kernels.ttt_linear.kernel_mgpu import F, _col, _ln, _row, mm_group
 
 
@@ -38,6 +38,9 @@ class BwdTuningConfig:
   CUDA lowering only: not yet run on a GPU)."""
 
   approx_math: bool = True  # rsqrt.approx etc. (Mosaic GPU approx_math)
+  # SMEM bytes for the six column sums per step (cross-warp reductions; 2 KiB: 4 rounds of 2
+  # warpgroup barriers each, 8 KiB: one; bitwise the same)
+  reduction_scratch: int = DEFAULT_REDUCTION_SCRATCH
 
 
 def mm_chain(pairs, shape=(64, 64)):
@@ -186,7 +189,8 @@ def build_backward(BH: int, G: int, ln_eps: float, *,
              vec(), vec(), vec(),  # db, dgamma, dbeta accumulators
              plgpu.Barrier(num_barriers=9)]
   return per_head_kernel(body, out_type=out_type, scratch=scratch, BH=BH,
-                         approx_math=config.approx_math, interpret=interpret)
+                         approx_math=config.approx_math, interpret=interpret,
+                         reduction_scratch=config.reduction_scratch)
 
 
 def main(argv=None) -> dict[str, float]:

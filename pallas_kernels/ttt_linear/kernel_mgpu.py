@@ -30,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mgpu_common import copy_in, per_head_kernel
+from pallas_kernels.mgpu_common import DEFAULT_REDUCTION_SCRATCH, copy_in, per_head_kernel
 
 CS = 64  # mini-batch size the kernel is built for
 F = 64  # head dim
@@ -48,6 +48,9 @@ class LinearTuningConfig:
   # product in the same wait): float32-accurate where the bf16 W1 perturbs a long scan's gradients
   # (NOTES-ttt-linear.md, "split_state"); the output path's Q W1 stays bf16.
   split_state: bool = False
+  # SMEM bytes for b1's column sum (a cross-warp reduction: 1 KiB per 8 columns and round; the
+  # default 2 KiB takes 4 rounds of 2 warpgroup barriers, 8 KiB one; bitwise the same)
+  reduction_scratch: int = DEFAULT_REDUCTION_SCRATCH
 
 
 def _row(vec, shape=(64, 64)):
@@ -225,7 +228,8 @@ def build_forward(BH: int, NC: int, group: int, ln_eps: float, *,
              plgpu.SMEM((64,), f32), plgpu.SMEM((64,), f32), plgpu.SMEM((64,), f32),  # b1 g b
              plgpu.Barrier(num_barriers=4 * NB)]
   return per_head_kernel(body, out_type=out_type, scratch=scratch, BH=BH,
-                         approx_math=config.approx_math, interpret=interpret)
+                         approx_math=config.approx_math, interpret=interpret,
+                         reduction_scratch=config.reduction_scratch)
 
 
 def main(argv=None) -> dict[str, float]:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from pallas_kernels import checkpoint_vjp, platform
+from pallas_kernels.mgpu_common import DEFAULT_REDUCTION_SCRATCH
 from pallas_kernels.ttt_linear import kernel_bwd_mgpu, kernel_mgpu
 from ttt_dit.ttt import inner_loop
 
@@ -36,6 +37,8 @@ VARIANTS = {
     "primal_prefetch_split": kernel_mgpu.LinearTuningConfig(prefetch=True, split_state=True),
     "dual_prefetch_split": kernel_mgpu.LinearTuningConfig(dual_form=True, prefetch=True,
                                                           split_state=True),
+    "primal_prefetch_split_wide": kernel_mgpu.LinearTuningConfig(  # 8 KiB reduction scratch
+        prefetch=True, split_state=True, reduction_scratch=4 * DEFAULT_REDUCTION_SCRATCH),
 }
 # primal_prefetch: fastest at every NC where both ran on the H100 (7-14% over primal), same outputs.
 # primal_prefetch_split (default): its trajectory's K W1 with W1 as (hi, lo) (split_state). H200,
@@ -44,7 +47,12 @@ VARIANTS = {
 # 2750), fwd+bwd +2-3% (NOTES-ttt-linear.md "split_state").
 DEFAULT_VARIANT = "primal_prefetch_split"
 # jax.vjp of the XLA dual-form scan from the checkpoints | the Mosaic GPU backward kernel
-BACKWARDS = ("xla_vjp", "pallas")
+BACKWARDS = ("xla_vjp", "pallas", "pallas_wide")
+# the backward kernel's configuration per `backward=` choice ("pallas_wide": 8 KiB of reduction
+# scratch, its six column sums per step in one round each; bitwise "pallas")
+_BWD_CONFIGS = {"pallas": kernel_bwd_mgpu.BwdTuningConfig(),
+                "pallas_wide": kernel_bwd_mgpu.BwdTuningConfig(
+                    reduction_scratch=4 * DEFAULT_REDUCTION_SCRATCH)}
 
 
 def kernel_supported(XQ: Array, *, interpret: bool = False) -> str | None:
@@ -116,7 +124,7 @@ def _ttt_linear_kernel(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, group, ln_ep
 
 def _fwd(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, group, ln_eps, interpret, variant,
          backward):
-  if backward == "pallas":  # the backward kernel restarts the forward kernel: keep its layout
+  if backward in _BWD_CONFIGS:  # the backward kernel restarts the forward kernel: keep its layout
     out, ckpts = _forward_raw(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, group=group,
                               ln_eps=ln_eps, interpret=interpret, variant=variant)
     return out, (XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, ckpts)
@@ -128,15 +136,16 @@ def _fwd(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, group, ln_eps, interpret, 
 def _bwd(group, ln_eps, interpret, variant, backward, res, dout):
   """Reverse over checkpoint groups: `jax.vjp` of the XLA group scan from each kernel checkpoint
   (backward="xla_vjp"), or the backward kernel (backward="pallas", `_bwd_pallas`)."""
-  if backward == "pallas":
-    return _bwd_pallas(group, ln_eps, interpret, variant, res, dout)
+  if backward in _BWD_CONFIGS:
+    return _bwd_pallas(group, ln_eps, interpret, variant, res, dout, _BWD_CONFIGS[backward])
   del interpret, variant
   *inputs, ckpts = res
   return checkpoint_vjp.vjp_from_checkpoints(inner_loop._linear_step, ckpts, tuple(inputs), dout,  # noqa: SLF001
                                              group=group, ln_eps=ln_eps)
 
 
-def _bwd_pallas(group, ln_eps, interpret, variant, res, dout):
+def _bwd_pallas(group, ln_eps, interpret, variant, res, dout,
+                config=kernel_bwd_mgpu.BwdTuningConfig()):
   """backward="pallas": per checkpoint group, last to first, (1) the forward kernel restarted from
   the group's checkpoint with a checkpoint every mini-batch (the per-step states), (2) the backward
   kernel (`kernel_bwd_mgpu`) over the group's steps in reverse, carrying the state cotangent from
@@ -156,7 +165,8 @@ def _bwd_pallas(group, ln_eps, interpret, variant, res, dout):
   gam, bet = _per_head(ln_weight, B), _per_head(ln_bias, B)  # [BH, F]
   fwd = kernel_mgpu.build_forward(BH, G + 1, 1, float(ln_eps), config=VARIANTS[variant],
                                   interpret=_iparams(interpret))
-  bwd = kernel_bwd_mgpu.build_backward(BH, G, float(ln_eps), interpret=_iparams(interpret))
+  bwd = kernel_bwd_mgpu.build_backward(BH, G, float(ln_eps), config=config,
+                                       interpret=_iparams(interpret))
   dts = tuple(a.dtype for a in (XQ, XK, XV))
 
   def body(carry, g):

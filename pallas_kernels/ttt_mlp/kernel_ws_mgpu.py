@@ -100,14 +100,14 @@ class WsTuningConfig:
   # registers: the same values (bitwise v7pefsg), less register pressure (v7pefsgr).
   reload_keys: bool = False
   # b1's column sums (sum_j eta_j G1[j, :]) of all the CTA's hidden chunks as ONE cross-warp
-  # reduction of the [64, 64 NL] concatenation instead of one per chunk: 2 warpgroup barriers
-  # instead of 2 NL, the chunks' shuffles interleaved (each column's sum in the same order:
-  # bitwise the same). Its 16 KiB of reduction scratch come from the queries' X2 tiles, which
-  # this moves to registers (wgmma's lhs from registers; the same bf16 values).
+  # reduction of the [64, 64 NL] concatenation instead of one per chunk, the chunks' shuffles
+  # interleaved (each column's sum in the same order: bitwise the same), with the reduction scratch
+  # scaled so that it takes the rounds of one chunk's sum (`scratch_bytes`). The SMEM comes from
+  # the queries' X2 tiles, which this moves to registers (wgmma's lhs from registers; the same
+  # bf16 values).
   fused_bias_sums: bool = False
   # With fused_bias_sums: b2's column sum (sum_j -eta_j G2[j, :]) joins the same reduction in the
-  # "g1" phase instead of its own in "ln" (-eta G2 kept in registers across "g1_mm"; 24 KiB of
-  # reduction scratch).
+  # "g1" phase instead of its own in "ln" (-eta G2 kept in registers across "g1_mm").
   fused_b2_sum: bool = False
   # With prefetch_keys: the next mini-batch's -eta K tile written by the queries' warpgroup at the
   # start of its step (K and eta are in SMEM two steps ahead) instead of by the keys at the start
@@ -130,10 +130,12 @@ class WsTuningConfig:
 
   @property
   def scratch_bytes(self) -> int:
-    """SMEM bytes for cross-warp reductions: enough for the fused sums in one round (1 KiB per
-    8 columns of the reduced value)."""
+    """SMEM bytes for cross-warp reductions: `reduction_scratch`, raised with fused_bias_sums to
+    its size per [64, 64] part of the fused sum (2 or 3 parts). A round of a column sum holds
+    1 KiB per 8 columns, so the fused sum takes as many rounds of 2 warpgroup barriers as one
+    part alone did. (More scratch, fewer rounds: H200, b with 16 KiB spilled more and was slower.)"""
     parts = (NH // self.cluster if self.fused_bias_sums else 1) + self.fused_b2_sum
-    return max(self.reduction_scratch, parts * DEFAULT_REDUCTION_SCRATCH)
+    return parts * self.reduction_scratch
 
   @classmethod
   def from_variant(cls, variant: str, **kwargs) -> "WsTuningConfig":

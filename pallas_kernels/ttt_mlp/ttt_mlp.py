@@ -1,6 +1,6 @@
 """`ttt_mlp_pallas`: the Mosaic GPU forward kernel wrapped in a `jax.custom_vjp`.
 
-Forward: `kernel_ws_mgpu.build_forward_ws` (variant "v7pefsgr", the default compiled: two warpgroups
+Forward: `kernel_ws_mgpu.build_forward_ws` (variant "v7pefsgrbc", the default compiled: two warpgroups
 per CTA by role, the keys' products and G2 W2^T as (hi, lo) pairs), `kernel_acc_mgpu.build_forward_acc` ("v4", the interpret-mode default: float32
 state in wgmma accumulators, hidden dim over a 2-CTA cluster, mini-batch m-1's queries folded into
 step m; "v3" without that folding; cluster 1 in interpret mode) or `kernel_mgpu.build_forward`
@@ -91,7 +91,10 @@ def _from_kernel_ckpts(ck, B, H):
 # G2 W2^T as (hi, lo) products too (WsTuningConfig.split_g1; H200 +8-9% forward over v7pefs, eta
 # ~1e-6 NC=2750 gradients 9.9e-3 / 9.1e-3 where v7pefs gives 3.9e-2 / 3.0e-2); v7pefsr / v7pefsgr
 # (default): v7pefs / v7pefsg with K re-read from SMEM and G2's lo half through K's tile
-# (WsTuningConfig.reload_keys; bitwise the same; H200 NC=282 v7pefsgr 5-6% faster than v7pefsg).
+# (WsTuningConfig.reload_keys; bitwise the same; H200 NC=282 v7pefsgr 5-6% faster than v7pefsg);
+# v7pefsgrb: b1's column sums of both chunks as one reduction (fused_bias_sums; the queries' X2 in
+# registers); v7pefsgrbc (default): b2's sum in it too (fused_b2_sum; bitwise v7pefsgr, H200 2-3%
+# faster at NC 282-5500); v7pefsgrk / v7pefsgrbk: -eta K written by the queries (queries_ek; slower).
 # (H100: benchmarks/NOTES-ttt-mlp.md.)
 VARIANTS = ("v1", "v2", "v3", "v3_precise", "v3_exact", "v3_3pass", "v3_3passf", "v4", "v5", "v4p",
             "v6", "v4l", "v7", "v7p", "v7e", "v7pe", "v7pel", "v7pef", "v7pefs", "v7pefsg", "v7pefsr", "v7pefsgr",
@@ -100,10 +103,11 @@ VARIANTS = ("v1", "v2", "v3", "v3_precise", "v3_exact", "v3_3pass", "v3_3passf",
 
 # The forward kernel `ttt_mlp_pallas` runs unless told otherwise (NOTES-ttt-mlp.md: the fastest
 # variant whose gradients meet the 2e-2 bound at every draw tested on the H200, NC 282-5500:
-# v7pefsg's arithmetic, 4.7e-3 to 9.9e-3, run as v7pefsgr (bitwise the same, K and G2's lo half
-# through SMEM: H200 NC=282 4.73-4.79 vs 5.02-5.04 ms, interleaved); v7pefs is ~4% faster still
-# but misses at NC=2750 eta ~1e-6, 3.9e-2; the bf16-keys v7pef 12% faster but 2.5e-2 at NC=282).
-DEFAULT_VARIANT = "v7pefsgr"
+# v7pefsg's arithmetic, 4.7e-3 to 9.9e-3, run as v7pefsgrbc (bitwise the same; K and G2's lo half
+# through SMEM, b1's and b2's column sums as one cross-warp reduction: H200 NC=1000 15.12-15.36 ms
+# vs v7pefsgr's 15.59-15.89, v7pefsg's 16.67); v7pefs is a little faster still but misses at
+# NC=2750 eta ~1e-6, 3.9e-2; the bf16-keys v7pef 12% faster but 2.5e-2 at NC=282).
+DEFAULT_VARIANT = "v7pefsgrbc"
 # ... and in Mosaic GPU interpret mode (CPU): jax 0.11.2's interpreter can stall a kernel whose
 # warpgroups wait on each other for long stretches (v7*) when the CPU is contended (one warpgroup's
 # execution is never scheduled; NOTES-ttt-mlp.md "Interpret mode and two warpgroups"), so the
@@ -122,7 +126,8 @@ REDUCTION_SCRATCH = kernel_acc_mgpu.DEFAULT_REDUCTION_SCRATCH
 
 
 def _build(BH, NC, group, ln_eps, interpret, variant, outputs=True, save_activations=False,
-           checkpoint_lo=True, save_ln=False, final_checkpoint=False, parts=False):
+           checkpoint_lo=True, save_ln=False, final_checkpoint=False, parts=False,
+           reduction_scratch=None):
   """The forward kernel of `variant` (same argument/result layout for all of them).
 
   save_activations (v3 only): 4 more results, the per-step forward activations the backward
@@ -134,6 +139,8 @@ def _build(BH, NC, group, ln_eps, interpret, variant, outputs=True, save_activat
   restarts): checkpoints without their lo halves (left unwritten; the backward kernel reads hi).
   final_checkpoint (v3 paths only; the restarts): one more checkpoint, the state after the last
   mini-batch. parts (v3 paths only): the kernel's `KernelParts`, not the kernel.
+  reduction_scratch (v7 only): SMEM bytes for cross-warp reductions (None: REDUCTION_SCRATCH,
+  raised by the variant's own needs, `WsTuningConfig.scratch_bytes`).
   """
   if variant not in VARIANTS:
     raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -144,8 +151,9 @@ def _build(BH, NC, group, ln_eps, interpret, variant, outputs=True, save_activat
     return kernel_wg2_mgpu.build_forward_wg2(BH, NC, group, ln_eps, config=cfg6,
                                              interpret=iparams)
   if variant.startswith("v7") and outputs and not save_activations:  # (restarts: v3, as for v4)
-    cfg7 = kernel_ws_mgpu.WsTuningConfig.from_variant(variant, cluster=1 if interpret else 2,
-                                                      reduction_scratch=REDUCTION_SCRATCH)
+    cfg7 = kernel_ws_mgpu.WsTuningConfig.from_variant(
+        variant, cluster=1 if interpret else 2,
+        reduction_scratch=REDUCTION_SCRATCH if reduction_scratch is None else reduction_scratch)
     return kernel_ws_mgpu.build_forward_ws(BH, NC, group, ln_eps, config=cfg7, interpret=iparams)
   if variant == "v6" or variant.startswith("v7"):
     variant = "v3"
@@ -176,13 +184,15 @@ def _build(BH, NC, group, ln_eps, interpret, variant, outputs=True, save_activat
 
 
 def _forward_raw(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, group, ln_eps,
-                 interpret, variant=None):
-  """Runs the kernel: ([B, H, NC, CS, F] out in XQ's dtype, kernel-layout checkpoints [BH, NG, ...])."""
+                 interpret, variant=None, reduction_scratch=None):
+  """Runs the kernel: ([B, H, NC, CS, F] out in XQ's dtype, kernel-layout checkpoints [BH, NG, ...])
+  (reduction_scratch: `_build`'s, for the v7 variants' benchmarks)."""
   B, H, NC, CS, F = XQ.shape
   variant = default_variant(interpret) if variant is None else variant
   bf = lambda a: a.astype(jnp.bfloat16).reshape(B * H, NC, CS, F)
   st = _to_kernel_state(W1, b1, W2, b2, B)
-  fn = _build(B * H, NC, group, float(ln_eps), interpret, variant)
+  fn = _build(B * H, NC, group, float(ln_eps), interpret, variant,
+              reduction_scratch=reduction_scratch)
   res = fn(bf(XQ), bf(XK), bf(XV), eta.astype(jnp.float32).reshape(B * H, NC, CS),
            _per_head(ln_weight, B), _per_head(ln_bias, B), *st)
   return res[0].reshape(B, H, NC, CS, F).astype(XQ.dtype), tuple(res[1:])
@@ -475,7 +485,7 @@ def ttt_mlp_pallas(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *,
   """TTT-MLP with the fused kernels; same contract as `ttt_dit.ttt.inner_loop.ttt_mlp`.
 
   Returns [B, H, NC, CS, F] in XQ's dtype. `interpret=True` runs the kernel in Mosaic GPU interpret
-  mode (CPU tests); `variant` picks the forward kernel (VARIANTS; None: v7pefsgr compiled, v4 in
+  mode (CPU tests); `variant` picks the forward kernel (VARIANTS; None: v7pefsgrbc compiled, v4 in
   interpret mode: `default_variant`);
   `backward` picks the VJP (BACKWARDS; "pallas_qpass", the default: the queries' reverse by its own
   kernel for all steps at once, the backward kernel fed the restart's saved keys' activations;

@@ -125,7 +125,8 @@ def test_gradients_match_jax_grad_interpret(backward):
     assert err < 2e-2, (name, err)
 
 
-@pytest.mark.parametrize("variant", ["primal", "dual_prefetch", "primal_prefetch_split"])
+@pytest.mark.parametrize("variant", ["primal", "dual_prefetch", "primal_prefetch_split",
+                                     "primal_prefetch_split_wide"])
 def test_kernel_lowers_for_cuda(variant):
   """The compiled kernel (state accumulated in place) lowers to a Mosaic GPU module for CUDA."""
   bh, nc, g = 4, 40, 16
@@ -141,10 +142,12 @@ def test_kernel_lowers_for_cuda(variant):
   assert [o.shape for o in outs] == [(bh, nc, 64, 64), (bh, 3, 64, 64), (bh, 3, 64)]
 
 
-def test_backward_kernel_lowers_for_cuda():
+@pytest.mark.parametrize("backward", ["pallas", "pallas_wide"])
+def test_backward_kernel_lowers_for_cuda(backward):
   """The compiled backward kernel (dW accumulated in place) lowers for CUDA."""
   bh, g = 4, 16
-  fn = kernel_bwd_mgpu.build_backward(bh, g, 1e-6)
+  fn = kernel_bwd_mgpu.build_backward(bh, g, 1e-6,
+                                      config=ttt_linear_mod._BWD_CONFIGS[backward])  # noqa: SLF001
   S = jax.ShapeDtypeStruct
   bf, f32 = jnp.bfloat16, jnp.float32
   args = ((S((bh, g + 1, 64, 64), bf),) * 3

@@ -62,7 +62,9 @@ def check_bitwise_v4():
 
 def check_bitwise(variant: str, like: str):
   """`variant` does `like`'s arithmetic: outputs and every checkpoint bitwise equal (v7pefsgr:
-  K re-read and G2's lo half through SMEM are the same values as v7pefsg's registers)."""
+  K re-read and G2's lo half through SMEM are the same values as v7pefsg's registers; v7pefsgrbc:
+  the bias sums fused into one reduction sum each column in the same order; v7pefsgrbk: -eta K
+  written by the other warpgroup)."""
   args = _inputs(2)
   (out_a, ck_a), (out_b, ck_b) = _forward_raw(args, variant), _forward_raw(args, like)
   assert jnp.array_equal(out_a, out_b), (variant, like)
@@ -136,7 +138,9 @@ def _run_isolated(call: str) -> None:
     "check_bitwise_v4()", "check_forward('v7pe')", "check_forward('v7pel')",
     "check_checkpoints('v7pe')", "check_race_free('v7')", "check_race_free('v7pe')",
     "check_forward('v7pefs')", "check_forward('v7pefsg')", "check_split_trajectory()",
-    "check_bitwise('v7pefsgr', 'v7pefsg')", "check_race_free('v7pefsgr')"])
+    "check_bitwise('v7pefsgr', 'v7pefsg')", "check_race_free('v7pefsgr')",
+    "check_bitwise('v7pefsgrbc', 'v7pefsgr')", "check_bitwise('v7pefsgrbk', 'v7pefsgr')",
+    "check_race_free('v7pefsgrbc')", "check_race_free('v7pefsgrbk')"])
 def test_role_split_kernel_interpret(call):
   _run_isolated(call)
 
