@@ -144,6 +144,8 @@ def _build(BH, NC, group, ln_eps, interpret, variant, outputs=True, save_activat
   """
   if variant not in VARIANTS:
     raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+  if reduction_scratch is not None and not variant.startswith("v7"):
+    raise ValueError(f"reduction_scratch is a v7 option, not one of {variant!r}")
   iparams = jax.experimental.pallas.mosaic_gpu.InterpretGPUParams() if interpret else None
   if variant == "v6" and outputs and not save_activations:  # (restarts: v3, as for v4)
     cfg6 = kernel_wg2_mgpu.Wg2TuningConfig(cluster=1 if interpret else 2,

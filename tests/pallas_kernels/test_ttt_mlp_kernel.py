@@ -111,6 +111,17 @@ def test_role_split_config_is_validated():
     kernel_ws_mgpu.WsTuningConfig.from_variant("v7pz")
   with pytest.raises(ValueError, match="split_g1 needs split_products"):
     kernel_ws_mgpu.WsTuningConfig.from_variant("v7peg")
+  with pytest.raises(ValueError, match="fused_bias_sums needs early_gelu_grad"):
+    kernel_ws_mgpu.WsTuningConfig.from_variant("v7pfb")
+  with pytest.raises(ValueError, match="fused_b2_sum needs fused_bias_sums"):
+    kernel_ws_mgpu.WsTuningConfig.from_variant("v7pec")
+  with pytest.raises(ValueError, match="queries_ek needs prefetch_keys"):
+    kernel_ws_mgpu.WsTuningConfig.from_variant("v7ek")
+  with pytest.raises(ValueError, match="reduction_scratch is a v7 option"):
+    T._build(1, 3, 2, 1e-6, True, "v4", reduction_scratch=4096)  # noqa: SLF001
+  bc = kernel_ws_mgpu.WsTuningConfig.from_variant("v7pefsgrbc", reduction_scratch=2048)
+  assert (bc.fused_bias_sums, bc.fused_b2_sum, bc.scratch_bytes) == (True, True, 3 * 2048)
+  assert kernel_ws_mgpu.WsTuningConfig(reduction_scratch=2048).scratch_bytes == 2048
 
 
 def test_prefetch_next_is_bitwise_v4_interpret():
