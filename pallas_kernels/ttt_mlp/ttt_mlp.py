@@ -105,7 +105,7 @@ VARIANTS = ("v1", "v2", "v3", "v3_precise", "v3_exact", "v3_3pass", "v3_3passf",
 # variant whose gradients meet the 2e-2 bound at every draw tested on the H200, NC 282-5500:
 # v7pefsg's arithmetic, 4.7e-3 to 9.9e-3, run as v7pefsgrbc (bitwise the same; K and G2's lo half
 # through SMEM, b1's and b2's column sums as one cross-warp reduction: H200 NC=1000 15.12-15.36 ms
-# vs v7pefsgr's 15.59-15.89, v7pefsg's 16.67); v7pefs is a little faster still but misses at
+# vs v7pefsgr's 15.59-15.70 in the same starts, v7pefsg's 16.67); v7pefs is a little faster still but misses at
 # NC=2750 eta ~1e-6, 3.9e-2; the bf16-keys v7pef 12% faster but 2.5e-2 at NC=282).
 DEFAULT_VARIANT = "v7pefsgrbc"
 # ... and in Mosaic GPU interpret mode (CPU): jax 0.11.2's interpreter can stall a kernel whose
