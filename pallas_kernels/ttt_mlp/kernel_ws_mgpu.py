@@ -132,8 +132,8 @@ class WsTuningConfig:
 
   @property
   def scratch_bytes(self) -> int:
-    """SMEM bytes for cross-warp reductions: `reduction_scratch`, raised with fused_bias_sums to
-    its size per [64, 64] part of the fused sum (2 or 3 parts). A round of a column sum holds
+    """SMEM bytes for cross-warp reductions: `reduction_scratch`, times the number of [64, 64]
+    parts of the fused sum with fused_bias_sums (2, or 3 with fused_b2_sum). A round of a column sum holds
     1 KiB per 8 columns, so the fused sum takes as many rounds of 2 warpgroup barriers as one
     part alone did. (More scratch, fewer rounds: H200, b with 16 KiB spilled more and was slower.)"""
     parts = (NH // self.cluster if self.fused_bias_sums else 1) + self.fused_b2_sum
@@ -170,6 +170,11 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
   row = lambda v: _row_bcast(v, shp)
   col = lambda v: _col_bcast(v, shp)
   mm_multi = functools.partial(wgmma_multi, shape=shp)
+
+  def exact_dot(a, b):
+    """a @ b of bf16 values in float32, exact products: interpret mode's stand-in for a wgmma
+    whose lhs is a register value (no interpret rule in jax 0.11.2)."""
+    return jnp.dot(a.astype(f32), b.astype(f32), precision=lax.Precision.HIGHEST)
 
   def body(q_ref, k_ref, v_ref, eta_ref, g_ref, bt_ref, w1h_ref, w1l_ref, b1_ref, w2h_ref,
            w2l_ref, b2_ref, o_ref, cw1h, cw1l, cb1, cw2h, cw2l, cb2,
@@ -340,8 +345,7 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
         if config.split_products and interpret is not None:  # (no interpret rule for a
           pk = wgmma_chain([pr for c in range(NL) for pr in (  # register lhs: X2l W2h by jnp)
               (ex2_s.at[c], w2h.at[c]), (ex2_s.at[c], lo_s.at[NL + c]))], shp)
-          pk = pk + sum(jnp.dot(x2_lo[c].astype(f32), w2h[c].astype(f32),
-                                precision=lax.Precision.HIGHEST) for c in range(NL))
+          pk = pk + sum(exact_dot(x2_lo[c], w2h[c]) for c in range(NL))
         elif config.split_products:  # X2h W2h + X2h W2l + X2l W2h
           pk = wgmma_chain([pr for c in range(NL) for pr in (
               (ex2_s.at[c], w2h.at[c]), (ex2_s.at[c], lo_s.at[NL + c]), (x2_lo[c], w2h.at[c]))],
@@ -383,8 +387,7 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
             # lhs, no interpret rule: G2l W2h^T by jnp)
             gws = wgmma_chains([[(g2_s, w2h.at[c].T), (g2_s, lo_s.at[NL + c].T)]
                                 for c in range(NL)], shp)
-            gws = [gw + jnp.dot(g2_lo.astype(f32), w2h[c].astype(f32).T,
-                                precision=lax.Precision.HIGHEST) for c, gw in enumerate(gws)]
+            gws = [gw + exact_dot(g2_lo, w2h[c].T) for c, gw in enumerate(gws)]
           elif config.split_g1:  # G2h W2h^T + G2h W2l^T + G2l W2h^T (W2l: the state's lo in lo_s;
             # G2l in registers, or with reload_keys in K's tile)
             gws = wgmma_chains([[(g2_s, w2h.at[c].T), (g2_s, lo_s.at[NL + c].T),
@@ -488,8 +491,7 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
           xq = [_gelu(zq[c] + b1r[c]).astype(bf16) for c in range(NL)]
           ph("q_z2")
           if interpret is not None:
-            pq = sum(jnp.dot(xq[c].astype(f32), w2h[c].astype(f32),
-                             precision=lax.Precision.HIGHEST) for c in range(NL))
+            pq = sum(exact_dot(xq[c], w2h[c]) for c in range(NL))
           else:
             pq = wgmma_chain([(xq[c], w2h.at[c]) for c in range(NL)], shp)
         else:
@@ -565,8 +567,8 @@ def main(argv=None) -> dict[str, float]:
   """Times v7* (the GPU default: v7pefsgrbc) against the float32 XLA scan (`kernel_bench.forward_main`):
   `python -m pallas_kernels.ttt_mlp.kernel_ws_mgpu [--nc N] [--variants V,...] [--interpret]`."""
   from pallas_kernels import kernel_bench
-  variants = ("v7", "v7p", "v7e", "v7pe", "v7pel", "v7pef", "v7pefs", "v7pefsg", "v7pefsr", "v7pefsgr",
-              "v7pefsgrb", "v7pefsgrbc", "v7pefsgrk", "v7pefsgrbk")
+  from pallas_kernels.ttt_mlp.ttt_mlp import VARIANTS  # (here: ttt_mlp imports this module)
+  variants = tuple(v for v in VARIANTS if v.startswith("v7"))
   return kernel_bench.forward_main(argv, main.__doc__, variants, ("v7pefsgrbc",), layer="mlp")
 
 

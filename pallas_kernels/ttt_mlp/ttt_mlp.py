@@ -139,13 +139,14 @@ def _build(BH, NC, group, ln_eps, interpret, variant, outputs=True, save_activat
   restarts): checkpoints without their lo halves (left unwritten; the backward kernel reads hi).
   final_checkpoint (v3 paths only; the restarts): one more checkpoint, the state after the last
   mini-batch. parts (v3 paths only): the kernel's `KernelParts`, not the kernel.
-  reduction_scratch (v7 only): SMEM bytes for cross-warp reductions (None: REDUCTION_SCRATCH,
-  raised by the variant's own needs, `WsTuningConfig.scratch_bytes`).
+  reduction_scratch (v7 only): SMEM bytes per part of a cross-warp reduction (None:
+  REDUCTION_SCRATCH; the fused sums take one such part per [64, 64] operand:
+  `WsTuningConfig.scratch_bytes`).
   """
   if variant not in VARIANTS:
     raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
   if reduction_scratch is not None and not variant.startswith("v7"):
-    raise ValueError(f"reduction_scratch is a v7 option, not one of {variant!r}")
+    raise ValueError(f"reduction_scratch is a v7 option; variant {variant!r} has none")
   iparams = jax.experimental.pallas.mosaic_gpu.InterpretGPUParams() if interpret else None
   if variant == "v6" and outputs and not save_activations:  # (restarts: v3, as for v4)
     cfg6 = kernel_wg2_mgpu.Wg2TuningConfig(cluster=1 if interpret else 2,
