@@ -50,3 +50,19 @@ def test_ttt_linear_grad_sensitivity_report(capsys):
   row = next(l for l in lines if l.get("impl") == "xla")
   assert row["conditioned_heads"] == 0 and "grad_rel_conditioned" not in row  # no heads: no figure
   assert set(row["xk_per_head_worst"]) == {"0"}
+
+
+def test_host_trace_call_phases():
+  """`host_trace.call_phases` on two synthetic waited calls (ns): dispatch at 0 and 10_000 (a
+  nested PjitFunction inside each), PjRt's execute ending at 3_000 after it starts, kernels at
+  +4_000..+8_000 (two per call); the last call only bounds the one before it."""
+  from benchmarks import host_trace
+  ev = lambda name, s, d: ("python3", name, float(s), float(d))
+  events, device = [], []
+  for t0 in (0, 10_000, 20_000):
+    events += [ev("PjitFunction(f)", t0, 5_000), ev("PjitFunction(f)", t0 + 100, 4_000),
+               ev("PjRtCApiLoadedExecutable::Execute", t0 + 1_000, 2_000)]
+    device += [(float(t0 + 4_000), 1_000.0), (float(t0 + 6_000), 2_000.0)]
+  phases = host_trace.call_phases(sorted(events, key=lambda e: e[2]), device)
+  assert phases == {"enqueue": 3.0, "to_first_kernel": 4.0, "after_enqueue": 1.0, "device": 4.0,
+                    "to_next_call": 2.0}
