@@ -7,9 +7,11 @@ the host events of the trace (TraceMe names: dispatch, PjRt execute, thunks, cus
 per call, then one call's host timeline. Cases:
 - `noop`: a jitted `x + 1` (the floor);
 - `kernel`: the forward kernel alone under jit, on inputs already in the kernel's layout;
-- `forward`: `ttt_mlp_pallas` (the wrapper's layout ops + the kernel), as the benchmarks time it.
+- `forward`: `ttt_mlp_pallas` (the wrapper's layout ops + the kernel), as the benchmarks time it;
+- `matmul`: a control with no Mosaic GPU in it: a jitted chain of three 8192^3 bf16 matmuls (~4 ms
+  of device time on an H100/H200, one argument): what any ~4 ms waited call pays beyond its kernels.
 
-  python -m benchmarks.host_trace [--nc 282] [--reps 20] [--cases noop,kernel,forward]
+  python -m benchmarks.host_trace [--nc 282] [--reps 20] [--cases noop,matmul,kernel,forward]
 """
 
 from __future__ import annotations
@@ -133,7 +135,7 @@ def main(argv=None):
   p.add_argument("--reps", type=int, default=20)
   p.add_argument("--top", type=int, default=25)
   p.add_argument("--timeline", type=int, default=60)
-  p.add_argument("--cases", default="noop,kernel,forward")
+  p.add_argument("--cases", default="noop,matmul,kernel,forward")
   a = p.parse_args(argv)
   print("device:", jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
   args = jax.block_until_ready(make_inputs(jax.random.PRNGKey(1000), 1, a.heads, a.nc))
@@ -147,8 +149,11 @@ def main(argv=None):
     elif case == "forward":
       fn = jax.jit(functools.partial(T.ttt_mlp_pallas, checkpoint_group_size=a.group))
       report(case, fn, args, a.reps, a.top, a.timeline)
+    elif case == "matmul":
+      x = jax.random.normal(jax.random.PRNGKey(0), (8192, 8192), jnp.bfloat16) / 90.5
+      report(case, jax.jit(lambda x: x @ x @ x @ x), (x,), a.reps, a.top, a.timeline)
     else:
-      raise ValueError(f"unknown case {case!r} (noop, kernel, forward)")
+      raise ValueError(f"unknown case {case!r} (noop, kernel, forward, matmul)")
 
 
 if __name__ == "__main__":
