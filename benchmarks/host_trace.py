@@ -137,9 +137,13 @@ def main(argv=None):
   p.add_argument("--timeline", type=int, default=60)
   p.add_argument("--cases", default="noop,matmul,kernel,forward")
   a = p.parse_args(argv)
+  cases = a.cases.split(",")
+  unknown = sorted(set(cases) - {"noop", "matmul", "kernel", "forward"})
+  if unknown:
+    raise ValueError(f"unknown --cases {unknown} (of noop, matmul, kernel, forward)")
   print("device:", jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
   args = jax.block_until_ready(make_inputs(jax.random.PRNGKey(1000), 1, a.heads, a.nc))
-  for case in a.cases.split(","):
+  for case in cases:
     if case == "noop":
       report(case, jax.jit(lambda x: x + 1), (jnp.zeros((8,), jnp.float32),), a.reps, a.top,
              a.timeline)
@@ -149,11 +153,9 @@ def main(argv=None):
     elif case == "forward":
       fn = jax.jit(functools.partial(T.ttt_mlp_pallas, checkpoint_group_size=a.group))
       report(case, fn, args, a.reps, a.top, a.timeline)
-    elif case == "matmul":
+    else:  # matmul
       x = jax.random.normal(jax.random.PRNGKey(0), (8192, 8192), jnp.bfloat16) / 90.5
       report(case, jax.jit(lambda x: x @ x @ x @ x), (x,), a.reps, a.top, a.timeline)
-    else:
-      raise ValueError(f"unknown case {case!r} (noop, kernel, forward, matmul)")
 
 
 if __name__ == "__main__":
