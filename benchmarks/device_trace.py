@@ -24,9 +24,21 @@ class KernelTime:
   ms: float  # device time per call
 
 
-def _device_events(xplane_path: str):
-  """(name, start_ns, duration_ns) of every event on the GPU planes' stream lines."""
-  data = jax.profiler.ProfileData.from_file(xplane_path)
+def traced_calls(fn, args, reps: int, options=None) -> list:
+  """The `jax.profiler.ProfileData` of a trace of `reps` waited calls of fn(*args) (one per
+  .xplane.pb written; fn already compiled). options: a `jax.profiler.ProfileOptions` or None."""
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d, profiler_options=options):
+      for _ in range(reps):
+        jax.block_until_ready(fn(*args))
+    paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+    if not paths:
+      raise RuntimeError(f"jax.profiler.trace wrote no .xplane.pb under {d}")
+    return [jax.profiler.ProfileData.from_file(p) for p in paths]
+
+
+def device_events(data):
+  """(name, start_ns, duration_ns) of every event on a ProfileData's GPU planes' stream lines."""
   for plane in data.planes:
     if not plane.name.startswith("/device:GPU"):
       continue
@@ -43,14 +55,7 @@ def kernel_times(fn, args, reps: int = 3) -> tuple[list[KernelTime], float, floa
   `fn(*args)` (already compiled: call it once before). The span runs from the first kernel's start
   to the last one's end over all reps, divided by reps (it includes gaps between kernels)."""
   jax.block_until_ready(fn(*args))
-  with tempfile.TemporaryDirectory() as d:
-    with jax.profiler.trace(d):
-      for _ in range(reps):
-        jax.block_until_ready(fn(*args))
-    paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
-    if not paths:
-      raise RuntimeError(f"jax.profiler.trace wrote no .xplane.pb under {d}")
-    events = [e for p in paths for e in _device_events(p)]
+  events = [e for dat in traced_calls(fn, args, reps) for e in device_events(dat)]
   if not events:
     raise RuntimeError("the trace has no GPU stream events (is this a GPU backend?)")
   count, total = collections.Counter(), collections.Counter()

@@ -19,12 +19,9 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
-import glob
 import json
-import os
 import statistics
 import sys
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -54,19 +51,12 @@ def host_events(fn, args, reps: int):
   opts = jax.profiler.ProfileOptions()
   opts.python_tracer_level = 0  # (Python frames would add their own cost to every call)
   opts.host_tracer_level = 2
-  with tempfile.TemporaryDirectory() as d:
-    with jax.profiler.trace(d, profiler_options=opts):
-      for _ in range(reps):
-        jax.block_until_ready(fn(*args))
-    paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
-    data = [jax.profiler.ProfileData.from_file(p) for p in paths]
+  data = device_trace.traced_calls(fn, args, reps, opts)
   durs = collections.defaultdict(list)
-  events, device = [], []
+  events = []
+  device = [(start, dur) for dat in data for _, start, dur in device_trace.device_events(dat)]
   for dat in data:
     for plane in dat.planes:
-      if plane.name.startswith("/device:GPU"):
-        device += [(float(ev.start_ns), float(ev.duration_ns)) for line in plane.lines
-                   if line.name.startswith("Stream") for ev in line.events]
       if not plane.name.startswith("/host"):
         continue
       for line in plane.lines:

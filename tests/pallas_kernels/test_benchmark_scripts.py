@@ -53,9 +53,9 @@ def test_ttt_linear_grad_sensitivity_report(capsys):
 
 
 def test_host_trace_call_phases():
-  """`host_trace.call_phases` on two synthetic waited calls (ns): dispatch at 0 and 10_000 (a
-  nested PjitFunction inside each), PjRt's execute ending at 3_000 after it starts, kernels at
-  +4_000..+8_000 (two per call); the last call only bounds the one before it."""
+  """`host_trace.call_phases` on three synthetic waited calls (ns), dispatched at 0, 10_000 and
+  20_000 (a nested PjitFunction inside each), PjRt's execute ending 3_000 after dispatch, kernels
+  at +4_000..+8_000 (two per call); the third call only bounds the second."""
   from benchmarks import host_trace
   ev = lambda name, s, d: ("python3", name, float(s), float(d))
   events, device = [], []
