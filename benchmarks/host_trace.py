@@ -12,6 +12,7 @@ per call, then one call's host timeline. Cases:
   of device time on an H100/H200, one argument): what any ~4 ms waited call pays beyond its kernels.
 
   python -m benchmarks.host_trace [--nc 282] [--reps 20] [--cases noop,matmul,kernel,forward]
+      [--variants v7pefsgrbc,v7pefsgrbci]
 """
 
 from __future__ import annotations
@@ -35,11 +36,8 @@ from pallas_kernels.ttt_mlp import ttt_mlp as T
 def kernel_case(args, group: int, variant: str | None = None):
   """(jitted raw kernel, its inputs in the kernel's layout) for `make_inputs` args (B=1)."""
   B, H, NC, CS, F = args[0].shape
-  bf = lambda a: a.astype(jnp.bfloat16).reshape(B * H, NC, CS, F)
-  kargs = (bf(args[0]), bf(args[1]), bf(args[2]), args[3].astype(jnp.float32).reshape(B * H, NC, CS),
-           T._per_head(args[4], B), T._per_head(args[5], B),  # noqa: SLF001
-           *T._to_kernel_state(*args[6:], B))  # noqa: SLF001
   variant = T.default_variant(False) if variant is None else variant
+  kargs = T.kernel_args(*args, variant)
   fn = T._build(B * H, NC, group, 1e-6, False, variant)  # noqa: SLF001
   return jax.jit(lambda *a: fn(*a)[0]), jax.block_until_ready(kargs)
 
@@ -126,11 +124,18 @@ def main(argv=None):
   p.add_argument("--top", type=int, default=25)
   p.add_argument("--timeline", type=int, default=60)
   p.add_argument("--cases", default="noop,matmul,kernel,forward")
+  p.add_argument("--variants", default="",
+                 help="forward kernel variants for the kernel / forward cases, comma-separated "
+                      "(default: ttt_mlp_pallas's)")
   a = p.parse_args(argv)
   cases = a.cases.split(",")
   unknown = sorted(set(cases) - {"noop", "matmul", "kernel", "forward"})
   if unknown:
     raise ValueError(f"unknown --cases {unknown} (of noop, matmul, kernel, forward)")
+  variants = a.variants.split(",") if a.variants else [T.default_variant(False)]
+  bad = sorted(set(variants) - set(T.VARIANTS))
+  if bad:
+    raise ValueError(f"unknown --variants {bad} (of {', '.join(T.VARIANTS)})")
   print("device:", jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
   args = jax.block_until_ready(make_inputs(jax.random.PRNGKey(1000), 1, a.heads, a.nc))
   for case in cases:
@@ -138,11 +143,14 @@ def main(argv=None):
       report(case, jax.jit(lambda x: x + 1), (jnp.zeros((8,), jnp.float32),), a.reps, a.top,
              a.timeline)
     elif case == "kernel":
-      fn, kargs = kernel_case(args, a.group)
-      report(case, fn, kargs, a.reps, a.top, a.timeline)
+      for v in variants:
+        fn, kargs = kernel_case(args, a.group, v)
+        report(f"{case} {v}", fn, kargs, a.reps, a.top, a.timeline)
     elif case == "forward":
-      fn = jax.jit(functools.partial(T.ttt_mlp_pallas, checkpoint_group_size=a.group))
-      report(case, fn, args, a.reps, a.top, a.timeline)
+      for v in variants:
+        fn = jax.jit(functools.partial(T.ttt_mlp_pallas, checkpoint_group_size=a.group,
+                                       variant=v))
+        report(f"{case} {v}", fn, args, a.reps, a.top, a.timeline)
     else:  # matmul
       x = jax.random.normal(jax.random.PRNGKey(0), (8192, 8192), jnp.bfloat16) / 90.5
       report(case, jax.jit(lambda x: x @ x @ x @ x), (x,), a.reps, a.top, a.timeline)

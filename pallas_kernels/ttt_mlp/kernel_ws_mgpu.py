@@ -48,9 +48,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mgpu_common import (DEFAULT_REDUCTION_SCRATCH, Phases, Profile, bf16_tiles,
-                                        check_cluster, copy_in, f32_tile, pair_exchange,
-                                        per_head_kernel)
+from pallas_kernels.mgpu_common import (DEFAULT_REDUCTION_SCRATCH, F32_TILE_TRANSFORMS, Phases,
+                                        Profile, bf16_tiles, check_cluster, copy_in, f32_tile,
+                                        pair_exchange, per_head_kernel)
 from pallas_kernels.ttt_mlp.kernel_mgpu import (NH, _col_bcast, _gelu, _gelu_and_grad,
                                                 _ln_l2_grad, _ln_stats, _row_bcast, wgmma_chain,
                                                 wgmma_chains, wgmma_multi)
@@ -116,6 +116,15 @@ class WsTuningConfig:
   # of theirs, before Z1's wgmmas. The keys' wait for the queries (sync[1], before "ln") orders it
   # before the update reads it and before K's tile is reused; the keys write mini-batch 0's.
   queries_ek: bool = False
+  # The initial state taken as the caller's float32 arrays, one per head (W1 [H, F, 4F], b1
+  # [H, 4, 64], W2 [H, 4, 64, F], b2 [H, F], gamma / beta [H, F]; row bh reads head bh % H),
+  # split into bf16 (hi, lo) in the keys' prologue instead of by XLA ops before the launch: the
+  # forward is then one launch with no glue (the split's four small fusions cost ~0.18 ms per
+  # waited call on an H100: NOTES-ttt-mlp.md). The same values as the split outside (round to
+  # nearest even both ways): bitwise the variant without it. The float32 tiles are staged through
+  # the exchange's receive tiles (free before the cluster's first meeting; cluster 1: two tiles
+  # of their own).
+  f32_state: bool = False
 
   def __post_init__(self):
     check_cluster(self.cluster)
@@ -143,10 +152,10 @@ class WsTuningConfig:
   def from_variant(cls, variant: str, **kwargs) -> "WsTuningConfig":
     """The config a variant name spells ("v7" + letters: p prefetch_keys, e early_gelu_grad,
     l late_bias_sums, f fresh_update, s split_products, g split_g1, r reload_keys, b
-    fused_bias_sums, c fused_b2_sum, k queries_ek; e.g. "v7pefsg")."""
+    fused_bias_sums, c fused_b2_sum, k queries_ek, i f32_state; e.g. "v7pefsg")."""
     letters = dict(p="prefetch_keys", e="early_gelu_grad", l="late_bias_sums", f="fresh_update",
                    s="split_products", g="split_g1", r="reload_keys", b="fused_bias_sums",
-                   c="fused_b2_sum", k="queries_ek")
+                   c="fused_b2_sum", k="queries_ek", i="f32_state")
     if not variant.startswith("v7") or any(ch not in letters for ch in variant[2:]):
       raise ValueError(f"variant {variant!r}: 'v7' followed by letters of {''.join(letters)}")
     return cls(**{name: ch in variant[2:] for ch, name in letters.items()}, **kwargs)
@@ -158,7 +167,9 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
   """Returns f(q, k, v, eta, gamma, beta, w1h, w1l, b1, w2h, w2l, b2) -> (out, ckpts): the layout
   of `kernel_acc_mgpu.build_forward_acc` (q, k, v [BH, NC, 64, 64] bf16, eta [BH, NC, 64] f32,
   state chunks [BH, 4, 64, 64] bf16 (hi, lo), b1 [BH, 4, 64], b2 [BH, 64]; checkpoints with an
-  [NG] axis after BH, the state before mini-batch g * group)."""
+  [NG] axis after BH, the state before mini-batch g * group). With `config.f32_state`:
+  f(q, k, v, eta, gamma, beta, w1, b1, w2, b2), the per-head float32 parameters as they are
+  (gamma / beta / b2 [H, 64], w1 [H, 64, 256], b1 [H, 4, 64], w2 [H, 4, 64, 64]; H divides BH)."""
   C = config.cluster
   NL = NH // C  # hidden chunks of 64 per CTA
   NG = -(-NC // group)
@@ -176,10 +187,14 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
     whose lhs is a register value (no interpret rule in jax 0.11.2)."""
     return jnp.dot(a.astype(f32), b.astype(f32), precision=lax.Precision.HIGHEST)
 
-  def body(q_ref, k_ref, v_ref, eta_ref, g_ref, bt_ref, w1h_ref, w1l_ref, b1_ref, w2h_ref,
-           w2l_ref, b2_ref, o_ref, cw1h, cw1l, cb1, cw2h, cw2l, cb2,
-           q_sb, k_sb, v_sb, eta_sb, ek_s, g2_s, eg2_s, g1_s, ex2_s, x_s, w1h, w2h, lo_s,
-           b1_s, b2_s, gam_s, bet_s, bars, qbars, sync, both, *rest):
+  def body(q_ref, k_ref, v_ref, eta_ref, g_ref, bt_ref, *refs):
+    if config.f32_state:  # the float32 state as given (one row per head)
+      (w1_ref, b1_ref, w2_ref, b2_ref), refs = refs[:4], refs[4:]
+    else:  # bf16 (hi, lo) chunks per row
+      (w1h_ref, w1l_ref, b1_ref, w2h_ref, w2l_ref, b2_ref), refs = refs[:6], refs[6:]
+    (o_ref, cw1h, cw1l, cb1, cw2h, cw2l, cb2,
+     q_sb, k_sb, v_sb, eta_sb, ek_s, g2_s, eg2_s, g1_s, ex2_s, x_s, w1h, w2h, lo_s,
+     b1_s, b2_s, gam_s, bet_s, bars, qbars, sync, both, *rest) = refs
     # Keys' warpgroup only: k/v/eta, -eta K (ek_s), G2, -eta G2, G1 and the keys' X2 per chunk,
     # lo_s (the state's lo halves: init and checkpoints), bars (its TMA loads).
     # Queries' warpgroup only: q_sb (Q double buffer, also the output tile), the queries' X2 (x_s),
@@ -201,6 +216,9 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
     xch = rest[1:] if config.prefetch_keys else rest
     if C > 1:
       recv0, recv1, rbar0, rbar1, cbar = xch
+      stage = (recv0, recv1)  # (f32_state: the prologue's staging tiles)
+    elif config.f32_state:
+      stage = (xch[0].at[0], xch[0].at[1])
     push, pull = pair_exchange(C, r, ((recv0, rbar0), (recv1, rbar1)) if C > 1 else None)
 
     def exchange(x, slot, first):
@@ -224,18 +242,46 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
         plgpu.copy_gmem_to_smem(src.at[bh, m], dst.at[slot], kbars.at[3 * slot + i])
 
     # ------------------------------------------------------------------ keys' warpgroup
+    def initial_state_split():
+      """f32_state: this CTA's chunks of the float32 state, staged two tiles at a time, split
+      into bf16 (hi, lo) in SMEM (w1h / w2h, lo_s); returns hi + lo in float32 (what the split
+      state means), with b1, b2, gamma and beta loaded on the first round's barriers."""
+      hp = bh % g_ref.shape[0]  # this row's head
+      params = [(b1_ref.at[hp, pl.ds(c0, NL)], b1_s), (b2_ref.at[hp], b2_s),
+                (g_ref.at[hp], gam_s), (bt_ref.at[hp], bet_s)]
+      tiles = ([(w1_ref.at[hp, :, pl.ds((c0 + c) * 64, 64)], w1h.at[c], lo_s.at[c])
+                for c in range(NL)]
+               + [(w2_ref.at[hp, c0 + c], w2h.at[c], lo_s.at[NL + c]) for c in range(NL)])
+      vals = []
+      for i in range(0, len(tiles), 2):
+        pair = tiles[i:i + 2]
+        copy_in((params if i == 0 else []) + [(src, stage[j]) for j, (src, _, _) in
+                                              enumerate(pair)], bars)
+        for j, (_, hi_ref, lo_ref) in enumerate(pair):
+          x = plgpu.load(stage[j], layout=plgpu.Layout.WGMMA)  # [64, 64] f32
+          hi = x.astype(bf16)
+          lo = (x - hi.astype(f32)).astype(bf16)
+          hi_ref[...] = hi
+          lo_ref[...] = lo
+          vals.append(hi.astype(f32) + lo.astype(f32))
+        plgpu.commit_smem()  # staging read (and hi, lo visible to wgmma / TMA) before reuse
+      return tuple(vals[:NL]), tuple(vals[NL:])
+
     def keys():
-      copies = ((w1h_ref.at[bh, pl.ds(c0, NL)], w1h), (w1l_ref.at[bh, pl.ds(c0, NL)],
-                                                       lo_s.at[pl.ds(0, NL)]),
-                (w2h_ref.at[bh, pl.ds(c0, NL)], w2h), (w2l_ref.at[bh, pl.ds(c0, NL)],
-                                                       lo_s.at[pl.ds(NL, NL)]),
-                (b1_ref.at[bh, pl.ds(c0, NL)], b1_s), (b2_ref.at[bh], b2_s),
-                (g_ref.at[bh], gam_s), (bt_ref.at[bh], bet_s))
-      copy_in(copies, bars)
-      as_f32 = lambda hi, lo: plgpu.layout_cast(hi[...].astype(f32) + lo[...].astype(f32),
-                                                plgpu.Layout.WGMMA)
-      w1_0 = tuple(as_f32(w1h.at[c], lo_s.at[c]) for c in range(NL))
-      w2_0 = tuple(as_f32(w2h.at[c], lo_s.at[NL + c]) for c in range(NL))
+      if config.f32_state:
+        w1_0, w2_0 = initial_state_split()
+      else:
+        copies = ((w1h_ref.at[bh, pl.ds(c0, NL)], w1h), (w1l_ref.at[bh, pl.ds(c0, NL)],
+                                                         lo_s.at[pl.ds(0, NL)]),
+                  (w2h_ref.at[bh, pl.ds(c0, NL)], w2h), (w2l_ref.at[bh, pl.ds(c0, NL)],
+                                                         lo_s.at[pl.ds(NL, NL)]),
+                  (b1_ref.at[bh, pl.ds(c0, NL)], b1_s), (b2_ref.at[bh], b2_s),
+                  (g_ref.at[bh], gam_s), (bt_ref.at[bh], bet_s))
+        copy_in(copies, bars)
+        as_f32 = lambda hi, lo: plgpu.layout_cast(hi[...].astype(f32) + lo[...].astype(f32),
+                                                  plgpu.Layout.WGMMA)
+        w1_0 = tuple(as_f32(w1h.at[c], lo_s.at[c]) for c in range(NL))
+        w2_0 = tuple(as_f32(w2h.at[c], lo_s.at[NL + c]) for c in range(NL))
       if C > 1:  # every CTA's barriers initialised before any push (the queries' pushes come
         plgpu.barrier_arrive(cbar.at[0])  # after sync[0], i.e. after this)
         plgpu.barrier_wait(cbar.at[0])
@@ -550,6 +596,8 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
              plgpu.Barrier(num_arrivals=2, num_barriers=1)]  # both warpgroups at the end
   if config.prefetch_keys:
     scratch.append(plgpu.Barrier(num_barriers=6))
+  if config.f32_state and C == 1:  # staging (cluster 2: the exchange's receive tiles)
+    scratch.append(plgpu.SMEM((2, 64, 64), f32, transforms=F32_TILE_TRANSFORMS))
   kwargs = dict(num_threads=2, thread_name="wg")
   if C > 1:
     scratch += [f32_tile(), f32_tile(),

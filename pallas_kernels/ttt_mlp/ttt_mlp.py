@@ -94,11 +94,13 @@ def _from_kernel_ckpts(ck, B, H):
 # (WsTuningConfig.reload_keys; bitwise the same; H200 NC=282 v7pefsgr 5-6% faster than v7pefsg);
 # v7pefsgrb: b1's column sums of both chunks as one reduction (fused_bias_sums; the queries' X2 in
 # registers); v7pefsgrbc (default): b2's sum in it too (fused_b2_sum; bitwise v7pefsgr, H200 2-3%
-# faster at NC 282-5500); v7pefsgrk / v7pefsgrbk: -eta K written by the queries (queries_ek; slower).
+# faster at NC 282-5500); v7pefsgrk / v7pefsgrbk: -eta K written by the queries (queries_ek; slower);
+# v7pefsgrbci: v7pefsgrbc taking the float32 state as it is, split into (hi, lo) in its prologue
+# (WsTuningConfig.f32_state; bitwise v7pefsgrbc; the forward is one launch, no XLA glue).
 # (H100: benchmarks/NOTES-ttt-mlp.md.)
 VARIANTS = ("v1", "v2", "v3", "v3_precise", "v3_exact", "v3_3pass", "v3_3passf", "v4", "v5", "v4p",
             "v6", "v4l", "v7", "v7p", "v7e", "v7pe", "v7pel", "v7pef", "v7pefs", "v7pefsg", "v7pefsr", "v7pefsgr",
-            "v7pefsgrb", "v7pefsgrbc", "v7pefsgrk", "v7pefsgrbk")
+            "v7pefsgrb", "v7pefsgrbc", "v7pefsgrk", "v7pefsgrbk", "v7pefsgrbci")
 
 
 # The forward kernel `ttt_mlp_pallas` runs unless told otherwise (NOTES-ttt-mlp.md: the fastest
@@ -186,18 +188,37 @@ def _build(BH, NC, group, ln_eps, interpret, variant, outputs=True, save_activat
                                    batched=variant == "v2")
 
 
+def takes_f32_state(variant: str) -> bool:
+  """Whether `variant`'s forward kernel takes the float32 state per head as it is (v7 + "i":
+  `WsTuningConfig.f32_state`) rather than bf16 (hi, lo) chunks per row (`_to_kernel_state`)."""
+  return variant.startswith("v7") and "i" in variant[2:]
+
+
+def kernel_args(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, variant: str) -> tuple:
+  """The forward kernel's arguments for `variant` ([B, H, ...] inputs -> [BH, ...] rows). With a
+  float32 state (`takes_f32_state`) and bf16 / float32 inputs every op here is a bitcast: the
+  forward is the kernel's launch alone."""
+  B, H, NC, CS, F = XQ.shape
+  bf = lambda a: a.astype(jnp.bfloat16).reshape(B * H, NC, CS, F)
+  seq = (bf(XQ), bf(XK), bf(XV), eta.astype(jnp.float32).reshape(B * H, NC, CS))
+  if takes_f32_state(variant):
+    f32 = lambda a: a.astype(jnp.float32)
+    nh = W1.shape[-1] // 64
+    return seq + (f32(ln_weight), f32(ln_bias), f32(W1), f32(b1).reshape(H, nh, 64),
+                  f32(W2).reshape(H, nh, 64, F), f32(b2).reshape(H, F))
+  return seq + (_per_head(ln_weight, B), _per_head(ln_bias, B),
+                *_to_kernel_state(W1, b1, W2, b2, B))
+
+
 def _forward_raw(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, group, ln_eps,
                  interpret, variant=None, reduction_scratch=None):
   """Runs the kernel: ([B, H, NC, CS, F] out in XQ's dtype, kernel-layout checkpoints [BH, NG, ...])
   (reduction_scratch: `_build`'s, for the v7 variants' benchmarks)."""
   B, H, NC, CS, F = XQ.shape
   variant = default_variant(interpret) if variant is None else variant
-  bf = lambda a: a.astype(jnp.bfloat16).reshape(B * H, NC, CS, F)
-  st = _to_kernel_state(W1, b1, W2, b2, B)
   fn = _build(B * H, NC, group, float(ln_eps), interpret, variant,
               reduction_scratch=reduction_scratch)
-  res = fn(bf(XQ), bf(XK), bf(XV), eta.astype(jnp.float32).reshape(B * H, NC, CS),
-           _per_head(ln_weight, B), _per_head(ln_bias, B), *st)
+  res = fn(*kernel_args(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, variant))
   return res[0].reshape(B, H, NC, CS, F).astype(XQ.dtype), tuple(res[1:])
 
 

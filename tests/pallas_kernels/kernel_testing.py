@@ -32,15 +32,13 @@ def rel(a, b) -> float:
   return float(jnp.linalg.norm((a - b).ravel()) / jnp.linalg.norm(b.ravel()))
 
 
-def races_in_forward_kernel(fn, args) -> tuple[bool, jax.Array]:
-  """Runs a raw TTT-MLP forward kernel `fn` (built with `InterpretGPUParams(detect_races=True)`)
-  on float32 `ttt_inputs` (B = 1) under the interpreter's race detector: (races found, outputs)."""
+def races_in_forward_kernel(fn, args, variant: str = "v4") -> tuple[bool, jax.Array]:
+  """Runs a raw TTT-MLP forward kernel `fn` of `variant` (built with
+  `InterpretGPUParams(detect_races=True)`; the variant sets its argument layout) on float32
+  `ttt_inputs` under the interpreter's race detector: (races found, outputs)."""
   from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ip
   from pallas_kernels.ttt_mlp import ttt_mlp as T
-  B, H, NC, CS, F = args[0].shape
-  bf = lambda a: a.astype(jnp.bfloat16).reshape(B * H, NC, CS, F)
   ip.reset_gpu_interpret_mode_state()
-  out = fn(bf(args[0]), bf(args[1]), bf(args[2]), args[3].reshape(B * H, NC, CS),
-           T._per_head(args[4], B), T._per_head(args[5], B), *T._to_kernel_state(*args[6:], B))
+  out = fn(*T.kernel_args(*args, variant))
   jax.block_until_ready(out)
   return ip.get_races().races_found, out[0]

@@ -63,11 +63,7 @@ def test_restart_final_checkpoint_interpret():
   kernel run over G + 1 steps (the last step's inputs only move states after it): bitwise."""
   B, H, NC, G = 1, 1, 3, 2
   args = ttt_inputs(B, H, NC, 5)
-  bf = lambda a: a.astype(jnp.bfloat16).reshape(B * H, NC, 64, 64)
-  q, k, v = bf(args[0]), bf(args[1]), bf(args[2])
-  e = args[3].astype(jnp.float32).reshape(B * H, NC, 64)
-  st = T._to_kernel_state(*args[6:], B)
-  rest = (T._per_head(args[4], B), T._per_head(args[5], B)) + tuple(st)
+  q, k, v, e, *rest = T.kernel_args(*args, "v3")
   full = T._build(B * H, G + 1, 1, 1e-6, True, "v3", outputs=False, checkpoint_lo=False)(
       q, k, v, e, *rest)
   fin = T._build(B * H, G, 1, 1e-6, True, "v3", outputs=False, checkpoint_lo=False,

@@ -34,8 +34,8 @@ ATTEMPTS = 3
 TIMEOUT_S = 150
 
 
-def _inputs(seed: int):
-  return tuple(a.astype(jnp.float32) for a in ttt_inputs(B, H, NC, seed))
+def _inputs(seed: int, batch: int = B, heads: int = H):
+  return tuple(a.astype(jnp.float32) for a in ttt_inputs(batch, heads, NC, seed))
 
 
 def _forward_raw(args, variant):
@@ -60,12 +60,13 @@ def check_bitwise_v4():
     assert rel(b, a) < 1e-2, rel(b, a)
 
 
-def check_bitwise(variant: str, like: str):
+def check_bitwise(variant: str, like: str, batch: int = B, heads: int = H):
   """`variant` does `like`'s arithmetic: outputs and every checkpoint bitwise equal (v7pefsgr:
   K re-read and G2's lo half through SMEM are the same values as v7pefsg's registers; v7pefsgrbc:
   the bias sums fused into one reduction sum each column in the same order; v7pefsgrbk: -eta K
-  written by the other warpgroup)."""
-  args = _inputs(2)
+  written by the other warpgroup; v7pefsgrbci: the float32 state split in the kernel, each row
+  reading its head's parameters, bh % H: run with batch = heads = 2)."""
+  args = _inputs(2, batch, heads)
   (out_a, ck_a), (out_b, ck_b) = _forward_raw(args, variant), _forward_raw(args, like)
   assert jnp.array_equal(out_a, out_b), (variant, like)
   for a, b in zip(ck_a, ck_b):
@@ -111,7 +112,7 @@ def check_race_free(variant: str):
   cfg = kernel_ws_mgpu.WsTuningConfig.from_variant(variant, cluster=1)
   fn = kernel_ws_mgpu.build_forward_ws(B * H, NC, GROUP, 1e-6, config=cfg,
                                        interpret=plgpu.InterpretGPUParams(detect_races=True))
-  races, out = races_in_forward_kernel(fn, _inputs(3))
+  races, out = races_in_forward_kernel(fn, _inputs(3), variant)
   assert not races
   assert bool(jnp.isfinite(out.astype(jnp.float32)).all())
 
@@ -140,7 +141,9 @@ def _run_isolated(call: str) -> None:
     "check_forward('v7pefs')", "check_forward('v7pefsg')", "check_split_trajectory()",
     "check_bitwise('v7pefsgr', 'v7pefsg')", "check_race_free('v7pefsgr')",
     "check_bitwise('v7pefsgrbc', 'v7pefsgr')", "check_bitwise('v7pefsgrbk', 'v7pefsgr')",
-    "check_race_free('v7pefsgrbc')", "check_race_free('v7pefsgrbk')"])
+    "check_race_free('v7pefsgrbc')", "check_race_free('v7pefsgrbk')",
+    "check_bitwise('v7pefsgrbci', 'v7pefsgrbc', batch=2, heads=2)",
+    "check_race_free('v7pefsgrbci')"])
 def test_role_split_kernel_interpret(call):
   _run_isolated(call)
 
