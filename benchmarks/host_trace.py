@@ -2,7 +2,8 @@
 
 A waited forward call at NC=282 costs ~0.3 ms more than its kernels' device time plus JAX's dispatch
 floor (`launch_overhead`: busy 4.14 ms, one waited call 4.50, `x + 1` 0.07). This script splits
-that gap: per case it prints the median waited wall ms, the device busy ms (profiler trace), and
+that gap: per case it prints the median waited wall ms (`jax.block_until_ready`; `polled_ms`: the same
+calls waited by spinning on `is_ready()`, no thread wake-up), the device busy ms (profiler trace), and
 the host events of the trace (TraceMe names: dispatch, PjRt execute, thunks, custom calls) summed
 per call, then one call's host timeline. Cases:
 - `noop`: a jitted `x + 1` (the floor);
@@ -93,10 +94,12 @@ def call_phases(events, device) -> dict:
 
 def report(name: str, fn, args, reps: int, top: int, timeline: int) -> None:
   wall = median_ms(fn, args, reps)
+  polled = median_ms(fn, args, reps, wait="poll")
   busy = span = float("nan")
   if jax.default_backend() == "gpu":
     _, busy, span = device_trace.kernel_times(fn, args, min(reps, 5))
-  print(json.dumps({"case": name, "waited_ms": wall, "busy_ms": busy, "span_ms": span}), flush=True)
+  print(json.dumps({"case": name, "waited_ms": wall, "polled_ms": polled, "busy_ms": busy,
+                    "span_ms": span}), flush=True)
   durs, events, device = host_events(fn, args, reps)
   print("  phases (median us per call):", json.dumps(call_phases(events, device)))
   rows = sorted(((sum(v) / reps / 1e3, len(v) / reps, k) for k, v in durs.items()),

@@ -149,6 +149,7 @@ def main(argv=None):
                               ref[:, :, lo:hi] - q32[:, :, lo:hi])
             for lo, hi in zip(bounds[:-1], bounds[1:])}
       row["fwd_ms"] = median_ms(fn, args, a.reps)  # one call at a time, waited
+      row["fwd_ms_polled"] = median_ms(fn, args, a.reps, wait="poll")  # ... by spinning
       row["fwd_ms_in_flight"] = in_flight_ms(fn, args, a.in_flight, max(2, a.reps // 2))
       row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
       if NC in grad_ncs:

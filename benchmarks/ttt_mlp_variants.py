@@ -4,8 +4,9 @@ For each NC, every variant's raw kernel (`ttt_mlp._forward_raw`: outputs and the
 arrays) runs on the same fresh random inputs and is compared element for element with the first
 variant's (a variant meant to do the same arithmetic must match bitwise; otherwise the max
 relative difference is printed). Then the variants are timed interleaved over `--rounds`
-rounds (median ms per call, waited, and per call with `--in_flight` calls dispatched back to
-back), so a drift of the machine's clocks falls on all of them alike.
+rounds (median ms per call, waited by `block_until_ready` and by polling `is_ready()`, and per
+call with `--in_flight` calls dispatched back to back), so a drift of the machine's clocks falls
+on all of them alike.
 
   python -m benchmarks.ttt_mlp_variants --nc 282,1000 --variants v7pefsgr,v7pefsgrb   (GPU)
   python -m benchmarks.ttt_mlp_variants --nc 3 --heads 1 --variants v4,v3 --interpret   (CPU smoke)
@@ -75,14 +76,17 @@ def main(argv=None) -> list[dict]:
     del outs
     print(json.dumps({"NC": NC, "vs": variants[0], **cmp}), flush=True)
     waited = {v: [] for v in variants}
+    polled = {v: [] for v in variants}
     flying = {v: [] for v in variants}
     for _ in range(a.rounds):
       for v in variants:
         waited[v].append(median_ms(fns[v], args, a.reps))
+        polled[v].append(median_ms(fns[v], args, a.reps, wait="poll"))
         flying[v].append(in_flight_ms(fns[v], args, a.in_flight, 2))
     for v in variants:
       row = dict(NC=NC, variant=v, device=jax.devices()[0].device_kind,
                  fwd_ms=statistics.median(waited[v]), fwd_ms_rounds=waited[v],
+                 fwd_ms_polled=statistics.median(polled[v]),
                  fwd_ms_in_flight=statistics.median(flying[v]), in_flight_rounds=flying[v],
                  **cmp.get(v, {"bitwise": True, "max_rel": 0.0}))
       rows.append(row)

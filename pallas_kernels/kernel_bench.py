@@ -60,13 +60,25 @@ def rel(a, b) -> float:
   return float(jnp.linalg.norm((a - b).ravel()) / jnp.linalg.norm(b.ravel()))
 
 
-def median_ms(fn, args, reps: int) -> float:
-  """Median wall ms of fn(*args) over `reps` calls after one compile + warm-up call."""
+def wait_polling(out) -> None:
+  """Waits for every array of `out` by spinning on `is_ready()` (the host thread never sleeps,
+  so its wake-up after the device finishes is not part of the time; a blocking wait's is)."""
+  leaves = jax.tree.leaves(out)
+  while not all(x.is_ready() for x in leaves):
+    pass
+
+
+def median_ms(fn, args, reps: int, wait: str = "block") -> float:
+  """Median wall ms of fn(*args) over `reps` calls after one compile + warm-up call; each call
+  waited by `jax.block_until_ready` (wait="block") or by `wait_polling` ("poll")."""
+  if wait not in ("block", "poll"):
+    raise ValueError(f"wait must be 'block' or 'poll', got {wait!r}")
+  done = jax.block_until_ready if wait == "block" else wait_polling
   jax.block_until_ready(fn(*args))
   ts = []
   for _ in range(reps):
     t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
+    done(fn(*args))
     ts.append((time.perf_counter() - t) * 1e3)
   return statistics.median(ts)
 

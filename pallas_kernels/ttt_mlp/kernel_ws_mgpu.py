@@ -27,9 +27,10 @@ keys' K W1 and X2 W2 as (hi, lo) products; H200 NC=282 10-15% slower than v7pef,
 vs 2.5e-2), `split_g1` with v7pefs (v7pefsg: G2 W2^T as (hi, lo) products too; H200 8-9% slower than
 v7pefs, NC=2750 eta ~1e-6 gradients 9.9e-3 vs 3.9e-2), and `reload_keys` (v7pefsgr: bitwise v7pefsg, K and G2's lo half through SMEM instead of
 registers; H200 NC=282 5-6% faster than v7pefsg), `fused_bias_sums` and `fused_b2_sum`
-(v7pefsgrbc, the default of `ttt_mlp_pallas` on the GPU: b1's and b2's column sums as one
-cross-warp reduction, the queries' X2 in registers; bitwise v7pefsgr, H200 2-3% faster) and
-`queries_ek` (v7pefsgrk: -eta K by the queries' warpgroup; slower). H100, NC=282 (NOTES-ttt-mlp.md
+(v7pefsgrbc: b1's and b2's column sums as one cross-warp reduction, the queries' X2 in
+registers; bitwise v7pefsgr, H200 2-3% faster), `queries_ek` (v7pefsgrk: -eta K by the queries'
+warpgroup; slower) and `f32_state` (v7pefsgrbci, the default of `ttt_mlp_pallas` on the GPU: the
+float32 state taken as it is and split in the prologue; bitwise v7pefsgrbc, no XLA glue). H100, NC=282 (NOTES-ttt-mlp.md
 "v7"): v7 4.7-4.9 ms, v7pe 4.3-4.7 ms, v4 5.4-5.7 ms. CPU interpret mode runs both warpgroups at cluster 1 (race detection;
 tests/pallas_kernels/test_ttt_mlp_ws_kernel.py runs these in child processes with a time limit,
 because jax 0.11.2's interpreter can stall them on a busy CPU); cluster 2 is lowered for CUDA
@@ -612,12 +613,12 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
 
 
 def main(argv=None) -> dict[str, float]:
-  """Times v7* (the GPU default: v7pefsgrbc) against the float32 XLA scan (`kernel_bench.forward_main`):
+  """Times v7* (the GPU default: v7pefsgrbci) against the float32 XLA scan (`kernel_bench.forward_main`):
   `python -m pallas_kernels.ttt_mlp.kernel_ws_mgpu [--nc N] [--variants V,...] [--interpret]`."""
   from pallas_kernels import kernel_bench
   from pallas_kernels.ttt_mlp.ttt_mlp import VARIANTS  # (here: ttt_mlp imports this module)
   variants = tuple(v for v in VARIANTS if v.startswith("v7"))
-  return kernel_bench.forward_main(argv, main.__doc__, variants, ("v7pefsgrbc",), layer="mlp")
+  return kernel_bench.forward_main(argv, main.__doc__, variants, ("v7pefsgrbci",), layer="mlp")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """`ttt_mlp_pallas`: the Mosaic GPU forward kernel wrapped in a `jax.custom_vjp`.
 
-Forward: `kernel_ws_mgpu.build_forward_ws` (variant "v7pefsgrbc", the default compiled: two warpgroups
-per CTA by role, the keys' products and G2 W2^T as (hi, lo) pairs), `kernel_acc_mgpu.build_forward_acc` ("v4", the interpret-mode default: float32
+Forward: `kernel_ws_mgpu.build_forward_ws` (variant "v7pefsgrbci", the default compiled: two
+warpgroups per CTA by role, the keys' products and G2 W2^T as (hi, lo) pairs, the float32 state
+split in the kernel), `kernel_acc_mgpu.build_forward_acc` ("v4", the interpret-mode default: float32
 state in wgmma accumulators, hidden dim over a 2-CTA cluster, mini-batch m-1's queries folded into
 step m; "v3" without that folding; cluster 1 in interpret mode) or `kernel_mgpu.build_forward`
 ("v1"/"v2": state as bf16 (hi, lo) pairs in SMEM); checkpoints every G mini-batches.
@@ -93,7 +94,7 @@ def _from_kernel_ckpts(ck, B, H):
 # (default): v7pefs / v7pefsg with K re-read from SMEM and G2's lo half through K's tile
 # (WsTuningConfig.reload_keys; bitwise the same; H200 NC=282 v7pefsgr 5-6% faster than v7pefsg);
 # v7pefsgrb: b1's column sums of both chunks as one reduction (fused_bias_sums; the queries' X2 in
-# registers); v7pefsgrbc (default): b2's sum in it too (fused_b2_sum; bitwise v7pefsgr, H200 2-3%
+# registers); v7pefsgrbc: b2's sum in it too (fused_b2_sum; bitwise v7pefsgr, H200 2-3%
 # faster at NC 282-5500); v7pefsgrk / v7pefsgrbk: -eta K written by the queries (queries_ek; slower);
 # v7pefsgrbci: v7pefsgrbc taking the float32 state as it is, split into (hi, lo) in its prologue
 # (WsTuningConfig.f32_state; bitwise v7pefsgrbc; the forward is one launch, no XLA glue).
@@ -108,8 +109,11 @@ VARIANTS = ("v1", "v2", "v3", "v3_precise", "v3_exact", "v3_3pass", "v3_3passf",
 # v7pefsg's arithmetic, 4.7e-3 to 9.9e-3, run as v7pefsgrbc (bitwise the same; K and G2's lo half
 # through SMEM, b1's and b2's column sums as one cross-warp reduction: H200 NC=1000 15.12-15.36 ms
 # vs v7pefsgr's 15.59-15.70 in the same starts, v7pefsg's 16.67); v7pefs is a little faster still but misses at
-# NC=2750 eta ~1e-6, 3.9e-2; the bf16-keys v7pef 12% faster but 2.5e-2 at NC=282).
-DEFAULT_VARIANT = "v7pefsgrbc"
+# NC=2750 eta ~1e-6, 3.9e-2; the bf16-keys v7pef 12% faster but 2.5e-2 at NC=282), taking the
+# float32 state as it is (v7pefsgrbci: bitwise v7pefsgrbc on the H100 at NC 282 / 1000, the
+# forward one launch with no XLA glue; same start, interleaved: waited 4.57 vs 4.61 ms at NC=282,
+# 14.72 vs 14.83 at NC=1000; in flight equal).
+DEFAULT_VARIANT = "v7pefsgrbci"
 # ... and in Mosaic GPU interpret mode (CPU): jax 0.11.2's interpreter can stall a kernel whose
 # warpgroups wait on each other for long stretches (v7*) when the CPU is contended (one warpgroup's
 # execution is never scheduled; NOTES-ttt-mlp.md "Interpret mode and two warpgroups"), so the
@@ -509,7 +513,7 @@ def ttt_mlp_pallas(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *,
   """TTT-MLP with the fused kernels; same contract as `ttt_dit.ttt.inner_loop.ttt_mlp`.
 
   Returns [B, H, NC, CS, F] in XQ's dtype. `interpret=True` runs the kernel in Mosaic GPU interpret
-  mode (CPU tests); `variant` picks the forward kernel (VARIANTS; None: v7pefsgrbc compiled, v4 in
+  mode (CPU tests); `variant` picks the forward kernel (VARIANTS; None: v7pefsgrbci compiled, v4 in
   interpret mode: `default_variant`);
   `backward` picks the VJP (BACKWARDS; "pallas_qpass", the default: the queries' reverse by its own
   kernel for all steps at once, the backward kernel fed the restart's saved keys' activations;

@@ -66,3 +66,17 @@ def test_host_trace_call_phases():
   phases = host_trace.call_phases(sorted(events, key=lambda e: e[2]), device)
   assert phases == {"enqueue": 3.0, "to_first_kernel": 4.0, "after_enqueue": 1.0, "device": 4.0,
                     "to_next_call": 2.0}
+
+
+def test_median_ms_waits_by_polling():
+  """wait="poll" spins on is_ready() until every output is ready (the result is complete when
+  timed), and a bad wait mode names itself."""
+  from pallas_kernels import kernel_bench
+  fn = jax.jit(lambda x: (x @ x, x + 1))
+  x = jnp.ones((256, 256))
+  assert kernel_bench.median_ms(fn, (x,), 3, wait="poll") > 0
+  out = fn(x)
+  kernel_bench.wait_polling(out)
+  assert all(a.is_ready() for a in jax.tree.leaves(out))
+  with pytest.raises(ValueError, match="wait must be"):
+    kernel_bench.median_ms(fn, (x,), 1, wait="spin")

@@ -95,14 +95,14 @@ def test_two_warpgroups_are_race_free_interpret():
 
 
 def test_role_split_config_is_validated():
-  """Bad settings name the problem; variant=None is v7pefsgrbc compiled and v4 in interpret mode."""
+  """Bad settings name the problem; variant=None is v7pefsgrbci compiled and v4 in interpret mode."""
   from pallas_kernels.ttt_mlp import kernel_ws_mgpu
   from pallas_kernels.ttt_mlp import ttt_mlp as T
   with pytest.raises(ValueError, match="cluster must be 1 or 2"):
     kernel_ws_mgpu.WsTuningConfig(cluster=4)
   with pytest.raises(ValueError, match="variant must be one of"):
     T.ttt_mlp_pallas(*_inputs(0), interpret=True, variant="v7x")
-  assert T.default_variant(False) == "v7pefsgrbc" and T.default_variant(True) == "v4"
+  assert T.default_variant(False) == "v7pefsgrbci" and T.default_variant(True) == "v4"
   cfg = kernel_ws_mgpu.WsTuningConfig.from_variant("v7pefsg", cluster=1)
   assert (cfg.prefetch_keys, cfg.early_gelu_grad, cfg.late_bias_sums, cfg.fresh_update,
           cfg.split_products, cfg.split_g1, cfg.cluster) == (True, True, False, True, True, True, 1)
