@@ -27,7 +27,8 @@ from pallas_kernels.ttt_mlp import ttt_mlp as T
 
 
 def compare(base: tuple, other: tuple) -> dict:
-  """{'bitwise': all arrays equal, 'max_rel': max over arrays of max |a - b| / max |a|}."""
+  """{'bitwise': all arrays equal, 'max_rel': max over arrays of max |a - b| / max |a|} (the
+  outputs, and the checkpoints where both have them)."""
   flat = lambda r: (r[0],) + tuple(r[1])
   rels = []
   for a, b in zip(flat(base), flat(other)):
@@ -36,22 +37,27 @@ def compare(base: tuple, other: tuple) -> dict:
   return {"bitwise": all(r == 0.0 for r in rels), "max_rel": max(rels)}
 
 
-def parse_variant(spec: str) -> tuple[str, int | None]:
-  """"v7pefsgr" -> ("v7pefsgr", None); "v7pefsgr@4096" -> ("v7pefsgr", 4096): a v7 variant with
-  that many bytes of reduction scratch (`ttt_mlp._build`)."""
+def parse_variant(spec: str) -> tuple[str, int | None, bool]:
+  """"v7pefsgr" -> ("v7pefsgr", None, True); "v7pefsgr@4096" -> ("v7pefsgr", 4096, True): a v7
+  variant with that many bytes of reduction scratch (`ttt_mlp._build`); a ":lean" suffix (v7)
+  -> checkpoints False: the kernel writes none (what a forward nothing differentiates runs)."""
+  spec, lean = (spec[:-5], True) if spec.endswith(":lean") else (spec, False)
   name, _, red = spec.partition("@")
   if name not in T.VARIANTS:
     raise SystemExit(f"--variants: {name!r} is not one of {T.VARIANTS}")
   if red and not (red.isdigit() and name.startswith("v7")):
     raise SystemExit(f"--variants: {spec!r}: '@' takes a byte count, for v7 variants only")
-  return name, int(red) if red else None
+  if lean and not name.startswith("v7"):
+    raise SystemExit(f"--variants: {spec!r}: ':lean' is for v7 variants only")
+  return name, int(red) if red else None, not lean
 
 
 def main(argv=None) -> list[dict]:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--nc", default="282,1000", help="comma-separated mini-batch counts")
   p.add_argument("--variants", default="v7pefsgr",
-                 help="comma-separated, the first the baseline; NAME@BYTES: v7 with that reduction scratch")
+                 help="comma-separated, the first the baseline; NAME@BYTES: v7 with that reduction "
+                      "scratch; NAME:lean: v7 without checkpoints")
   p.add_argument("--heads", type=int, default=48)
   p.add_argument("--group", type=int, default=16, help="checkpoint group size")
   p.add_argument("--eta_scale", type=float, default=1e-5)
@@ -70,7 +76,7 @@ def main(argv=None) -> list[dict]:
     args = make_inputs(jax.random.PRNGKey(a.seed + i), 1, a.heads, NC, eta_scale=a.eta_scale)
     fns = {v: jax.jit(lambda *x, s=specs[v]: T._forward_raw(
         *x, group=a.group, ln_eps=1e-6, interpret=a.interpret, variant=s[0],
-        reduction_scratch=s[1])) for v in variants}
+        reduction_scratch=s[1], checkpoints=s[2])) for v in variants}
     outs = {v: fns[v](*args) for v in variants}
     cmp = {v: compare(outs[variants[0]], outs[v]) for v in variants[1:]}
     del outs

@@ -126,6 +126,11 @@ class WsTuningConfig:
   # the exchange's receive tiles (free before the cluster's first meeting; cluster 1: two tiles
   # of their own).
   f32_state: bool = False
+  # False: no checkpoints written and none returned (the output alone): a forward that nothing
+  # differentiates (inference) skips the state's HBM copies (at H=48, group 16: ~6 KiB per
+  # mini-batch and head, 2.1 GiB at NC=5500) and their stores on the keys' chain. Not a variant
+  # letter: `ttt_mlp_pallas`'s primal (non-differentiated) call sets it.
+  checkpoints: bool = True
 
   def __post_init__(self):
     check_cluster(self.cluster)
@@ -170,7 +175,8 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
   state chunks [BH, 4, 64, 64] bf16 (hi, lo), b1 [BH, 4, 64], b2 [BH, 64]; checkpoints with an
   [NG] axis after BH, the state before mini-batch g * group). With `config.f32_state`:
   f(q, k, v, eta, gamma, beta, w1, b1, w2, b2), the per-head float32 parameters as they are
-  (gamma / beta / b2 [H, 64], w1 [H, 64, 256], b1 [H, 4, 64], w2 [H, 4, 64, 64]; H divides BH)."""
+  (gamma / beta / b2 [H, 64], w1 [H, 64, 256], b1 [H, 4, 64], w2 [H, 4, 64, 64]; H divides BH).
+  Without `config.checkpoints` the result is (out,) alone."""
   C = config.cluster
   NL = NH // C  # hidden chunks of 64 per CTA
   NG = -(-NC // group)
@@ -193,8 +199,11 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
       (w1_ref, b1_ref, w2_ref, b2_ref), refs = refs[:4], refs[4:]
     else:  # bf16 (hi, lo) chunks per row
       (w1h_ref, w1l_ref, b1_ref, w2h_ref, w2l_ref, b2_ref), refs = refs[:6], refs[6:]
-    (o_ref, cw1h, cw1l, cb1, cw2h, cw2l, cb2,
-     q_sb, k_sb, v_sb, eta_sb, ek_s, g2_s, eg2_s, g1_s, ex2_s, x_s, w1h, w2h, lo_s,
+    if config.checkpoints:
+      (o_ref, cw1h, cw1l, cb1, cw2h, cw2l, cb2), refs = refs[:7], refs[7:]
+    else:
+      (o_ref,), refs = refs[:1], refs[1:]
+    (q_sb, k_sb, v_sb, eta_sb, ek_s, g2_s, eg2_s, g1_s, ex2_s, x_s, w1h, w2h, lo_s,
      b1_s, b2_s, gam_s, bet_s, bars, qbars, sync, both, *rest) = refs
     # Keys' warpgroup only: k/v/eta, -eta K (ek_s), G2, -eta G2, G1 and the keys' X2 per chunk,
     # lo_s (the state's lo halves: init and checkpoints), bars (its TMA loads).
@@ -333,10 +342,10 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
         w1, w2 = carry  # NL x [64, 64] f32 each: W1[:, chunk], W2[chunk, :]
         ph = Phases()
         ph("ckpt")
-
-        @pl.when(m % group == 0)
-        def _():
-          write_checkpoint(m // group, w1, w2)
+        if config.checkpoints:
+          @pl.when(m % group == 0)
+          def _():
+            write_checkpoint(m // group, w1, w2)
 
         ph("load")
         if config.prefetch_keys:
@@ -580,8 +589,10 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
 
   st = lambda *s: jax.ShapeDtypeStruct(s, bf16)
   sf = lambda *s: jax.ShapeDtypeStruct(s, f32)
-  out_type = (st(BH, NC, CS, F), st(BH, NG, NH, 64, 64), st(BH, NG, NH, 64, 64),
-              sf(BH, NG, NH, 64), st(BH, NG, NH, 64, 64), st(BH, NG, NH, 64, 64), sf(BH, NG, 64))
+  out_type = (st(BH, NC, CS, F),) + ((st(BH, NG, NH, 64, 64), st(BH, NG, NH, 64, 64),
+                                       sf(BH, NG, NH, 64), st(BH, NG, NH, 64, 64),
+                                       st(BH, NG, NH, 64, 64), sf(BH, NG, 64))
+                                      if config.checkpoints else ())
   NK = 2 if config.prefetch_keys else 1  # K/V/eta buffers
   scratch = [tile(2), tile(NK), tile(NK), plgpu.SMEM((NK, 64), f32),  # Q (2 buffers), K, V, eta
              tile(), tile(), tile(),  # -eta K, G2, -eta G2

@@ -133,7 +133,7 @@ REDUCTION_SCRATCH = kernel_acc_mgpu.DEFAULT_REDUCTION_SCRATCH
 
 def _build(BH, NC, group, ln_eps, interpret, variant, outputs=True, save_activations=False,
            checkpoint_lo=True, save_ln=False, final_checkpoint=False, parts=False,
-           reduction_scratch=None):
+           reduction_scratch=None, checkpoints=True):
   """The forward kernel of `variant` (same argument/result layout for all of them).
 
   save_activations (v3 only): 4 more results, the per-step forward activations the backward
@@ -148,11 +148,14 @@ def _build(BH, NC, group, ln_eps, interpret, variant, outputs=True, save_activat
   reduction_scratch (v7 only): SMEM bytes per part of a cross-warp reduction (None:
   REDUCTION_SCRATCH; the fused sums take one such part per [64, 64] operand:
   `WsTuningConfig.scratch_bytes`).
+  checkpoints=False (v7 only): the kernel returns (out,) alone and writes no checkpoints.
   """
   if variant not in VARIANTS:
     raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
   if reduction_scratch is not None and not variant.startswith("v7"):
     raise ValueError(f"reduction_scratch is a v7 option; variant {variant!r} has none")
+  if not checkpoints and not (variant.startswith("v7") and outputs and not save_activations):
+    raise ValueError(f"checkpoints=False is a v7 forward option, not {variant!r}'s")
   iparams = jax.experimental.pallas.mosaic_gpu.InterpretGPUParams() if interpret else None
   if variant == "v6" and outputs and not save_activations:  # (restarts: v3, as for v4)
     cfg6 = kernel_wg2_mgpu.Wg2TuningConfig(cluster=1 if interpret else 2,
@@ -162,7 +165,8 @@ def _build(BH, NC, group, ln_eps, interpret, variant, outputs=True, save_activat
   if variant.startswith("v7") and outputs and not save_activations:  # (restarts: v3, as for v4)
     cfg7 = kernel_ws_mgpu.WsTuningConfig.from_variant(
         variant, cluster=1 if interpret else 2,
-        reduction_scratch=REDUCTION_SCRATCH if reduction_scratch is None else reduction_scratch)
+        reduction_scratch=REDUCTION_SCRATCH if reduction_scratch is None else reduction_scratch,
+        checkpoints=checkpoints)
     return kernel_ws_mgpu.build_forward_ws(BH, NC, group, ln_eps, config=cfg7, interpret=iparams)
   if variant == "v6" or variant.startswith("v7"):
     variant = "v3"
@@ -215,13 +219,15 @@ def kernel_args(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, variant: st
 
 
 def _forward_raw(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, *, group, ln_eps,
-                 interpret, variant=None, reduction_scratch=None):
+                 interpret, variant=None, reduction_scratch=None, checkpoints=True):
   """Runs the kernel: ([B, H, NC, CS, F] out in XQ's dtype, kernel-layout checkpoints [BH, NG, ...])
-  (reduction_scratch: `_build`'s, for the v7 variants' benchmarks)."""
+  (reduction_scratch: `_build`'s, for the v7 variants' benchmarks; checkpoints=False: the v7
+  kernels write none and return (), the others return theirs)."""
   B, H, NC, CS, F = XQ.shape
   variant = default_variant(interpret) if variant is None else variant
   fn = _build(B * H, NC, group, float(ln_eps), interpret, variant,
-              reduction_scratch=reduction_scratch)
+              reduction_scratch=reduction_scratch,
+              checkpoints=checkpoints or not variant.startswith("v7"))
   res = fn(*kernel_args(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, variant))
   return res[0].reshape(B, H, NC, CS, F).astype(XQ.dtype), tuple(res[1:])
 
@@ -255,8 +261,9 @@ _KERNEL_BACKWARDS = {"pallas": {}, "pallas_dw_gmem": {"dw_gmem": True},
 @functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13, 14))
 def _ttt_mlp_kernel(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, group, ln_eps, interpret,
                     variant, backward):
-  return _forward(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, group=group,
-                  ln_eps=ln_eps, interpret=interpret, variant=variant)[0]
+  # (not differentiated: no checkpoints wanted; the v7 kernels then write none)
+  return _forward_raw(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, group=group,
+                      ln_eps=ln_eps, interpret=interpret, variant=variant, checkpoints=False)[0]
 
 
 def _fwd(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, group, ln_eps, interpret, variant,

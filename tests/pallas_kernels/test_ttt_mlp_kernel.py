@@ -258,6 +258,25 @@ def test_kernel_lowers_for_cuda(variant):
                                            + [(bh, nc, 64)])
 
 
+def test_kernel_without_checkpoints_lowers_for_cuda():
+  """The default forward kernel with `checkpoints=False` (the primal call's) lowers for CUDA at
+  cluster 2 and returns the output alone; other variants refuse the option by name."""
+  from pallas_kernels.ttt_mlp import kernel_ws_mgpu
+  from pallas_kernels.ttt_mlp import ttt_mlp as T
+  bh, nc, h = 4, 40, 2
+  fn = T._build(bh, nc, 16, 1e-6, False, T.DEFAULT_VARIANT, checkpoints=False)
+  S, bf, f32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.float32
+  args = (S((bh, nc, 64, 64), bf),) * 3 + (S((bh, nc, 64), f32), S((h, 64), f32), S((h, 64), f32),
+                                            S((h, 64, 256), f32), S((h, 4, 64), f32),
+                                            S((h, 4, 64, 64), f32), S((h, 64), f32))
+  assert kernel_ws_mgpu.WsTuningConfig.from_variant(T.DEFAULT_VARIANT).f32_state
+  assert "mosaic_gpu" in jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  outs = jax.eval_shape(fn, *args)
+  assert len(outs) == 1 and outs[0].shape == (bh, nc, 64, 64)
+  with pytest.raises(ValueError, match="checkpoints=False is a v7 forward option"):
+    T._build(bh, nc, 16, 1e-6, True, "v4", checkpoints=False)
+
+
 def test_unsupported_shape_falls_back_to_xla():
   """F = 32 is not a kernel shape: the XLA scan runs (same numbers), never a wrong kernel."""
   ks = jax.random.split(jax.random.PRNGKey(3), 6)

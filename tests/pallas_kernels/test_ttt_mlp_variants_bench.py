@@ -9,8 +9,11 @@ from benchmarks import ttt_mlp_variants as V
 
 
 def test_parse_variant():
-  assert V.parse_variant("v7pefsgr") == ("v7pefsgr", None)
-  assert V.parse_variant("v7pefsgrbc@4096") == ("v7pefsgrbc", 4096)
+  assert V.parse_variant("v7pefsgr") == ("v7pefsgr", None, True)
+  assert V.parse_variant("v7pefsgrbc@4096") == ("v7pefsgrbc", 4096, True)
+  assert V.parse_variant("v7pefsgrbci:lean") == ("v7pefsgrbci", None, False)
+  with pytest.raises(SystemExit, match="v7 variants only"):
+    V.parse_variant("v4:lean")
   with pytest.raises(SystemExit, match="not one of"):
     V.parse_variant("v9")
   with pytest.raises(SystemExit, match="byte count"):
@@ -27,4 +30,5 @@ def test_bitwise_report_in_interpret_mode():
   assert [r["variant"] for r in rows] == ["v4", "v4", "v3"]
   assert rows[1]["bitwise"] and rows[1]["max_rel"] == 0.0
   assert not rows[2]["bitwise"] and 0.0 < rows[2]["max_rel"] < 1e-1
-  assert all(r["fwd_ms"] > 0 and r["fwd_ms_in_flight"] > 0 for r in rows)
+  assert all(r["fwd_ms"] > 0 and r["fwd_ms_polled"] > 0 and r["fwd_ms_in_flight"] > 0
+             for r in rows)

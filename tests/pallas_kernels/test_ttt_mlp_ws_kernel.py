@@ -73,6 +73,21 @@ def check_bitwise(variant: str, like: str, batch: int = B, heads: int = H):
     assert jnp.array_equal(a, b), (variant, like)
 
 
+def check_without_checkpoints(variant: str):
+  """checkpoints=False: no checkpoints returned, the output bitwise the one with them; and
+  `ttt_mlp_pallas` not differentiated (its primal call, which asks for none) gives that output."""
+  from pallas_kernels.ttt_mlp import ttt_mlp as T
+  args = _inputs(2)
+  out, ck = _forward_raw(args, variant)
+  lean_out, lean_ck = jax.jit(lambda *a: T._forward_raw(
+      *a, group=GROUP, ln_eps=1e-6, interpret=True, variant=variant, checkpoints=False))(*args)
+  assert len(ck) == 6 and lean_ck == ()
+  assert jnp.array_equal(lean_out, out)
+  prim = jax.jit(lambda *a: T.ttt_mlp_pallas(*a, checkpoint_group_size=GROUP, interpret=True,
+                                             variant=variant))(*args)
+  assert jnp.array_equal(prim, out)
+
+
 def check_forward(variant: str):
   """Outputs vs the float32 XLA scan (bf16 matmuls: rel L2 < 1e-2), and far from a frozen state."""
   from ttt_dit.ttt import inner_loop
@@ -143,7 +158,7 @@ def _run_isolated(call: str) -> None:
     "check_bitwise('v7pefsgrbc', 'v7pefsgr')", "check_bitwise('v7pefsgrbk', 'v7pefsgr')",
     "check_race_free('v7pefsgrbc')", "check_race_free('v7pefsgrbk')",
     "check_bitwise('v7pefsgrbci', 'v7pefsgrbc', batch=2, heads=2)",
-    "check_race_free('v7pefsgrbci')"])
+    "check_race_free('v7pefsgrbci')", "check_without_checkpoints('v7pefsgrbci')"])
 def test_role_split_kernel_interpret(call):
   _run_isolated(call)
 
