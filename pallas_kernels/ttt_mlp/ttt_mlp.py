@@ -258,12 +258,20 @@ _KERNEL_BACKWARDS = {"pallas": {}, "pallas_dw_gmem": {"dw_gmem": True},
                      "pallas_qpass": {"saved_forward": True, "query_pass": True}}
 
 
+# Whether a forward that nothing differentiates (the custom_vjp's primal call) has the v7 kernel
+# write its checkpoints anyway. H100, same start, interleaved (NOTES-ttt-mlp.md): without them
+# the kernel is bitwise the same but NOT faster: in flight 4.15 vs 4.11 ms at NC=282, 14.41 vs
+# 14.17 at NC=1000 (+1.7%, every round). False saves their memory (2.1 GiB per call at NC=5500,
+# H=48), so inference may want it.
+PRIMAL_CHECKPOINTS = True
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13, 14))
 def _ttt_mlp_kernel(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, group, ln_eps, interpret,
                     variant, backward):
-  # (not differentiated: no checkpoints wanted; the v7 kernels then write none)
   return _forward_raw(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, group=group,
-                      ln_eps=ln_eps, interpret=interpret, variant=variant, checkpoints=False)[0]
+                      ln_eps=ln_eps, interpret=interpret, variant=variant,
+                      checkpoints=PRIMAL_CHECKPOINTS)[0]
 
 
 def _fwd(XQ, XK, XV, eta, ln_weight, ln_bias, W1, b1, W2, b2, group, ln_eps, interpret, variant,

@@ -75,7 +75,8 @@ def check_bitwise(variant: str, like: str, batch: int = B, heads: int = H):
 
 def check_without_checkpoints(variant: str):
   """checkpoints=False: no checkpoints returned, the output bitwise the one with them; and
-  `ttt_mlp_pallas` not differentiated (its primal call, which asks for none) gives that output."""
+  `ttt_mlp_pallas` not differentiated, its primal call asking for none (PRIMAL_CHECKPOINTS
+  False), gives that output."""
   from pallas_kernels.ttt_mlp import ttt_mlp as T
   args = _inputs(2)
   out, ck = _forward_raw(args, variant)
@@ -83,6 +84,7 @@ def check_without_checkpoints(variant: str):
       *a, group=GROUP, ln_eps=1e-6, interpret=True, variant=variant, checkpoints=False))(*args)
   assert len(ck) == 6 and lean_ck == ()
   assert jnp.array_equal(lean_out, out)
+  T.PRIMAL_CHECKPOINTS = False  # (this child process only)
   prim = jax.jit(lambda *a: T.ttt_mlp_pallas(*a, checkpoint_group_size=GROUP, interpret=True,
                                              variant=variant))(*args)
   assert jnp.array_equal(prim, out)
