@@ -11,6 +11,9 @@ per call, then one call's host timeline. Cases:
 - `forward`: `ttt_mlp_pallas` (the wrapper's layout ops + the kernel), as the benchmarks time it;
 - `matmul`: a control with no Mosaic GPU in it: a jitted chain of three 8192^3 bf16 matmuls (~4 ms
   of device time on an H100/H200, one argument): what any ~4 ms waited call pays beyond its kernels.
+Found (H100, 2026-12-07): the control pays as much as the kernel (0.45-0.97 vs 0.49-0.85 ms
+beyond device time; dispatch to first kernel 150-200 us, last kernel to next call 270-490 us):
+the gap is JAX's per-call cost, not the kernel's (benchmarks/RESULTS.md).
 
   python -m benchmarks.host_trace [--nc 282] [--reps 20] [--cases noop,matmul,kernel,forward]
       [--variants v7pefsgrbc,v7pefsgrbci]

@@ -61,8 +61,9 @@ def rel(a, b) -> float:
 
 
 def wait_polling(out) -> None:
-  """Waits for every array of `out` by spinning on `is_ready()` (the host thread never sleeps,
-  so its wake-up after the device finishes is not part of the time; a blocking wait's is)."""
+  """Waits for every array of `out` by spinning on `is_ready()`: the host thread never sleeps,
+  so its wake-up is not part of the time, as it is for a blocking wait (H100: no faster in
+  practice; PjRt's completion path is the cost: benchmarks/NOTES-ttt-mlp.md)."""
   leaves = jax.tree.leaves(out)
   while not all(x.is_ready() for x in leaves):
     pass

@@ -120,8 +120,8 @@ class WsTuningConfig:
   # The initial state taken as the caller's float32 arrays, one per head (W1 [H, F, 4F], b1
   # [H, 4, 64], W2 [H, 4, 64, F], b2 [H, F], gamma / beta [H, F]; row bh reads head bh % H),
   # split into bf16 (hi, lo) in the keys' prologue instead of by XLA ops before the launch: the
-  # forward is then one launch with no glue (the split's four small fusions cost ~0.18 ms per
-  # waited call on an H100: NOTES-ttt-mlp.md). The same values as the split outside (round to
+  # forward is then one launch with no glue (the split's four small fusions: H100, interleaved
+  # A/Bs, waited -0.6 to -1%, in flight equal; NOTES-ttt-mlp.md). The same values as the split outside (round to
   # nearest even both ways): bitwise the variant without it. The float32 tiles are staged through
   # the exchange's receive tiles (free before the cluster's first meeting; cluster 1: two tiles
   # of their own).
@@ -129,7 +129,8 @@ class WsTuningConfig:
   # False: no checkpoints written and none returned (the output alone): a forward that nothing
   # differentiates (inference) skips the state's HBM copies (at H=48, group 16: ~6 KiB per
   # mini-batch and head, 2.1 GiB at NC=5500) and their stores on the keys' chain. Not a variant
-  # letter: `ttt_mlp_pallas`'s primal (non-differentiated) call sets it.
+  # letter: `ttt_mlp.PRIMAL_CHECKPOINTS = False` sets it for the non-differentiated call (H100:
+  # bitwise the same output, but 1.7% slower in flight at NC=1000: ptxas moves its spills).
   checkpoints: bool = True
 
   def __post_init__(self):
