@@ -173,11 +173,9 @@ def two_role_kernel(first: KernelParts, n_in_first: int, rows_first: int,
   (a CTA runs one role only); barriers stay each kernel's own. Returns
   f(*inputs_first, *inputs_second) -> (*outputs_first, *outputs_second).
   """
-  if (first.kwargs != second.kwargs or first.approx_math != second.approx_math
-      or first.reduction_scratch != second.reduction_scratch):
-    raise ValueError("two_role_kernel: the kernels' cluster, approx_math and reduction scratch "
-                     f"must agree, got {first.kwargs, first.approx_math, first.reduction_scratch}"
-                     f" and {second.kwargs, second.approx_math, second.reduction_scratch}")
+  if first.kwargs != second.kwargs or first.approx_math != second.approx_math:
+    raise ValueError("two_role_kernel: the kernels' cluster and approx_math must agree, got "
+                     f"{first.kwargs, first.approx_math} and {second.kwargs, second.approx_math}")
   mem = [[x for x in k.scratch if not _is_barrier(x)] for k in (first, second)]
   bars = [[x for x in k.scratch if _is_barrier(x)] for k in (first, second)]
   n_out = (len(first.out_type), len(second.out_type))
@@ -219,7 +217,9 @@ def two_role_kernel(first: KernelParts, n_in_first: int, rows_first: int,
       body, out_type=tuple(first.out_type) + tuple(second.out_type),
       scratch_types=[plgpu.RefUnion(mem[0], mem[1])] + bars[0] + bars[1],
       grid=(rows_first + P,), grid_names=("bh",),
-      compiler_params=compiler_params(first.approx_math, None, first.reduction_scratch), **kw)
+      compiler_params=compiler_params(first.approx_math, None,  # (one scratch: the larger)
+                                      max(first.reduction_scratch, second.reduction_scratch)),
+      **kw)
 
 
 class Phases:

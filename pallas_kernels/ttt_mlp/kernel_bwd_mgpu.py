@@ -71,14 +71,30 @@ class BwdTuningConfig:
   # latency overlaps the queries' contributions and the first update phase; the sb2 load (unread
   # with query_pass) is dropped.
   lazy_waits: bool = False
+  # Column sums (cross-warp reductions, rounds of 2 warpgroup barriers through SMEM) fused as in
+  # the forward's `WsTuningConfig.fused_bias_sums`: 0 none; 1 the LayerNorm-L2 VJP's three
+  # (dgamma, dbeta, db2) as ONE reduction of their [64, 192] concatenation; 2 also db1's two
+  # chunks as one [64, 128] reduction (chunk 0's dZ1 kept in registers over chunk 1's wgmmas).
+  # Each column's tree is meant to be the same (the forward's fused sums are bitwise on the GPU;
+  # in interpret mode XLA:CPU orders the wider sum differently: ~1e-6). The scratch grows with
+  # the widest fused sum (`scratch_bytes`), so it takes as many rounds as one [64, 64] sum did.
+  fused_sums: int = 0
 
   def __post_init__(self):
     check_cluster(self.cluster)
+    if self.fused_sums not in (0, 1, 2):
+      raise ValueError(f"fused_sums must be 0, 1 or 2, got {self.fused_sums!r}")
     if self.lazy_waits and not self.query_pass:
       raise ValueError("lazy_waits=True is built only with query_pass=True")
     if self.query_pass and (self.dw_gmem or not self.saved_forward):
       raise ValueError("query_pass=True is built with saved_forward=True and dw_gmem=False; got "
                        f"saved_forward={self.saved_forward}, dw_gmem={self.dw_gmem}")
+
+  @property
+  def scratch_bytes(self) -> int:
+    """SMEM bytes for cross-warp reductions: `reduction_scratch` per [64, 64] part of the widest
+    column sum (3 parts with fused_sums, else 1)."""
+    return (3 if self.fused_sums else 1) * self.reduction_scratch
 
 
 def _gelu_grads(z):
@@ -152,6 +168,7 @@ def build_backward(BH: int, G: int, ln_eps: float, *, groups: int = 1,
 
   SF = config.saved_forward
   QP = config.query_pass
+  fs = config.fused_sums
 
   def body(*refs, bh=None):
     if not SF:
@@ -462,26 +479,41 @@ def build_backward(BH: int, G: int, ln_eps: float, *, groups: int = 1,
       s_ux = mean_f(u * xh)
       dg = u - col(mean_f(u)) - xh * col(s_ux)
       hh = v_s[...].astype(f32)
-      dgam_a[...] = plgpu.load(dgam_a, layout=red0) + sum_c(dg * (gam * xh + hh))
-      dbet_a[...] = plgpu.load(dbet_a, layout=red0) + sum_c(dg * gam)
+      if not fs:
+        dgam_a[...] = plgpu.load(dgam_a, layout=red0) + sum_c(dg * (gam * xh + hh))
+        dbet_a[...] = plgpu.load(dbet_a, layout=red0) + sum_c(dg * gam)
       gg = gam * hh
       v_s[...] = (-gam * dg).astype(bf16)  # dV = dT (the caller subtracts it from dK)
       dxh = gam * gam * dg - (col(s_ux) * gg + col(mean_f(gg * xh)) * u)
       dz2 = (col(rstd) * (dxh - col(mean_f(dxh)) - xh * col(mean_f(dxh * xh)))
              + col(dstd * (1.0 / F)) * xh)
-      db2_a[...] = db2v + sum_c(dz2)
+      if fs:  # dgamma, dbeta, db2: one reduction of [64, 192]
+        sums = sum_c(jnp.concatenate([dg * (gam * xh + hh), dg * gam, dz2], axis=1))
+        dgam_a[...] = plgpu.load(dgam_a, layout=red0) + sums[:64]
+        dbet_a[...] = plgpu.load(dbet_a, layout=red0) + sums[64:128]
+        db2_a[...] = db2v + sums[128:]
+      else:
+        db2_a[...] = db2v + sum_c(dz2)
       dz_s[...] = dz2.astype(bf16)
       xh_s[...] = (-E * g2_s[...].astype(f32)).astype(bf16)  # xh is consumed: -e G2 for dX2
       plgpu.commit_smem()
       on_rank0(lambda: plgpu.copy_smem_to_gmem(v_s, dv_ref.at[bh, m]))
       ph("U_dx2")
+      dz1s = []  # fused_sums 2: the chunks' dZ1, summed after the loop
       for c in range(NL):  # dX2 = -e G2 dW2^T + dZ2 W2^T; dZ1 += dX2 gelu'(Z1)
         (z1,) = wgmma_multi([(k_s, w1_s.at[c])], shp)
         gp = _gelu_grad(z1 + row(plgpu.load(b1_s.at[c], layout=red0)))
         dx2 = wgmma_chain([(xh_s, nw2_s.at[c].T), (dz_s, w2_s.at[c].T)], shp)
         dz1 = zp[c][...].astype(f32) + dx2 * gp
-        db1_a[c] = plgpu.load(db1_a.at[c], layout=red0) + sum_c(dz1)
+        if fs == 2:
+          dz1s.append(dz1)
+        else:
+          db1_a[c] = plgpu.load(db1_a.at[c], layout=red0) + sum_c(dz1)
         zp[c][...] = dz1.astype(bf16)
+      if fs == 2:  # db1 of every chunk: one reduction of [64, 64 NL]
+        sums = sum_c(jnp.concatenate(dz1s, axis=1))
+        for c in range(NL):
+          db1_a[c] = plgpu.load(db1_a.at[c], layout=red0) + sums[64 * c:64 * (c + 1)]
       plgpu.commit_smem()
       ph("U_dw")
       if gm:
@@ -553,10 +585,10 @@ def build_backward(BH: int, G: int, ln_eps: float, *, groups: int = 1,
     scratch.append(vec())  # rstd (kept last: see body_)
   if parts:
     return KernelParts(body, out_type, scratch, kwargs, config.approx_math,
-                       config.reduction_scratch)
+                       config.scratch_bytes)
   return per_head_kernel(body, out_type=out_type, scratch=scratch, BH=BH,
                          approx_math=config.approx_math, interpret=interpret, profile=profile,
-                         reduction_scratch=config.reduction_scratch,
+                         reduction_scratch=config.scratch_bytes,
                          **kwargs)
 
 

@@ -324,6 +324,9 @@ BWD_LAUNCH_BYTES = 4 << 30
 # (`BwdTuningConfig.lazy_waits`) instead of all at the step's start. H100, same start, NC=282:
 # whole backward 24.3-24.5 vs 24.8-24.9 ms (-1.8%), gradients bitwise equal.
 BWD_LAZY_WAITS = True
+# The backward kernel's column sums fused (`BwdTuningConfig.fused_sums`: 0 none, 1 the LayerNorm-L2
+# VJP's dgamma / dbeta / db2 as one reduction, 2 also db1's chunks as one; the same sums).
+BWD_FUSED_SUMS = 0
 # True: launch s's backward kernel and launch s - 1's restarts run as one launch
 # (`mgpu_common.two_role_kernel`): the backward kernel's 2 BH = 96 CTAs hold their SMs for the
 # whole launch, the restarts take RESTART_PROGRAMS clusters of the 36 SMs left on an H100 (launches
@@ -396,7 +399,8 @@ def _bwd_pallas(group, ln_eps, interpret, variant, res, dout, **tuning):
                save_activations=saved, checkpoint_lo=False, save_ln=qpass, final_checkpoint=True)
   iparams = jax.experimental.pallas.mosaic_gpu.InterpretGPUParams() if interpret else None
   bwd_cfg = kernel_bwd_mgpu.BwdTuningConfig(cluster=C, reduction_scratch=REDUCTION_SCRATCH,
-                                            lazy_waits=BWD_LAZY_WAITS and qpass, **tuning)
+                                            lazy_waits=BWD_LAZY_WAITS and qpass,
+                                            fused_sums=BWD_FUSED_SUMS, **tuning)
   bwd = kernel_bwd_mgpu.build_backward(BH, G, float(ln_eps), groups=S, config=bwd_cfg,
                                        interpret=iparams)
   if fused:  # the backward kernel of launch s with the restarts of launch s - 1 on other SMs
@@ -474,10 +478,14 @@ def _bwd_pallas(group, ln_eps, interpret, variant, res, dout, **tuning):
 
   z = lambda *s: jnp.zeros(s, f32)
   init = (z(BH, 4, 64, 64), z(BH, 4, 64), z(BH, 4, 64, 64), z(BH, 64), z(BH, 64), z(BH, 64))
-  if not fused:
-    def body(carry, s):
-      prep = prepared(s, fwd(*restart_args(s)))
-      return bwd_results(carry, prep, bwd(*bwd_args(carry, s, prep)))
+  def body(carry, s):
+    prep = prepared(s, fwd(*restart_args(s)))
+    return bwd_results(carry, prep, bwd(*bwd_args(carry, s, prep)))
+
+  if not fused and L == 1:  # one launch: no loop, so no stacking copy of its results
+    (dw1, db1, dw2, db2, dgam, dbet), outs = body(init, 0)
+    dq, dk, dv, de = (a[None] for a in outs)
+  elif not fused:
     (dw1, db1, dw2, db2, dgam, dbet), (dq, dk, dv, de) = jax.lax.scan(
         body, init, jnp.arange(L), reverse=True)
   else:  # launches in pairs (s = 2p + 1, then 2p): no launch's inputs cross the loop carry while

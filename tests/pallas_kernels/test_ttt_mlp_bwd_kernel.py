@@ -150,6 +150,31 @@ def test_lazy_waits_give_bitwise_the_same_gradients(monkeypatch):
     kernel_bwd_mgpu.BwdTuningConfig(lazy_waits=True)
 
 
+@pytest.mark.parametrize("fused", [1, 2])
+def test_fused_column_sums_give_the_same_gradients(fused, monkeypatch):
+  """BWD_FUSED_SUMS (the backward kernel's column sums as one reduction of their concatenation)
+  gives the gradients of separate sums (interpret, cluster 1, NC = 3, G = 2: two groups, B = 2).
+  Not bitwise here: XLA:CPU, which compiles the interpreted kernel, orders a [64, 192] column sum
+  differently from a [64, 64] one (measured: LN weight / bias / biases 1-4e-6, XK 1.3e-4 through
+  bf16 roundings downstream); a swapped or misplaced slice of the fused sum moves them by O(1).
+  On the GPU, `benchmarks.ttt_mlp_bwd_ablate ab BWD_FUSED_SUMS` prints the difference."""
+  B, H, NC, G = 2, 1, 3, 2
+  args = ttt_inputs(B, H, NC, 7)
+  cot = jax.random.normal(jax.random.PRNGKey(12), (B, H, NC, 64, 64))
+
+  def grads(level):
+    monkeypatch.setattr(T, "BWD_FUSED_SUMS", level)
+    return jax.grad(lambda a: jnp.sum(ttt_mlp_pallas(
+        *a, checkpoint_group_size=G, interpret=True).astype(jnp.float32) * cot))(args)
+
+  for name, x, y in zip(NAMES, grads(fused), grads(0)):
+    assert rel(x, y) < 1e-3, (name, rel(x, y))
+  cfg = kernel_bwd_mgpu.BwdTuningConfig(fused_sums=fused, reduction_scratch=2048)
+  assert cfg.scratch_bytes == 3 * 2048
+  with pytest.raises(ValueError, match="fused_sums must be 0, 1 or 2"):
+    kernel_bwd_mgpu.BwdTuningConfig(fused_sums=3)
+
+
 # (several groups side by side in one launch: `test_backward_launch_grouping_...`)
 @pytest.mark.parametrize("launch_bytes", [0])
 def test_saved_forward_backward_is_bitwise_the_recomputing_one(launch_bytes, monkeypatch):
@@ -178,20 +203,22 @@ def _bwd_args(bh, g, groups=1):
              S((bh, 4, 64), f32), S((bh, 4, 64, 64), f32), S((bh, 64), f32)))
 
 
-@pytest.mark.parametrize("dw_gmem,groups,saved,qpass,lazy", [
-    (False, 1, False, False, False), (True, 1, False, False, False),
-    (False, 3, False, False, False), (False, 2, True, False, False),
-    (False, 2, True, True, False), (False, 2, True, True, True)])
-def test_backward_kernel_cluster2_lowers_for_cuda(dw_gmem, groups, saved, qpass, lazy):
+@pytest.mark.parametrize("dw_gmem,groups,saved,qpass,lazy,fused", [
+    (False, 1, False, False, False, 0), (True, 1, False, False, False, 0),
+    (False, 3, False, False, False, 0), (False, 2, True, False, False, 0),
+    (False, 2, True, True, False, 0), (False, 2, True, True, True, 0),
+    (False, 2, True, True, True, 2)])
+def test_backward_kernel_cluster2_lowers_for_cuda(dw_gmem, groups, saved, qpass, lazy, fused):
   """The GPU configuration (cluster 2, 2 exchange slots, SMEM under the 227 KiB limit) lowers;
   also with dW kept in GMEM (dw_gmem), over 3 groups in one launch, fed saved activations, and
-  with the queries' reverse from outside (query_pass: no dQ partials), and with its loads waited
-  lazily."""
+  with the queries' reverse from outside (query_pass: no dQ partials), with its loads waited
+  lazily, and with its column sums fused (3x the reduction scratch)."""
   bh, g = 4, 16
   fn = kernel_bwd_mgpu.build_backward(
       bh, g, 1e-6, groups=groups,
       config=kernel_bwd_mgpu.BwdTuningConfig(cluster=2, dw_gmem=dw_gmem, saved_forward=saved,
-                                             query_pass=qpass, lazy_waits=lazy))
+                                             query_pass=qpass, lazy_waits=lazy,
+                                             fused_sums=fused))
   args = _bwd_args(bh, g, groups)
   S, ns = jax.ShapeDtypeStruct, groups * g
   rows = bh * groups
