@@ -80,3 +80,33 @@ def test_median_ms_waits_by_polling():
   assert all(a.is_ready() for a in jax.tree.leaves(out))
   with pytest.raises(ValueError, match="wait must be"):
     kernel_bench.median_ms(fn, (x,), 1, wait="spin")
+
+
+def test_sass_summary_places_spills_between_landmarks(tmp_path, capsys):
+  """`benchmarks.sass_summary` reads an nvdisasm listing: kernels by name, opcodes classed by
+  their longest prefix (predicated ones too), and segments opened by landmarks with their spills."""
+  from benchmarks import sass_summary
+  sass = """\t.section\t.text.mosaic_gpu_kernel,"ax",@progbits
+.text.mosaic_gpu_kernel:
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ ;
+        /*0020*/                   STL.64 [R1+0x10], R24 ;
+        /*0030*/                   FADD R2, R3, R4 ;
+        /*0040*/                   MUFU.TANH R5, R6 ;
+        /*0050*/               @!P0 LDL R7, [R1+0x10] ;
+        /*0060*/                   LDL.64 R8, [R1+0x18] ;
+        /*0070*/                   BAR.SYNC.DEFER_BLOCKING 0x1, 0x80 ;
+        /*0080*/                   FMUL R2, R3, R4 ;
+"""
+  log = tmp_path / "sass.txt"
+  log.write_text(sass)
+  kernels = sass_summary.parse(sass.splitlines())
+  (name, insns), = kernels.items()
+  assert name.startswith("mosaic_gpu_kernel") and len(insns) == 9
+  assert [c for _, _, c in insns][1:7] == ["wgmma", "STL", "other", "tanh", "LDL", "LDL"]
+  segs = sass_summary.segments(insns)
+  assert [(a, c, s["STL"], s["LDL"]) for a, c, s in segs] == [
+      (0, "start", 0, 0), (0x10, "wgmma", 1, 0), (0x40, "tanh", 0, 2), (0x70, "bar", 0, 0)]
+  sass_summary.main([str(log)])
+  out = capsys.readouterr().out
+  assert "STL 1, LDL 2" in out and "0x00010      wgmma" in out and "bar" not in out.split("\n", 2)[2]
