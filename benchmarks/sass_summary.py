@@ -4,7 +4,8 @@
 NOTES-ttt-mlp.md says how it is carried in). This reads such a log and, per kernel, prints the
 instruction stream condensed into segments between landmarks (wgmma groups, MUFU math, barriers,
 mbarrier waits, shuffles, TMA, branches), each with its local-memory traffic (STL / LDL: spills),
-so the spills can be placed in a phase of the step before a change is guessed.
+so the spills can be placed in a phase of the step before a change is guessed. Loops (a branch
+back to a lower address) are listed first with their spill traffic: the step loops.
 
   python -m benchmarks.sass_summary LOG [--kernel SUBSTRING] [--all]
 """
@@ -26,6 +27,8 @@ LANDMARKS = (("HGMMA", "wgmma"), ("WARPGROUP.ARRIVE", "wg_arrive"), ("WARPGROUP.
              ("ST.E.STRONG", "ST"))
 _INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
 _FUNC = re.compile(r"\.text\.([\w$.]+):|Function : ([\w$.]+)")
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+_TARGET = re.compile(r"BRA\s+`?\((\.L_x_\d+)\)")
 
 
 def classify(opcode: str) -> str:
@@ -37,20 +40,45 @@ def classify(opcode: str) -> str:
   return best[1]
 
 
-def parse(lines) -> dict[str, list[tuple[int, str, str]]]:
-  """{kernel name: [(address, opcode, class), ...]} from SASS text lines."""
+def parse(lines, loops_out: dict | None = None) -> dict[str, list[tuple[int, str, str]]]:
+  """{kernel name: [(address, opcode, class), ...]} from SASS text lines; with `loops_out`, also
+  {kernel name: [(first, last) address of each loop]} there: a branch to a lower address before
+  the kernel's first EXIT closes a loop that starts at its target (the step loops; after the EXIT
+  come the out-of-line mbarrier wait retries, which jump back into the body)."""
   kernels: dict[str, list] = {}
-  cur = None
+  labels: dict[str, int] = {}
+  branches: list[tuple[int, str]] = []
+  pending: list[str] = []
+  cur = name = None
+
+  def close():
+    if loops_out is not None and name is not None:
+      end = min([a for a, op, _ in cur if op == "EXIT"], default=float("inf"))
+      loops_out[name] = sorted((labels[t], a) for a, t in branches if t in labels
+                               and labels[t] < a < end)
+
   for line in lines:
     m = _FUNC.search(line)
     if m:
-      name = m.group(1) or m.group(2)
-      cur = kernels.setdefault(f"{name}#{len(kernels)}", [])
+      close()
+      name = f"{m.group(1) or m.group(2)}#{len(kernels)}"
+      cur = kernels.setdefault(name, [])
+      labels, branches, pending = {}, [], []
+      continue
+    m = _LABEL.match(line.strip())
+    if m:
+      pending.append(m.group(1))
       continue
     m = _INSN.search(line)
     if m and cur is not None:
-      op = m.group(3)
-      cur.append((int(m.group(1), 16), op, classify(op)))
+      op, addr = m.group(3), int(m.group(1), 16)
+      labels.update((lab, addr) for lab in pending)
+      pending = []
+      cur.append((addr, op, classify(op)))
+      t = _TARGET.search(line)
+      if t:
+        branches.append((addr, t.group(1)))
+  close()
   return kernels
 
 
@@ -83,6 +111,19 @@ def summarize(insns, show_all: bool = False) -> list[str]:
   return out
 
 
+def loop_report(insns, loops, min_len: int = 64) -> list[str]:
+  """Printable lines: per loop of at least `min_len` instructions, its size and spill traffic."""
+  out = []
+  for first, last in loops:
+    body = [c for a, _, c in insns if first <= a <= last]
+    if len(body) >= min_len:
+      cnt = collections.Counter(body)
+      out.append(f"  loop {first:#07x}-{last:#07x}: {len(body)} instructions, STL {cnt['STL']}, "
+                 f"LDL {cnt['LDL']}, wgmma {cnt['wgmma']}, bar {cnt['bar']}, "
+                 f"mbarrier {cnt['mbarrier']}")
+  return out
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("log", help="a SASS dump (text or .gz)")
@@ -90,11 +131,13 @@ def main(argv=None) -> None:
   p.add_argument("--all", action="store_true", help="every segment, not only those with spills")
   a = p.parse_args(argv)
   opener = gzip.open if a.log.endswith(".gz") else open
+  loops: dict = {}
   with opener(a.log, "rt", errors="replace") as f:
-    kernels = parse(f)
+    kernels = parse(f, loops)
   for name, insns in kernels.items():
     if a.kernel in name and insns:
       print(name)
+      print("\n".join(loop_report(insns, loops.get(name, []))))
       print("\n".join(summarize(insns, a.all)))
 
 
