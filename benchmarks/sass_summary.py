@@ -136,9 +136,8 @@ def main(argv=None) -> None:
     kernels = parse(f, loops)
   for name, insns in kernels.items():
     if a.kernel in name and insns:
-      print(name)
-      print("\n".join(loop_report(insns, loops.get(name, []))))
-      print("\n".join(summarize(insns, a.all)))
+      print("\n".join([name] + loop_report(insns, loops.get(name, []))
+                      + summarize(insns, a.all)))
 
 
 if __name__ == "__main__":

@@ -110,3 +110,28 @@ def test_sass_summary_places_spills_between_landmarks(tmp_path, capsys):
   sass_summary.main([str(log)])
   out = capsys.readouterr().out
   assert "STL 1, LDL 2" in out and "0x00010      wgmma" in out and "bar" not in out.split("\n", 2)[2]
+
+
+def test_sass_summary_finds_step_loops_not_wait_stubs():
+  """A branch back to a label before the first EXIT is a loop (its spills counted); the
+  out-of-line mbarrier retries after the EXIT jump back too, and are not loops."""
+  from benchmarks import sass_summary
+  sass = """.text.k:
+        /*0000*/                   MOV R1, RZ ;
+.L_x_1:
+        /*0010*/                   LDL R2, [R1] ;
+        /*0020*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ ;
+        /*0030*/                   STL [R1], R2 ;
+        /*0040*/               @P0 BRA `(.L_x_1) ;
+.L_x_2:
+        /*0050*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [R0+URZ], R3 ;
+        /*0060*/               @P0 EXIT ;
+.L_x_3:
+        /*0070*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P1, [R0+URZ], R3 ;
+        /*0080*/                   BRA `(.L_x_2) ;
+"""
+  loops = {}
+  (name, insns), = sass_summary.parse(sass.splitlines(), loops).items()
+  assert loops[name] == [(0x10, 0x40)]
+  (line,) = sass_summary.loop_report(insns, loops[name], min_len=1)
+  assert "0x00010-0x00040: 4 instructions, STL 1, LDL 1, wgmma 1" in line
