@@ -132,6 +132,18 @@ class WsTuningConfig:
   # letter: `ttt_mlp.PRIMAL_CHECKPOINTS = False` sets it for the non-differentiated call (H100:
   # bitwise the same output, but 1.7% slower in flight at NC=1000: ptxas moves its spills).
   checkpoints: bool = True
+  # With split_products: X2's lo halves (the register lhs of z2's X2l W2h) stored to SMEM in "z1"
+  # and read by z2's wgmma from there, instead of held in registers from z1 to z2 (32 per thread
+  # at cluster 2). The tiles are G2's and -eta G2's (free from the previous step's waited update
+  # to this step's "ln"; at cluster 1, NL = 4, two more of their own). The same bf16 values:
+  # bitwise the variant without it. The SASS of v7pefsgrbci reloads 17 spilled registers just
+  # before that product (RESULTS.md, sixteenth session).
+  x2_lo_smem: bool = False
+  # With fresh_update: the update's products one chunk at a time (a wgmma group and its wait per
+  # chunk, added to the state before the next is issued) instead of W1's chunks, then W2's, at
+  # once: 32 more live registers instead of 64 on top of the 128 of the carried state, where the
+  # SASS shows the update's spills (STL 24, LDL 54 per step). The same products and additions.
+  chunked_update: bool = False
 
   def __post_init__(self):
     check_cluster(self.cluster)
@@ -145,6 +157,10 @@ class WsTuningConfig:
       raise ValueError("fused_b2_sum needs fused_bias_sums")
     if self.queries_ek and not self.prefetch_keys:
       raise ValueError("queries_ek needs prefetch_keys")
+    if self.x2_lo_smem and not self.split_products:
+      raise ValueError("x2_lo_smem needs split_products")
+    if self.chunked_update and not self.fresh_update:
+      raise ValueError("chunked_update needs fresh_update")
 
   @property
   def scratch_bytes(self) -> int:
@@ -159,10 +175,12 @@ class WsTuningConfig:
   def from_variant(cls, variant: str, **kwargs) -> "WsTuningConfig":
     """The config a variant name spells ("v7" + letters: p prefetch_keys, e early_gelu_grad,
     l late_bias_sums, f fresh_update, s split_products, g split_g1, r reload_keys, b
-    fused_bias_sums, c fused_b2_sum, k queries_ek, i f32_state; e.g. "v7pefsg")."""
+    fused_bias_sums, c fused_b2_sum, k queries_ek, i f32_state, x x2_lo_smem, u chunked_update;
+    e.g. "v7pefsg")."""
     letters = dict(p="prefetch_keys", e="early_gelu_grad", l="late_bias_sums", f="fresh_update",
                    s="split_products", g="split_g1", r="reload_keys", b="fused_bias_sums",
-                   c="fused_b2_sum", k="queries_ek", i="f32_state")
+                   c="fused_b2_sum", k="queries_ek", i="f32_state", x="x2_lo_smem",
+                   u="chunked_update")
     if not variant.startswith("v7") or any(ch not in letters for ch in variant[2:]):
       raise ValueError(f"variant {variant!r}: 'v7' followed by letters of {''.join(letters)}")
     return cls(**{name: ch in variant[2:] for ch, name in letters.items()}, **kwargs)
@@ -223,6 +241,8 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
       else:
         pl.when(r == 0)(fn)
 
+    if config.x2_lo_smem and NL > 2:  # (cluster 1: X2 lo tiles of its own beyond G2's, -eta G2's)
+      x2l_extra, rest = rest[-1], rest[:-1]
     kbars = rest[0] if config.prefetch_keys else None  # [3 slot + i]: K, V, eta of buffer slot
     xch = rest[1:] if config.prefetch_keys else rest
     if C > 1:
@@ -322,6 +342,12 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
         def pairs():  # (made inside the traced function: see kernel_acc_mgpu.update_state)
           return ([[(ek_s.T, g1_s.at[c])] for c in range(NL)]
                   + [[(ex2_s.at[c].T, eg2_s)] for c in range(NL)])
+        if config.chunked_update:  # one chunk's product at a time (its own wait)
+          ps = pairs()
+          w1 = tuple(a + wgmma_chains([p], shp)[0] for a, p in zip(w1, ps[:NL]))
+          if during is not None:
+            during()
+          return w1, tuple(a + wgmma_chains([p], shp)[0] for a, p in zip(w2, ps[NL:]))
         if interpret is not None or config.fresh_update:
           ps = pairs()
           w1 = tuple(a + x for a, x in zip(w1, wgmma_chains(ps[:NL], shp)))
@@ -385,7 +411,8 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
           zk = wgmma_chains([[(k_s, w1h.at[c]), (k_s, lo_s.at[c])] for c in range(NL)], shp)
         else:
           zk = mm_multi([(k_s, w1h.at[c]) for c in range(NL)])
-        x2_lo = []  # split_products: X2's lo halves, bf16 in registers (wgmma's lhs)
+        x2_lo = []  # split_products: X2's lo halves, bf16 in registers (wgmma's lhs) or tiles
+        x2l_s = lambda c: (g2_s, eg2_s)[c] if c < 2 else x2l_extra.at[c - 2]  # (x2_lo_smem)
         for c in range(NL):
           zb = zk[c] + row(plgpu.load(b1_s.at[c], layout=red0))
           if config.early_gelu_grad:
@@ -395,11 +422,21 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
             x2k = _gelu(zb)
           x2h = x2k.astype(bf16)
           ex2_s[c] = x2h
-          if config.split_products:
+          if config.x2_lo_smem:
+            x2l_s(c)[...] = (x2k - x2h.astype(f32)).astype(bf16)
+          elif config.split_products:
             x2_lo.append((x2k - x2h.astype(f32)).astype(bf16))
         plgpu.commit_smem()
         ph("z2")
-        if config.split_products and interpret is not None:  # (no interpret rule for a
+        if config.x2_lo_smem and interpret is not None:  # (the order of the register-lhs
+          pk = wgmma_chain([pr for c in range(NL) for pr in (  # variant's interpret path below)
+              (ex2_s.at[c], w2h.at[c]), (ex2_s.at[c], lo_s.at[NL + c]))], shp)
+          pk = pk + sum(exact_dot(x2l_s(c)[...], w2h[c]) for c in range(NL))
+        elif config.x2_lo_smem:  # X2h W2h + X2h W2l + X2l W2h, every lhs from SMEM
+          pk = wgmma_chain([pr for c in range(NL) for pr in (
+              (ex2_s.at[c], w2h.at[c]), (ex2_s.at[c], lo_s.at[NL + c]), (x2l_s(c), w2h.at[c]))],
+                           shp)
+        elif config.split_products and interpret is not None:  # (no interpret rule for a
           pk = wgmma_chain([pr for c in range(NL) for pr in (  # register lhs: X2l W2h by jnp)
               (ex2_s.at[c], w2h.at[c]), (ex2_s.at[c], lo_s.at[NL + c]))], shp)
           pk = pk + sum(exact_dot(x2_lo[c], w2h[c]) for c in range(NL))
@@ -611,6 +648,7 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
     scratch.append(plgpu.Barrier(num_barriers=6))
   if config.f32_state and C == 1:  # staging (cluster 2: the exchange's receive tiles)
     scratch.append(plgpu.SMEM((2, 64, 64), f32, transforms=F32_TILE_TRANSFORMS))
+  x2l_tiles = tile(NL - 2) if config.x2_lo_smem and NL > 2 else None  # (kept last: see body)
   kwargs = dict(num_threads=2, thread_name="wg")
   if C > 1:
     scratch += [f32_tile(), f32_tile(),
@@ -619,6 +657,8 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
                 # [0]: cluster meets; [1 + slot]: the peer has read exchange slot `slot`
                 plgpu.ClusterBarrier(collective_axes=("c",), num_barriers=3)]
     kwargs.update(cluster=(C,), cluster_names=("c",))
+  if x2l_tiles is not None:
+    scratch.append(x2l_tiles)
   return per_head_kernel(body, out_type=out_type, scratch=scratch, BH=BH,
                          approx_math=config.approx_math, interpret=interpret, profile=profile,
                          reduction_scratch=config.scratch_bytes, **kwargs)

@@ -117,6 +117,12 @@ def test_role_split_config_is_validated():
     kernel_ws_mgpu.WsTuningConfig.from_variant("v7pec")
   with pytest.raises(ValueError, match="queries_ek needs prefetch_keys"):
     kernel_ws_mgpu.WsTuningConfig.from_variant("v7ek")
+  with pytest.raises(ValueError, match="x2_lo_smem needs split_products"):
+    kernel_ws_mgpu.WsTuningConfig.from_variant("v7pefx")
+  with pytest.raises(ValueError, match="chunked_update needs fresh_update"):
+    kernel_ws_mgpu.WsTuningConfig.from_variant("v7peu")
+  xu = kernel_ws_mgpu.WsTuningConfig.from_variant("v7pefsgrbcixu")
+  assert (xu.x2_lo_smem, xu.chunked_update, xu.f32_state) == (True, True, True)
   with pytest.raises(ValueError, match="reduction_scratch is a v7 option"):
     T._build(1, 3, 2, 1e-6, True, "v4", reduction_scratch=4096)  # noqa: SLF001
   bc = kernel_ws_mgpu.WsTuningConfig.from_variant("v7pefsgrbc", reduction_scratch=2048)
@@ -204,7 +210,8 @@ def test_gradients_match_xla_scan_interpret(backward):
                                      "v7_cluster2", "v7pe_cluster2", "v7pef_cluster2", "v7pefs_cluster2",
                                      "v7pefsg_cluster2", "v7pefsgr_cluster2", "v7pefsgrb_cluster2",
                                      "v7pefsgrbc_cluster2", "v7pefsgrbk_cluster2",
-                                     "v7pefsgrbci_cluster2", "v3_3passf_cluster2"])
+                                     "v7pefsgrbci_cluster2", "v7pefsgrbcixu_cluster2",
+                                     "v3_3passf_cluster2"])
 def test_kernel_lowers_for_cuda(variant):
   """The compiled (non-interpret) kernel lowers to a Mosaic GPU module for CUDA on this CPU box.
 
@@ -242,7 +249,7 @@ def test_kernel_lowers_for_cuda(variant):
                                             S((bh, 4, 64, 64), bf), S((bh, 4, 64), f32),
                                             S((bh, 4, 64, 64), bf), S((bh, 4, 64, 64), bf),
                                             S((bh, 64), f32))
-  if variant == "v7pefsgrbci_cluster2":  # the float32 state of 2 heads, as it is
+  if variant.startswith("v7pefsgrbci"):  # the float32 state of 2 heads, as it is
     h = 2
     args = args[:4] + (S((h, 64), f32), S((h, 64), f32), S((h, 64, 256), f32),
                        S((h, 4, 64), f32), S((h, 4, 64, 64), f32), S((h, 64), f32))
