@@ -131,19 +131,21 @@ def test_fused_restarts_give_the_plain_gradients(monkeypatch):
     assert rel(x, y) < 1e-6, (name, rel(x, y))
 
 
+def _grads_with(monkeypatch, constant: str, value, B: int, seed: int, key: int, NC=3, G=2):
+  """The 10 gradients of sum(ttt_mlp_pallas(...) * cot) (interpret, the default backward) with the
+  module constant `constant` of `ttt_mlp` set to `value` (H = 1)."""
+  args = ttt_inputs(B, 1, NC, seed)
+  cot = jax.random.normal(jax.random.PRNGKey(key), (B, 1, NC, 64, 64))
+  monkeypatch.setattr(T, constant, value)
+  return jax.grad(lambda a: jnp.sum(ttt_mlp_pallas(
+      *a, checkpoint_group_size=G, interpret=True).astype(jnp.float32) * cot))(args)
+
+
 def test_lazy_waits_give_bitwise_the_same_gradients(monkeypatch):
   """BWD_LAZY_WAITS (each of a step's loads waited just before its first use) changes no
   arithmetic: gradients bitwise those with all loads waited at the step's start (interpret,
   cluster 1, NC = 3, G = 2: two groups)."""
-  B, H, NC, G = 1, 1, 3, 2
-  args = ttt_inputs(B, H, NC, 5)
-  cot = jax.random.normal(jax.random.PRNGKey(11), (B, H, NC, 64, 64))
-
-  def grads(lazy):
-    monkeypatch.setattr(T, "BWD_LAZY_WAITS", lazy)
-    return jax.grad(lambda a: jnp.sum(ttt_mlp_pallas(
-        *a, checkpoint_group_size=G, interpret=True).astype(jnp.float32) * cot))(args)
-
+  grads = lambda lazy: _grads_with(monkeypatch, "BWD_LAZY_WAITS", lazy, 1, 5, 11)
   for name, x, y in zip(NAMES, grads(True), grads(False)):
     assert bool(jnp.array_equal(x, y)), (name, rel(x, y))
   with pytest.raises(ValueError, match="query_pass"):
@@ -158,15 +160,7 @@ def test_fused_column_sums_give_the_same_gradients(fused, monkeypatch):
   differently from a [64, 64] one (measured: LN weight / bias / biases 1-4e-6, XK 1.3e-4 through
   bf16 roundings downstream); a swapped or misplaced slice of the fused sum moves them by O(1).
   On the GPU, `benchmarks.ttt_mlp_bwd_ablate ab BWD_FUSED_SUMS` prints the difference."""
-  B, H, NC, G = 2, 1, 3, 2
-  args = ttt_inputs(B, H, NC, 7)
-  cot = jax.random.normal(jax.random.PRNGKey(12), (B, H, NC, 64, 64))
-
-  def grads(level):
-    monkeypatch.setattr(T, "BWD_FUSED_SUMS", level)
-    return jax.grad(lambda a: jnp.sum(ttt_mlp_pallas(
-        *a, checkpoint_group_size=G, interpret=True).astype(jnp.float32) * cot))(args)
-
+  grads = lambda level: _grads_with(monkeypatch, "BWD_FUSED_SUMS", level, 2, 7, 12)
   for name, x, y in zip(NAMES, grads(fused), grads(0)):
     assert rel(x, y) < 1e-3, (name, rel(x, y))
   cfg = kernel_bwd_mgpu.BwdTuningConfig(fused_sums=fused, reduction_scratch=2048)
