@@ -75,9 +75,10 @@ class BwdTuningConfig:
   # the forward's `WsTuningConfig.fused_bias_sums`: 0 none; 1 the LayerNorm-L2 VJP's three
   # (dgamma, dbeta, db2) as ONE reduction of their [64, 192] concatenation; 2 also db1's two
   # chunks as one [64, 128] reduction (chunk 0's dZ1 kept in registers over chunk 1's wgmmas).
-  # Each column's tree is meant to be the same (the forward's fused sums are bitwise on the GPU;
-  # in interpret mode XLA:CPU orders the wider sum differently: ~1e-6). The scratch grows with
-  # the widest fused sum (`scratch_bytes`), so it takes as many rounds as one [64, 64] sum did.
+  # Each column's tree is the same: bitwise the separate sums on the GPU (H100; in interpret mode
+  # XLA:CPU orders the wider sum differently: ~1e-6). The scratch grows with the widest fused sum
+  # (`scratch_bytes`), so it takes as many rounds as one [64, 64] sum did. H100, NC=282: 3-5%
+  # SLOWER (the fused sum's three live [64, 64] products add spills): `ttt_mlp.BWD_FUSED_SUMS`.
   fused_sums: int = 0
 
   def __post_init__(self):

@@ -329,7 +329,9 @@ BWD_LAUNCH_BYTES = 4 << 30
 # whole backward 24.3-24.5 vs 24.8-24.9 ms (-1.8%), gradients bitwise equal.
 BWD_LAZY_WAITS = True
 # The backward kernel's column sums fused (`BwdTuningConfig.fused_sums`: 0 none, 1 the LayerNorm-L2
-# VJP's dgamma / dbeta / db2 as one reduction, 2 also db1's chunks as one; the same sums).
+# VJP's dgamma / dbeta / db2 as one reduction, 2 also db1's chunks as one). H100, same start,
+# NC=282: bitwise the same gradients, whole backward 3-5% slower (level 1 24.1-24.2, level 2 24.0
+# vs 23.1-23.4 ms; more spills, NOTES-ttt-mlp.md). Opt-in.
 BWD_FUSED_SUMS = 0
 # True: launch s's backward kernel and launch s - 1's restarts run as one launch
 # (`mgpu_common.two_role_kernel`): the backward kernel's 2 BH = 96 CTAs hold their SMs for the
@@ -482,7 +484,8 @@ def _bwd_pallas(group, ln_eps, interpret, variant, res, dout, **tuning):
 
   z = lambda *s: jnp.zeros(s, f32)
   init = (z(BH, 4, 64, 64), z(BH, 4, 64), z(BH, 4, 64, 64), z(BH, 64), z(BH, 64), z(BH, 64))
-  def body(carry, s):
+
+  def body(carry, s):  # launch s: its restarts, then its backward kernel
     prep = prepared(s, fwd(*restart_args(s)))
     return bwd_results(carry, prep, bwd(*bwd_args(carry, s, prep)))
 
