@@ -330,3 +330,21 @@ def test_query_reverse_kernel_lowers_for_cuda():
   lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
   assert "mosaic_gpu" in lowered.as_text().lower()
   assert jax.eval_shape(fn, *args)[5].shape == (bh, S * G, 64, 64)
+
+
+@pytest.mark.parametrize("one_launch", [True, False])
+def test_one_launch_backward_has_no_loop(one_launch, monkeypatch):
+  """All checkpoint groups in one launch: the backward calls its body once (no `lax.scan` of length
+  1 whose results XLA would stack with copies); more launches keep the loop. The GPU program,
+  lowered for CUDA here (cluster 2, NC = 3, G = 2: two groups)."""
+  monkeypatch.setattr(T, "BWD_LAUNCH_BYTES", T.BWD_LAUNCH_BYTES if one_launch else 0)
+  monkeypatch.setattr(T.platform, "not_hopper_reason", lambda: None)
+  args = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in ttt_inputs(1, 1, 3, 5))
+
+  def fwd_bwd(*a):
+    out, vjp = jax.vjp(lambda *x: ttt_mlp_pallas(*x, checkpoint_group_size=2), *a)
+    return vjp(out)
+
+  text = jax.jit(fwd_bwd).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text.lower()
+  assert ("stablehlo.while" in text) != one_launch
