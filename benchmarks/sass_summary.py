@@ -1,7 +1,7 @@
 """Where a Mosaic GPU kernel's register spills sit: a summary of its SASS dump.
 
-`MOSAIC_GPU_DUMP_SASS=1` prints each compiled kernel's SASS (nvdisasm; the device image lacks it:
-NOTES-ttt-mlp.md says how it is carried in). This reads such a log and, per kernel, prints the
+`MOSAIC_GPU_DUMP_SASS=1` prints each compiled kernel's SASS (through nvdisasm, which the device
+image had on 2026-12-08; NOTES-ttt-mlp.md says how to carry one in where it does not). This reads such a log and, per kernel, prints the
 instruction stream condensed into segments between landmarks (wgmma groups, MUFU math, barriers,
 mbarrier waits, shuffles, TMA, branches), each with its local-memory traffic (STL / LDL: spills),
 so the spills can be placed in a phase of the step before a change is guessed. Loops (a branch
@@ -23,8 +23,7 @@ LANDMARKS = (("HGMMA", "wgmma"), ("WARPGROUP.ARRIVE", "wg_arrive"), ("WARPGROUP.
              ("BAR.", "bar"), ("SYNCS.", "mbarrier"), ("SHFL", "shfl"), ("UTMALDG", "tma_load"),
              ("UTMASTG", "tma_store"), ("UBLKCP", "bulk_copy"), ("STL", "STL"), ("LDL", "LDL"),
              ("STS", "STS"), ("LDS", "LDS"), ("STSM", "STS"), ("LDSM", "LDS"), ("ST.", "ST"),
-             ("BRA", "branch"), ("MEMBAR", "membar"), ("FENCE", "fence"), ("UCGABAR", "cluster_bar"),
-             ("ST.E.STRONG", "ST"))
+             ("BRA", "branch"), ("MEMBAR", "membar"), ("FENCE", "fence"), ("UCGABAR", "cluster_bar"))
 _INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
 _FUNC = re.compile(r"\.text\.([\w$.]+):|Function : ([\w$.]+)")
 _LABEL = re.compile(r"^(\.L_x_\d+):")
