@@ -144,6 +144,11 @@ class WsTuningConfig:
   # once: 32 more live registers instead of 64 on top of the 128 of the carried state, where the
   # SASS shows the update's spills (STL 24, LDL 54 per step). The same products and additions.
   chunked_update: bool = False
+  # With chunked_update: chunk j's bf16 (hi, lo) split and SMEM stores (W_{m+1} for the queries
+  # and the next step) while chunk j + 1's update product is in flight, instead of all chunks'
+  # stores after the last product's wait: the stores leave the chain except the last chunk's.
+  # The same values (bitwise the variant without it).
+  pipelined_store: bool = False
 
   def __post_init__(self):
     check_cluster(self.cluster)
@@ -161,6 +166,8 @@ class WsTuningConfig:
       raise ValueError("x2_lo_smem needs split_products")
     if self.chunked_update and not self.fresh_update:
       raise ValueError("chunked_update needs fresh_update")
+    if self.pipelined_store and (not self.chunked_update or self.late_bias_sums):
+      raise ValueError("pipelined_store needs chunked_update, without late_bias_sums")
 
   @property
   def scratch_bytes(self) -> int:
@@ -175,12 +182,12 @@ class WsTuningConfig:
   def from_variant(cls, variant: str, **kwargs) -> "WsTuningConfig":
     """The config a variant name spells ("v7" + letters: p prefetch_keys, e early_gelu_grad,
     l late_bias_sums, f fresh_update, s split_products, g split_g1, r reload_keys, b
-    fused_bias_sums, c fused_b2_sum, k queries_ek, i f32_state, x x2_lo_smem, u chunked_update;
-    e.g. "v7pefsg")."""
+    fused_bias_sums, c fused_b2_sum, k queries_ek, i f32_state, x x2_lo_smem, u chunked_update, o
+    pipelined_store; e.g. "v7pefsg")."""
     letters = dict(p="prefetch_keys", e="early_gelu_grad", l="late_bias_sums", f="fresh_update",
                    s="split_products", g="split_g1", r="reload_keys", b="fused_bias_sums",
                    c="fused_b2_sum", k="queries_ek", i="f32_state", x="x2_lo_smem",
-                   u="chunked_update")
+                   u="chunked_update", o="pipelined_store")
     if not variant.startswith("v7") or any(ch not in letters for ch in variant[2:]):
       raise ValueError(f"variant {variant!r}: 'v7' followed by letters of {''.join(letters)}")
     return cls(**{name: ch in variant[2:] for ch, name in letters.items()}, **kwargs)
@@ -335,13 +342,33 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
         on_rank0(lambda: plgpu.copy_smem_to_gmem(b2_s, cb2.at[bh, gi]))
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
+      def store_state(j, w):
+        """State chunk j (W1's chunk j, or W2's chunk j - NL) as bf16 hi (and lo) to SMEM."""
+        h = w.astype(bf16)
+        (w1h if j < NL else w2h)[j % NL] = h
+        if config.split_products:  # the next step's lo halves (the checkpoint reads them too)
+          lo_s[j] = (w - h.astype(f32)).astype(bf16)
+
       def update_state(w1, w2, during=None):
         """W1_c += (-eta K)^T G1_c, W2_c += X2_c^T (-eta G2), accumulated into the carried state;
         `during()` runs after the wgmmas are issued, before their wait (interpret mode has no
-        wgmma rule under `run_state`: fresh products, added, as with `fresh_update`)."""
+        wgmma rule under `run_state`: fresh products, added, as with `fresh_update`).
+        With pipelined_store the new state is also stored (`store_state`)."""
         def pairs():  # (made inside the traced function: see kernel_acc_mgpu.update_state)
           return ([[(ek_s.T, g1_s.at[c])] for c in range(NL)]
                   + [[(ex2_s.at[c].T, eg2_s)] for c in range(NL)])
+        if config.pipelined_store:  # chunk j + 1's product in flight while chunk j is stored
+          ps, old, new = pairs(), w1 + w2, []
+          for j in range(2 * NL):
+            def fn(acc, j=j):
+              for a, b in ps[j]:
+                plgpu.wgmma(acc, a, b)
+              if j:
+                store_state(j - 1, new[j - 1])
+              return acc[...]
+            new.append(old[j] + pl.run_scoped(fn, plgpu.ACC(shp, f32)))
+          store_state(2 * NL - 1, new[-1])
+          return tuple(new[:NL]), tuple(new[NL:])
         if config.chunked_update:  # one chunk's product at a time (its own wait)
           ps = pairs()
           w1 = tuple(a + wgmma_chains([p], shp)[0] for a, p in zip(w1, ps[:NL]))
@@ -529,13 +556,9 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
         ph("update")
         w1, w2 = update_state(w1, w2, during=bias_sums if config.late_bias_sums else None)
         ph("store_w")
-        for c in range(NL):
-          h1, h2 = w1[c].astype(bf16), w2[c].astype(bf16)
-          w1h[c] = h1
-          w2h[c] = h2
-          if config.split_products:  # the next step's lo halves (the checkpoint reads them too)
-            lo_s[c] = (w1[c] - h1.astype(f32)).astype(bf16)
-            lo_s[NL + c] = (w2[c] - h2.astype(f32)).astype(bf16)
+        if not config.pipelined_store:  # (pipelined_store: stored by update_state)
+          for j, wc in enumerate(w1 + w2):
+            store_state(j, wc)
         plgpu.commit_smem()
         plgpu.barrier_arrive(sync.at[0])
         ph.close()

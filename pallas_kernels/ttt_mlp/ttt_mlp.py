@@ -100,12 +100,14 @@ def _from_kernel_ckpts(ck, B, H):
 # (WsTuningConfig.f32_state; bitwise v7pefsgrbc; the forward is one launch, no XLA glue);
 # v7pefsgrbcix / u / xu: with X2's lo half through SMEM tiles instead of registers (x2_lo_smem)
 # and / or the update's products one chunk at a time (chunked_update): fewer live registers where
-# the SASS shows the keys' spills; bitwise v7pefsgrbci (interpret mode), not yet timed on a GPU.
+# the SASS shows the keys' spills; bitwise v7pefsgrbci (interpret mode), not yet timed on a GPU;
+# v7pefsgrbciuo / v7pefsgrbcixuo: with u, chunk j's (hi, lo) store while chunk j + 1's update
+# product is in flight (pipelined_store; bitwise the same in interpret mode).
 # (H100: benchmarks/NOTES-ttt-mlp.md.)
 VARIANTS = ("v1", "v2", "v3", "v3_precise", "v3_exact", "v3_3pass", "v3_3passf", "v4", "v5", "v4p",
             "v6", "v4l", "v7", "v7p", "v7e", "v7pe", "v7pel", "v7pef", "v7pefs", "v7pefsg", "v7pefsr", "v7pefsgr",
             "v7pefsgrb", "v7pefsgrbc", "v7pefsgrk", "v7pefsgrbk", "v7pefsgrbci", "v7pefsgrbcix",
-            "v7pefsgrbciu", "v7pefsgrbcixu")
+            "v7pefsgrbciu", "v7pefsgrbcixu", "v7pefsgrbciuo", "v7pefsgrbcixuo")
 
 
 # The forward kernel `ttt_mlp_pallas` runs unless told otherwise (NOTES-ttt-mlp.md: the fastest

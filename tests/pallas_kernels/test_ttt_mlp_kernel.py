@@ -121,6 +121,9 @@ def test_role_split_config_is_validated():
     kernel_ws_mgpu.WsTuningConfig.from_variant("v7pefx")
   with pytest.raises(ValueError, match="chunked_update needs fresh_update"):
     kernel_ws_mgpu.WsTuningConfig.from_variant("v7peu")
+  with pytest.raises(ValueError, match="pipelined_store needs chunked_update"):
+    kernel_ws_mgpu.WsTuningConfig.from_variant("v7pefsgrbcio")
+  assert kernel_ws_mgpu.WsTuningConfig.from_variant("v7pefsgrbciuo").pipelined_store
   xu = kernel_ws_mgpu.WsTuningConfig.from_variant("v7pefsgrbcixu")
   assert (xu.x2_lo_smem, xu.chunked_update, xu.f32_state) == (True, True, True)
   with pytest.raises(ValueError, match="reduction_scratch is a v7 option"):
@@ -211,6 +214,7 @@ def test_gradients_match_xla_scan_interpret(backward):
                                      "v7pefsg_cluster2", "v7pefsgr_cluster2", "v7pefsgrb_cluster2",
                                      "v7pefsgrbc_cluster2", "v7pefsgrbk_cluster2",
                                      "v7pefsgrbci_cluster2", "v7pefsgrbcixu_cluster2",
+                                     "v7pefsgrbcixuo_cluster2",
                                      "v3_3passf_cluster2"])
 def test_kernel_lowers_for_cuda(variant):
   """The compiled (non-interpret) kernel lowers to a Mosaic GPU module for CUDA on this CPU box.
