@@ -149,6 +149,13 @@ class WsTuningConfig:
   # stores after the last product's wait: the stores leave the chain except the last chunk's.
   # The same values (bitwise the variant without it).
   pipelined_store: bool = False
+  # The keys' step loads gamma, beta and b2 (three [64] column vectors: 16 registers each per
+  # thread) where they are used ("xchg", "ln", the b2 write) and b1's chunks again at their write,
+  # instead of at the step's start (gamma, beta, b2: live across z1 and z2, where the SASS shows
+  # spills) and in "g1_ew" (held over the fused column sum). Loads cannot move across the
+  # step's barriers and wgmma fences, so ptxas keeps them where they are written. The same SMEM
+  # values in the same layout: bitwise the variant without it.
+  late_loads: bool = False
 
   def __post_init__(self):
     check_cluster(self.cluster)
@@ -183,11 +190,12 @@ class WsTuningConfig:
     """The config a variant name spells ("v7" + letters: p prefetch_keys, e early_gelu_grad,
     l late_bias_sums, f fresh_update, s split_products, g split_g1, r reload_keys, b
     fused_bias_sums, c fused_b2_sum, k queries_ek, i f32_state, x x2_lo_smem, u chunked_update, o
-    pipelined_store; e.g. "v7pefsg")."""
+    pipelined_store, d late_loads; e.g. "v7pefsg")."""
     letters = dict(p="prefetch_keys", e="early_gelu_grad", l="late_bias_sums", f="fresh_update",
                    s="split_products", g="split_g1", r="reload_keys", b="fused_bias_sums",
                    c="fused_b2_sum", k="queries_ek", i="f32_state", x="x2_lo_smem",
-                   u="chunked_update", o="pipelined_store")
+                   u="chunked_update", o="pipelined_store",
+                   d="late_loads")
     if not variant.startswith("v7") or any(ch not in letters for ch in variant[2:]):
       raise ValueError(f"variant {variant!r}: 'v7' followed by letters of {''.join(letters)}")
     return cls(**{name: ch in variant[2:] for ch, name in letters.items()}, **kwargs)
@@ -412,9 +420,8 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
                                                                (eta_ref, eta_sb))], bars)
         k_s, v_s, eta_s = k_sb.at[slot], v_sb.at[slot], eta_sb.at[slot]
         eta_c = plgpu.load(eta_s, layout=red1)  # [64] over rows j
-        gam = plgpu.load(gam_s, layout=red0)  # [64] over columns f
-        bet = plgpu.load(bet_s, layout=red0)
-        b2v = plgpu.load(b2_s, layout=red0)
+        params = lambda: tuple(plgpu.load(r, layout=red0) for r in (gam_s, bet_s, b2_s))
+        gam, bet, b2v = (None,) * 3 if config.late_loads else params()  # [64] over columns f
         kf = None if config.queries_ek and config.reload_keys else k_s[...].astype(f32)
 
         def write_ek():  # -diag(eta) K (queries_ek: the queries' warpgroup writes m >= 1's)
@@ -474,6 +481,8 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
         else:
           pk = wgmma_chain([(ex2_s.at[c], w2h.at[c]) for c in range(NL)], shp)
         ph("xchg")
+        if config.late_loads:  # b2_m (the keys write b2_{m+1} after sync[1])
+          b2v = plgpu.load(b2_s, layout=red0)
         z2 = exchange(pk, 0, m == 0) + row(b2v)
         # ---- the queries' warpgroup has read W_m, b1_m, b2_m (mini-batch m-1's output): they
         # may be overwritten from here on
@@ -487,6 +496,8 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
         ph("ln")
         if config.reload_keys:  # K again from SMEM, in the layout (and threads) it was read in
           kf = plgpu.load(k_s, layout=plgpu.Layout.WGMMA).astype(f32)
+        if config.late_loads:
+          gam, bet, _ = params()
         g2 = _ln_l2_grad(z2, v_s[...].astype(f32) - kf, gam, bet, ln_eps)
         g2h = g2.astype(bf16)
         g2_s[...] = g2h
@@ -519,7 +530,8 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
         for c in range(NL):
           if config.early_gelu_grad:
             ph("g1_ew")
-            b1c = plgpu.load(b1_s.at[c], layout=red0)
+            b1c = (None if config.late_loads and config.fused_bias_sums  # (loaded at its write)
+                   else plgpu.load(b1_s.at[c], layout=red0))
             gw = gws[c]
             gp = plgpu.load(gp_s(c), layout=plgpu.Layout.WGMMA).astype(f32)
           else:
@@ -542,9 +554,12 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
           sums = jnp.sum(jnp.concatenate(parts, axis=1), axis=0)
           off = 64 if config.fused_b2_sum else 0
           if config.fused_b2_sum:
+            if config.late_loads:  # (b2_s unchanged since "xchg")
+              b2v = plgpu.load(b2_s, layout=red0)
             b2_s[...] = b2v + sums[:64]
           for c in range(NL):
-            b1_s[c] = b1cs[c] - sums[off + 64 * c:off + 64 * (c + 1)]
+            b1c = plgpu.load(b1_s.at[c], layout=red0) if config.late_loads else b1cs[c]
+            b1_s[c] = b1c - sums[off + 64 * c:off + 64 * (c + 1)]
         plgpu.commit_smem()
 
         def bias_sums():  # late_bias_sums: b1_{m+1} from the bf16 G1 the update reads
