@@ -156,6 +156,11 @@ class WsTuningConfig:
   # step's barriers and wgmma fences, so ptxas keeps them where they are written. The same SMEM
   # values in the same layout: bitwise the variant without it.
   late_loads: bool = False
+  # With reload_keys: -eta K (ek_s, read only by the update) written between the push of the
+  # z2 partial to the peer CTA and the wait for the peer's, i.e. in the exchange's latency,
+  # instead of at the step's start ahead of z1 (K's tile read there for it alone). At cluster 1
+  # (no exchange) it is written at the same point. The same values: bitwise the variant without it.
+  ek_in_exchange: bool = False
 
   def __post_init__(self):
     check_cluster(self.cluster)
@@ -175,6 +180,8 @@ class WsTuningConfig:
       raise ValueError("chunked_update needs fresh_update")
     if self.pipelined_store and (not self.chunked_update or self.late_bias_sums):
       raise ValueError("pipelined_store needs chunked_update, without late_bias_sums")
+    if self.ek_in_exchange and (not self.reload_keys or self.queries_ek):
+      raise ValueError("ek_in_exchange needs reload_keys, without queries_ek")
 
   @property
   def scratch_bytes(self) -> int:
@@ -190,12 +197,12 @@ class WsTuningConfig:
     """The config a variant name spells ("v7" + letters: p prefetch_keys, e early_gelu_grad,
     l late_bias_sums, f fresh_update, s split_products, g split_g1, r reload_keys, b
     fused_bias_sums, c fused_b2_sum, k queries_ek, i f32_state, x x2_lo_smem, u chunked_update, o
-    pipelined_store, d late_loads; e.g. "v7pefsg")."""
+    pipelined_store, d late_loads, h ek_in_exchange; e.g. "v7pefsg")."""
     letters = dict(p="prefetch_keys", e="early_gelu_grad", l="late_bias_sums", f="fresh_update",
                    s="split_products", g="split_g1", r="reload_keys", b="fused_bias_sums",
                    c="fused_b2_sum", k="queries_ek", i="f32_state", x="x2_lo_smem",
                    u="chunked_update", o="pipelined_store",
-                   d="late_loads")
+                   d="late_loads", h="ek_in_exchange")
     if not variant.startswith("v7") or any(ch not in letters for ch in variant[2:]):
       raise ValueError(f"variant {variant!r}: 'v7' followed by letters of {''.join(letters)}")
     return cls(**{name: ch in variant[2:] for ch, name in letters.items()}, **kwargs)
@@ -267,17 +274,22 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
       stage = (xch[0].at[0], xch[0].at[1])
     push, pull = pair_exchange(C, r, ((recv0, rbar0), (recv1, rbar1)) if C > 1 else None)
 
-    def exchange(x, slot, first):
+    def exchange(x, slot, first, during=None):
       """All-reduce of this CTA's [64, 64] f32 partial over the cluster on `slot`: wait until the
       peer has read the slot's previous content (its arrival on cbar[1 + slot] after its pull),
-      push, pull, then signal the same to the peer. Identity at cluster 1."""
+      push, [`during()`: work independent of the peer's partial], pull, then signal the same to
+      the peer. Identity at cluster 1 (`during()` still runs)."""
       if C == 1:
+        if during is not None:
+          during()
         return x
 
       @pl.when(jnp.logical_not(first))
       def _():
         plgpu.barrier_wait(cbar.at[1 + slot])
       push(x, slot)
+      if during is not None:
+        during()
       y = pull(x, slot)
       plgpu.barrier_arrive(cbar.at[1 + slot])
       return y
@@ -422,14 +434,15 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
         eta_c = plgpu.load(eta_s, layout=red1)  # [64] over rows j
         params = lambda: tuple(plgpu.load(r, layout=red0) for r in (gam_s, bet_s, b2_s))
         gam, bet, b2v = (None,) * 3 if config.late_loads else params()  # [64] over columns f
-        kf = None if config.queries_ek and config.reload_keys else k_s[...].astype(f32)
+        kf = (None if (config.queries_ek or config.ek_in_exchange) and config.reload_keys
+              else k_s[...].astype(f32))
 
         def write_ek():  # -diag(eta) K (queries_ek: the queries' warpgroup writes m >= 1's)
           kk = k_s[...].astype(f32) if kf is None else kf
           ek_s[...] = (-col(eta_c) * kk).astype(bf16)
         if config.queries_ek:
           pl.when(m == 0)(write_ek)
-        else:
+        elif not config.ek_in_exchange:
           write_ek()
 
         # ---- (1)-(3): Z2 = gelu(K W1 + b1) W2 + b2, all-reduced over the hidden shards
@@ -481,9 +494,10 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
         else:
           pk = wgmma_chain([(ex2_s.at[c], w2h.at[c]) for c in range(NL)], shp)
         ph("xchg")
+        z2 = exchange(pk, 0, m == 0, during=write_ek if config.ek_in_exchange else None)
         if config.late_loads:  # b2_m (the keys write b2_{m+1} after sync[1])
           b2v = plgpu.load(b2_s, layout=red0)
-        z2 = exchange(pk, 0, m == 0) + row(b2v)
+        z2 = z2 + row(b2v)
         # ---- the queries' warpgroup has read W_m, b1_m, b2_m (mini-batch m-1's output): they
         # may be overwritten from here on
         ph("wait_q")

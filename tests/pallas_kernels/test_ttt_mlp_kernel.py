@@ -125,6 +125,9 @@ def test_role_split_config_is_validated():
     kernel_ws_mgpu.WsTuningConfig.from_variant("v7pefsgrbcio")
   assert kernel_ws_mgpu.WsTuningConfig.from_variant("v7pefsgrbciuo").pipelined_store
   assert kernel_ws_mgpu.WsTuningConfig.from_variant("v7pefsgrbcid").late_loads
+  with pytest.raises(ValueError, match="ek_in_exchange needs reload_keys"):
+    kernel_ws_mgpu.WsTuningConfig.from_variant("v7pefsgbch")
+  assert kernel_ws_mgpu.WsTuningConfig.from_variant("v7pefsgrbcih").ek_in_exchange
   xu = kernel_ws_mgpu.WsTuningConfig.from_variant("v7pefsgrbcixu")
   assert (xu.x2_lo_smem, xu.chunked_update, xu.f32_state) == (True, True, True)
   with pytest.raises(ValueError, match="reduction_scratch is a v7 option"):
@@ -216,6 +219,7 @@ def test_gradients_match_xla_scan_interpret(backward):
                                      "v7pefsgrbc_cluster2", "v7pefsgrbk_cluster2",
                                      "v7pefsgrbci_cluster2", "v7pefsgrbcixu_cluster2",
                                      "v7pefsgrbcixuo_cluster2", "v7pefsgrbcidxuo_cluster2",
+                                     "v7pefsgrbcidhxuo_cluster2",
                                      "v3_3passf_cluster2"])
 def test_kernel_lowers_for_cuda(variant):
   """The compiled (non-interpret) kernel lowers to a Mosaic GPU module for CUDA on this CPU box.
