@@ -161,6 +161,14 @@ class WsTuningConfig:
   # instead of at the step's start ahead of z1 (K's tile read there for it alone). At cluster 1
   # (no exchange) it is written at the same point. The same values: bitwise the variant without it.
   ek_in_exchange: bool = False
+  # With x2_lo_smem: z1 and z2 software-pipelined over the hidden chunks. All chunks' K W1
+  # products are issued, then per chunk c: wait for chunk c's alone (`wait_n`: later chunks' and
+  # earlier z2 groups stay in flight), its gelu / gelu' / X2 tiles, and chunk c's three z2
+  # products issued into the one Z2 accumulator. So chunk c's elementwise work runs while chunk
+  # c + 1's K W1 and chunk c - 1's z2 products are on the tensor cores, instead of every chunk's
+  # gelu after all of z1 and z2 after all gelu. The same products, accumulated in the same order:
+  # bitwise the variant without it.
+  pipelined_z: bool = False
 
   def __post_init__(self):
     check_cluster(self.cluster)
@@ -182,6 +190,8 @@ class WsTuningConfig:
       raise ValueError("pipelined_store needs chunked_update, without late_bias_sums")
     if self.ek_in_exchange and (not self.reload_keys or self.queries_ek):
       raise ValueError("ek_in_exchange needs reload_keys, without queries_ek")
+    if self.pipelined_z and not self.x2_lo_smem:
+      raise ValueError("pipelined_z needs x2_lo_smem")
 
   @property
   def scratch_bytes(self) -> int:
@@ -197,12 +207,12 @@ class WsTuningConfig:
     """The config a variant name spells ("v7" + letters: p prefetch_keys, e early_gelu_grad,
     l late_bias_sums, f fresh_update, s split_products, g split_g1, r reload_keys, b
     fused_bias_sums, c fused_b2_sum, k queries_ek, i f32_state, x x2_lo_smem, u chunked_update, o
-    pipelined_store, d late_loads, h ek_in_exchange; e.g. "v7pefsg")."""
+    pipelined_store, d late_loads, h ek_in_exchange, z pipelined_z; e.g. "v7pefsg")."""
     letters = dict(p="prefetch_keys", e="early_gelu_grad", l="late_bias_sums", f="fresh_update",
                    s="split_products", g="split_g1", r="reload_keys", b="fused_bias_sums",
                    c="fused_b2_sum", k="queries_ek", i="f32_state", x="x2_lo_smem",
                    u="chunked_update", o="pipelined_store",
-                   d="late_loads", h="ek_in_exchange")
+                   d="late_loads", h="ek_in_exchange", z="pipelined_z")
     if not variant.startswith("v7") or any(ch not in letters for ch in variant[2:]):
       raise ValueError(f"variant {variant!r}: 'v7' followed by letters of {''.join(letters)}")
     return cls(**{name: ch in variant[2:] for ch, name in letters.items()}, **kwargs)
@@ -454,14 +464,12 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
         # from the previous step's waited update to this step's "g1" phase, which reads chunk c's
         # gelu' before it writes chunk c's G1 over it.)
         gp_s = (lambda c: g1_s.at[c]) if config.split_products else (lambda c: lo_s.at[c])
-        if config.split_products:  # K exact in bf16: K W1h + K W1l
-          zk = wgmma_chains([[(k_s, w1h.at[c]), (k_s, lo_s.at[c])] for c in range(NL)], shp)
-        else:
-          zk = mm_multi([(k_s, w1h.at[c]) for c in range(NL)])
         x2_lo = []  # split_products: X2's lo halves, bf16 in registers (wgmma's lhs) or tiles
         x2l_s = lambda c: (g2_s, eg2_s)[c] if c < 2 else x2l_extra.at[c - 2]  # (x2_lo_smem)
-        for c in range(NL):
-          zb = zk[c] + row(plgpu.load(b1_s.at[c], layout=red0))
+
+        def x2_chunk(c, zkc):
+          """Chunk c's X2 = gelu(K W1_c + b1_c) to its tiles (and gelu', X2's lo half)."""
+          zb = zkc + row(plgpu.load(b1_s.at[c], layout=red0))
           if config.early_gelu_grad:
             x2k, gpk = _gelu_and_grad(zb)  # one tanh
             gp_s(c)[...] = gpk.astype(bf16)
@@ -473,26 +481,50 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
             x2l_s(c)[...] = (x2k - x2h.astype(f32)).astype(bf16)
           elif config.split_products:
             x2_lo.append((x2k - x2h.astype(f32)).astype(bf16))
-        plgpu.commit_smem()
-        ph("z2")
-        if config.x2_lo_smem and interpret is not None:  # (the order of the register-lhs
-          pk = wgmma_chain([pr for c in range(NL) for pr in (  # variant's interpret path below)
-              (ex2_s.at[c], w2h.at[c]), (ex2_s.at[c], lo_s.at[NL + c]))], shp)
-          pk = pk + sum(exact_dot(x2l_s(c)[...], w2h[c]) for c in range(NL))
-        elif config.x2_lo_smem:  # X2h W2h + X2h W2l + X2l W2h, every lhs from SMEM
-          pk = wgmma_chain([pr for c in range(NL) for pr in (
-              (ex2_s.at[c], w2h.at[c]), (ex2_s.at[c], lo_s.at[NL + c]), (x2l_s(c), w2h.at[c]))],
-                           shp)
-        elif config.split_products and interpret is not None:  # (no interpret rule for a
-          pk = wgmma_chain([pr for c in range(NL) for pr in (  # register lhs: X2l W2h by jnp)
-              (ex2_s.at[c], w2h.at[c]), (ex2_s.at[c], lo_s.at[NL + c]))], shp)
-          pk = pk + sum(exact_dot(x2_lo[c], w2h[c]) for c in range(NL))
-        elif config.split_products:  # X2h W2h + X2h W2l + X2l W2h
-          pk = wgmma_chain([pr for c in range(NL) for pr in (
-              (ex2_s.at[c], w2h.at[c]), (ex2_s.at[c], lo_s.at[NL + c]), (x2_lo[c], w2h.at[c]))],
-                           shp)
+
+        # the z2 products of chunk c, in chain order (interpret mode: X2l W2h by jnp, below)
+        z2_pairs = lambda c: [(ex2_s.at[c], w2h.at[c]), (ex2_s.at[c], lo_s.at[NL + c])] + (
+            [(x2l_s(c), w2h.at[c])] if interpret is None else [])
+        if config.pipelined_z:
+          def z1_z2(*accs):
+            zacc, acc2 = accs[:NL], accs[NL]
+            for c in range(NL):  # K W1h + K W1l per chunk: two wgmma groups each
+              plgpu.wgmma(zacc[c], k_s, w1h.at[c])
+              plgpu.wgmma(zacc[c], k_s, lo_s.at[c])
+            for c in range(NL):  # groups issued after chunk c's may stay in flight
+              later = 2 * (NL - 1 - c) + len(z2_pairs(0)) * c
+              x2_chunk(c, plgpu.wgmma_accumulator_load(zacc[c], wait_n=later))
+              plgpu.commit_smem()
+              for a, b in z2_pairs(c):
+                plgpu.wgmma(acc2, a, b)
+            return acc2[...]
+          pk = pl.run_scoped(z1_z2, *[plgpu.ACC(shp, f32) for _ in range(NL + 1)])
+          if interpret is not None:
+            pk = pk + sum(exact_dot(x2l_s(c)[...], w2h[c]) for c in range(NL))
         else:
-          pk = wgmma_chain([(ex2_s.at[c], w2h.at[c]) for c in range(NL)], shp)
+          if config.split_products:  # K exact in bf16: K W1h + K W1l
+            zk = wgmma_chains([[(k_s, w1h.at[c]), (k_s, lo_s.at[c])] for c in range(NL)], shp)
+          else:
+            zk = mm_multi([(k_s, w1h.at[c]) for c in range(NL)])
+          for c in range(NL):
+            x2_chunk(c, zk[c])
+          plgpu.commit_smem()
+          ph("z2")
+          if config.x2_lo_smem:  # X2h W2h + X2h W2l + X2l W2h, every lhs from SMEM (interpret
+            # mode: in the order of the register-lhs variant's interpret path below)
+            pk = wgmma_chain([pr for c in range(NL) for pr in z2_pairs(c)], shp)
+            if interpret is not None:
+              pk = pk + sum(exact_dot(x2l_s(c)[...], w2h[c]) for c in range(NL))
+          elif config.split_products and interpret is not None:  # (no interpret rule for a
+            pk = wgmma_chain([pr for c in range(NL) for pr in (  # register lhs: X2l W2h by jnp)
+                (ex2_s.at[c], w2h.at[c]), (ex2_s.at[c], lo_s.at[NL + c]))], shp)
+            pk = pk + sum(exact_dot(x2_lo[c], w2h[c]) for c in range(NL))
+          elif config.split_products:  # X2h W2h + X2h W2l + X2l W2h
+            pk = wgmma_chain([pr for c in range(NL) for pr in (
+                (ex2_s.at[c], w2h.at[c]), (ex2_s.at[c], lo_s.at[NL + c]), (x2_lo[c], w2h.at[c]))],
+                             shp)
+          else:
+            pk = wgmma_chain([(ex2_s.at[c], w2h.at[c]) for c in range(NL)], shp)
         ph("xchg")
         z2 = exchange(pk, 0, m == 0, during=write_ek if config.ek_in_exchange else None)
         if config.late_loads:  # b2_m (the keys write b2_{m+1} after sync[1])

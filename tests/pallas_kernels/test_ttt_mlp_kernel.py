@@ -108,7 +108,7 @@ def test_role_split_config_is_validated():
           cfg.split_products, cfg.split_g1, cfg.cluster) == (True, True, False, True, True, True, 1)
   assert kernel_ws_mgpu.WsTuningConfig.from_variant("v7") == kernel_ws_mgpu.WsTuningConfig()
   with pytest.raises(ValueError, match="'v7' followed by letters"):
-    kernel_ws_mgpu.WsTuningConfig.from_variant("v7pz")
+    kernel_ws_mgpu.WsTuningConfig.from_variant("v7pq")
   with pytest.raises(ValueError, match="split_g1 needs split_products"):
     kernel_ws_mgpu.WsTuningConfig.from_variant("v7peg")
   with pytest.raises(ValueError, match="fused_bias_sums needs early_gelu_grad"):
@@ -128,6 +128,8 @@ def test_role_split_config_is_validated():
   with pytest.raises(ValueError, match="ek_in_exchange needs reload_keys"):
     kernel_ws_mgpu.WsTuningConfig.from_variant("v7pefsgbch")
   assert kernel_ws_mgpu.WsTuningConfig.from_variant("v7pefsgrbcih").ek_in_exchange
+  with pytest.raises(ValueError, match="pipelined_z needs x2_lo_smem"):
+    kernel_ws_mgpu.WsTuningConfig.from_variant("v7pefsgrbciz")
   xu = kernel_ws_mgpu.WsTuningConfig.from_variant("v7pefsgrbcixu")
   assert (xu.x2_lo_smem, xu.chunked_update, xu.f32_state) == (True, True, True)
   with pytest.raises(ValueError, match="reduction_scratch is a v7 option"):
@@ -219,7 +221,7 @@ def test_gradients_match_xla_scan_interpret(backward):
                                      "v7pefsgrbc_cluster2", "v7pefsgrbk_cluster2",
                                      "v7pefsgrbci_cluster2", "v7pefsgrbcixu_cluster2",
                                      "v7pefsgrbcixuo_cluster2", "v7pefsgrbcidxuo_cluster2",
-                                     "v7pefsgrbcidhxuo_cluster2",
+                                     "v7pefsgrbcidhxuo_cluster2", "v7pefsgrbcidhxzuo_cluster2",
                                      "v3_3passf_cluster2"])
 def test_kernel_lowers_for_cuda(variant):
   """The compiled (non-interpret) kernel lowers to a Mosaic GPU module for CUDA on this CPU box.

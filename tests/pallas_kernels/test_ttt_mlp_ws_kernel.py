@@ -68,7 +68,8 @@ def check_bitwise(variant: str, like: str, batch: int = B, heads: int = H):
   reading its head's parameters, bh % H: run with batch = heads = 2; v7pefsgrbcixu: X2's lo half
   through SMEM tiles (at cluster 1 two of them G2's and -eta G2's, two of its own) and the update
   one chunk at a time; v7pefsgrbciuo: each chunk's store under the next chunk's product; v7pefsgrbcid: gamma, beta,
-  b1, b2 loaded where used; v7pefsgrbcih: -eta K written in the exchange)."""
+  b1, b2 loaded where used; v7pefsgrbcih: -eta K written in the exchange; v7pefsgrbcixz: z1 and z2 pipelined over the
+  chunks)."""
   args = _inputs(2, batch, heads)
   (out_a, ck_a), (out_b, ck_b) = _forward_raw(args, variant), _forward_raw(args, like)
   assert jnp.array_equal(out_a, out_b), (variant, like)
@@ -167,7 +168,8 @@ def _run_isolated(call: str) -> None:
     "check_bitwise('v7pefsgrbcixu', 'v7pefsgrbci')", "check_race_free('v7pefsgrbcixu')",
     "check_bitwise('v7pefsgrbciuo', 'v7pefsgrbci')", "check_race_free('v7pefsgrbcixuo')",
     "check_bitwise('v7pefsgrbcid', 'v7pefsgrbci')", "check_race_free('v7pefsgrbcidxuo')",
-    "check_bitwise('v7pefsgrbcih', 'v7pefsgrbci')", "check_race_free('v7pefsgrbcidhxuo')"])
+    "check_bitwise('v7pefsgrbcih', 'v7pefsgrbci')", "check_race_free('v7pefsgrbcidhxuo')",
+    "check_bitwise('v7pefsgrbcixz', 'v7pefsgrbci')", "check_race_free('v7pefsgrbcidhxzuo')"])
 def test_role_split_kernel_interpret(call):
   _run_isolated(call)
 
