@@ -169,6 +169,14 @@ class WsTuningConfig:
   # gelu after all of z1 and z2 after all gelu. The same products, accumulated in the same order:
   # bitwise the variant without it.
   pipelined_z: bool = False
+  # With split_products and fresh_update: W2's float32 state carried in SMEM as three bf16
+  # tiles per chunk, hi (w2h), lo (lo_s) and a third "lo2" (16 KiB more at cluster 2: it fits the
+  # 227 KiB, W1's would not), instead of 64 registers per thread across the whole step. A float32
+  # w is exactly hi + lo + lo2 (hi = bf16(w), lo = bf16(w - hi), lo2 = bf16(w - hi - lo): each
+  # difference is exact and the last has at most 8 significant bits), so the update reads the same
+  # float32 state back: bitwise the variant without it. The update pays three tile loads and one
+  # more store per W2 chunk; every other phase gets the 64 registers (the keys' spills).
+  w2_smem: bool = False
 
   def __post_init__(self):
     check_cluster(self.cluster)
@@ -192,27 +200,31 @@ class WsTuningConfig:
       raise ValueError("ek_in_exchange needs reload_keys, without queries_ek")
     if self.pipelined_z and not self.x2_lo_smem:
       raise ValueError("pipelined_z needs x2_lo_smem")
+    if self.w2_smem and not (self.split_products and self.fresh_update):
+      raise ValueError("w2_smem needs split_products and fresh_update")
 
   @property
   def scratch_bytes(self) -> int:
     """SMEM bytes for cross-warp reductions: `reduction_scratch`, times the number of [64, 64]
     parts of the fused sum with fused_bias_sums (2, or 3 with fused_b2_sum). A round of a column sum holds
     1 KiB per 8 columns, so the fused sum takes as many rounds of 2 warpgroup barriers as one
-    part alone did. (More scratch, fewer rounds: H200, b with 16 KiB spilled more and was slower.)"""
+    part alone did. (More scratch, fewer rounds: H200, b with 16 KiB spilled more and was slower.)
+    With w2_smem one part fewer (at cluster 2 its 16 KiB of lo2 tiles leave 1.2 KiB too little
+    otherwise): the fused sum takes more rounds, each column summed in the same order."""
     parts = (NH // self.cluster if self.fused_bias_sums else 1) + self.fused_b2_sum
-    return parts * self.reduction_scratch
+    return max(parts - self.w2_smem, 1) * self.reduction_scratch
 
   @classmethod
   def from_variant(cls, variant: str, **kwargs) -> "WsTuningConfig":
     """The config a variant name spells ("v7" + letters: p prefetch_keys, e early_gelu_grad,
     l late_bias_sums, f fresh_update, s split_products, g split_g1, r reload_keys, b
     fused_bias_sums, c fused_b2_sum, k queries_ek, i f32_state, x x2_lo_smem, u chunked_update, o
-    pipelined_store, d late_loads, h ek_in_exchange, z pipelined_z; e.g. "v7pefsg")."""
+    pipelined_store, d late_loads, h ek_in_exchange, z pipelined_z, w w2_smem; e.g. "v7pefsg")."""
     letters = dict(p="prefetch_keys", e="early_gelu_grad", l="late_bias_sums", f="fresh_update",
                    s="split_products", g="split_g1", r="reload_keys", b="fused_bias_sums",
                    c="fused_b2_sum", k="queries_ek", i="f32_state", x="x2_lo_smem",
                    u="chunked_update", o="pipelined_store",
-                   d="late_loads", h="ek_in_exchange", z="pipelined_z")
+                   d="late_loads", h="ek_in_exchange", z="pipelined_z", w="w2_smem")
     if not variant.startswith("v7") or any(ch not in letters for ch in variant[2:]):
       raise ValueError(f"variant {variant!r}: 'v7' followed by letters of {''.join(letters)}")
     return cls(**{name: ch in variant[2:] for ch, name in letters.items()}, **kwargs)
@@ -273,6 +285,8 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
       else:
         pl.when(r == 0)(fn)
 
+    if config.w2_smem:  # W2's third bf16 part (appended last)
+      w2ll, rest = rest[-1], rest[:-1]
     if config.x2_lo_smem and NL > 2:  # (cluster 1: X2 lo tiles of its own beyond G2's, -eta G2's)
       x2l_extra, rest = rest[-1], rest[:-1]
     kbars = rest[0] if config.prefetch_keys else None  # [3 slot + i]: K, V, eta of buffer slot
@@ -362,7 +376,8 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
         """(hi, lo) bf16 of this CTA's chunks + biases to HBM (state before mini-batch gi*group)."""
         for c in range(NL):
           lo_s[c] = (w1[c] - w1h[c].astype(f32)).astype(bf16)
-          lo_s[NL + c] = (w2[c] - w2h[c].astype(f32)).astype(bf16)
+          if not config.w2_smem:  # (w2_smem: lo_s holds W2's lo already: split_products)
+            lo_s[NL + c] = (w2[c] - w2h[c].astype(f32)).astype(bf16)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(w1h, cw1h.at[bh, gi, pl.ds(c0, NL)])
         plgpu.copy_smem_to_gmem(lo_s.at[pl.ds(0, NL)], cw1l.at[bh, gi, pl.ds(c0, NL)])
@@ -377,7 +392,16 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
         h = w.astype(bf16)
         (w1h if j < NL else w2h)[j % NL] = h
         if config.split_products:  # the next step's lo halves (the checkpoint reads them too)
-          lo_s[j] = (w - h.astype(f32)).astype(bf16)
+          r = w - h.astype(f32)
+          lo = r.astype(bf16)
+          lo_s[j] = lo
+          if config.w2_smem and j >= NL:  # the rest, exactly (w2_smem)
+            w2ll[j - NL] = (r - lo.astype(f32)).astype(bf16)
+
+      def w2_state(c):
+        """w2_smem: W2's chunk c in float32 from its three bf16 tiles (exactly the state)."""
+        part = lambda ref: plgpu.load(ref, layout=plgpu.Layout.WGMMA).astype(f32)
+        return (part(w2h.at[c]) + part(lo_s.at[NL + c])) + part(w2ll.at[c])
 
       def update_state(w1, w2, during=None):
         """W1_c += (-eta K)^T G1_c, W2_c += X2_c^T (-eta G2), accumulated into the carried state;
@@ -388,17 +412,21 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
           return ([[(ek_s.T, g1_s.at[c])] for c in range(NL)]
                   + [[(ex2_s.at[c].T, eg2_s)] for c in range(NL)])
         if config.pipelined_store:  # chunk j + 1's product in flight while chunk j is stored
-          ps, old, new = pairs(), w1 + w2, []
+          ps, new = pairs(), []
           for j in range(2 * NL):
             def fn(acc, j=j):
               for a, b in ps[j]:
                 plgpu.wgmma(acc, a, b)
               if j:
                 store_state(j - 1, new[j - 1])
-              return acc[...]
-            new.append(old[j] + pl.run_scoped(fn, plgpu.ACC(shp, f32)))
+              old = w1[j] if j < NL else w2_state(j - NL) if config.w2_smem else w2[j - NL]
+              return old, acc[...]
+            old, prod = pl.run_scoped(fn, plgpu.ACC(shp, f32))
+            new.append(old + prod)
           store_state(2 * NL - 1, new[-1])
-          return tuple(new[:NL]), tuple(new[NL:])
+          return tuple(new[:NL]), () if config.w2_smem else tuple(new[NL:])
+        if config.w2_smem:
+          w2 = tuple(w2_state(c) for c in range(NL))
         if config.chunked_update:  # one chunk's product at a time (its own wait)
           ps = pairs()
           w1 = tuple(a + wgmma_chains([p], shp)[0] for a, p in zip(w1, ps[:NL]))
@@ -620,11 +648,17 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
         if not config.pipelined_store:  # (pipelined_store: stored by update_state)
           for j, wc in enumerate(w1 + w2):
             store_state(j, wc)
+          if config.w2_smem:
+            w2 = ()
         plgpu.commit_smem()
         plgpu.barrier_arrive(sync.at[0])
         ph.close()
         return w1, w2
 
+      if config.w2_smem:  # (the carried state is hi + lo: its lo2 is zero)
+        for c in range(NL):
+          w2ll[c] = jnp.zeros((64, 64), bf16)
+        w2_0 = ()
       lax.fori_loop(0, NC, step, (w1_0, w2_0))
       plgpu.barrier_wait(sync.at[1])  # the last mini-batch's (every phase observed)
 
@@ -743,6 +777,8 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
     kwargs.update(cluster=(C,), cluster_names=("c",))
   if x2l_tiles is not None:
     scratch.append(x2l_tiles)
+  if config.w2_smem:  # (kept last: see body)
+    scratch.append(tile(NL))
   return per_head_kernel(body, out_type=out_type, scratch=scratch, BH=BH,
                          approx_math=config.approx_math, interpret=interpret, profile=profile,
                          reduction_scratch=config.scratch_bytes, **kwargs)

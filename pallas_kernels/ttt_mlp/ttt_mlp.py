@@ -107,7 +107,9 @@ def _from_kernel_ckpts(ck, B, H):
 # z1 / z2; bitwise the same in interpret mode); v7pefsgrbcih / v7pefsgrbcidhxuo: -eta K written
 # in the z2 exchange's latency (ek_in_exchange; bitwise the same in interpret mode). None of
 # x / u / o / d / h timed on a GPU yet; v7pefsgrbcixz / v7pefsgrbcidhxzuo: z1 and z2 pipelined
-# over the hidden chunks (pipelined_z; bitwise the same in interpret mode).
+# over the hidden chunks (pipelined_z; bitwise the same in interpret mode); v7pefsgrbciw /
+# v7pefsgrbciuow / v7pefsgrbcidhxzuow: W2's float32 state in SMEM as three bf16 parts instead of
+# 64 registers (w2_smem; bitwise the same in interpret mode).
 # (H100: benchmarks/NOTES-ttt-mlp.md.)
 VARIANTS = ("v1", "v2", "v3", "v3_precise", "v3_exact", "v3_3pass", "v3_3passf", "v4", "v5", "v4p",
             "v6", "v4l", "v7", "v7p", "v7e", "v7pe", "v7pel", "v7pef", "v7pefs", "v7pefsg", "v7pefsr", "v7pefsgr",
@@ -115,7 +117,8 @@ VARIANTS = ("v1", "v2", "v3", "v3_precise", "v3_exact", "v3_3pass", "v3_3passf",
             "v7pefsgrbciu", "v7pefsgrbcixu", "v7pefsgrbciuo", "v7pefsgrbcixuo",
             "v7pefsgrbcid", "v7pefsgrbcidu", "v7pefsgrbciduo", "v7pefsgrbcidxuo",
             "v7pefsgrbcih", "v7pefsgrbcidh", "v7pefsgrbcidhuo", "v7pefsgrbcidhxuo",
-            "v7pefsgrbcixz", "v7pefsgrbcidhxz", "v7pefsgrbcidhxzuo")
+            "v7pefsgrbcixz", "v7pefsgrbcidhxz", "v7pefsgrbcidhxzuo", "v7pefsgrbciw",
+            "v7pefsgrbciuow", "v7pefsgrbcidhxzuow")
 
 
 # The forward kernel `ttt_mlp_pallas` runs unless told otherwise (NOTES-ttt-mlp.md: the fastest

@@ -130,6 +130,8 @@ def test_role_split_config_is_validated():
   assert kernel_ws_mgpu.WsTuningConfig.from_variant("v7pefsgrbcih").ek_in_exchange
   with pytest.raises(ValueError, match="pipelined_z needs x2_lo_smem"):
     kernel_ws_mgpu.WsTuningConfig.from_variant("v7pefsgrbciz")
+  with pytest.raises(ValueError, match="w2_smem needs split_products and fresh_update"):
+    kernel_ws_mgpu.WsTuningConfig.from_variant("v7pefiw")
   xu = kernel_ws_mgpu.WsTuningConfig.from_variant("v7pefsgrbcixu")
   assert (xu.x2_lo_smem, xu.chunked_update, xu.f32_state) == (True, True, True)
   with pytest.raises(ValueError, match="reduction_scratch is a v7 option"):
@@ -137,6 +139,8 @@ def test_role_split_config_is_validated():
   bc = kernel_ws_mgpu.WsTuningConfig.from_variant("v7pefsgrbc", reduction_scratch=2048)
   assert (bc.fused_bias_sums, bc.fused_b2_sum, bc.scratch_bytes) == (True, True, 3 * 2048)
   assert kernel_ws_mgpu.WsTuningConfig(reduction_scratch=2048).scratch_bytes == 2048
+  assert kernel_ws_mgpu.WsTuningConfig.from_variant(
+      "v7pefsgrbciw", reduction_scratch=2048).scratch_bytes == 2 * 2048
 
 
 def test_prefetch_next_is_bitwise_v4_interpret():
@@ -222,6 +226,7 @@ def test_gradients_match_xla_scan_interpret(backward):
                                      "v7pefsgrbci_cluster2", "v7pefsgrbcixu_cluster2",
                                      "v7pefsgrbcixuo_cluster2", "v7pefsgrbcidxuo_cluster2",
                                      "v7pefsgrbcidhxuo_cluster2", "v7pefsgrbcidhxzuo_cluster2",
+                                     "v7pefsgrbciw_cluster2", "v7pefsgrbcidhxzuow_cluster2",
                                      "v3_3passf_cluster2"])
 def test_kernel_lowers_for_cuda(variant):
   """The compiled (non-interpret) kernel lowers to a Mosaic GPU module for CUDA on this CPU box.
