@@ -6,7 +6,9 @@ variant's (a variant meant to do the same arithmetic must match bitwise; otherwi
 relative difference is printed). Then the variants are timed interleaved over `--rounds`
 rounds (median ms per call, waited by `block_until_ready` and by polling `is_ready()`, and per
 call with `--in_flight` calls dispatched back to back), so a drift of the machine's clocks falls
-on all of them alike.
+on all of them alike. A variant other than the baseline that fails to compile or run (SMEM, ptxas) is
+reported with its error and left out of the timings, so one bad variant does not cost the
+device call.
 
   python -m benchmarks.ttt_mlp_variants --nc 282,1000 --variants v7pefsgr,v7pefsgrb   (GPU)
   python -m benchmarks.ttt_mlp_variants --nc 3 --heads 1 --variants v4,v3 --interpret   (CPU smoke)
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 
 import jax
 import jax.numpy as jnp
@@ -74,22 +77,39 @@ def main(argv=None) -> list[dict]:
   rows = []
   for i, NC in enumerate(int(x) for x in a.nc.split(",")):
     args = make_inputs(jax.random.PRNGKey(a.seed + i), 1, a.heads, NC, eta_scale=a.eta_scale)
-    fns = {v: jax.jit(lambda *x, s=specs[v]: T._forward_raw(
-        *x, group=a.group, ln_eps=1e-6, interpret=a.interpret, variant=s[0],
-        reduction_scratch=s[1], checkpoints=s[2])) for v in variants}
-    outs = {v: fns[v](*args) for v in variants}
-    cmp = {v: compare(outs[variants[0]], outs[v]) for v in variants[1:]}
+    fns, outs, failed = {}, {}, {}
+    for v in dict.fromkeys(variants):  # compile and run each once (reported as it goes)
+      t0 = time.perf_counter()
+      fn = jax.jit(lambda *x, s=specs[v]: T._forward_raw(
+          *x, group=a.group, ln_eps=1e-6, interpret=a.interpret, variant=s[0],
+          reduction_scratch=s[1], checkpoints=s[2]))
+      try:
+        outs[v] = jax.block_until_ready(fn(*args))
+      except Exception as e:  # noqa: BLE001 (a variant that fails to build or run is reported,
+        if v == variants[0]:  # not timed; the others still are; the baseline must work)
+          raise
+        failed[v] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:400]}"
+        print(json.dumps({"NC": NC, "variant": v, "error": failed[v]}), flush=True)
+        continue
+      fns[v] = fn
+      print(json.dumps({"NC": NC, "variant": v, "first_call_s": round(time.perf_counter() - t0, 1)}),
+            flush=True)
+    cmp = {v: compare(outs[variants[0]], outs[v]) for v in variants[1:] if v in outs}
     del outs
     print(json.dumps({"NC": NC, "vs": variants[0], **cmp}), flush=True)
-    waited = {v: [] for v in variants}
-    polled = {v: [] for v in variants}
-    flying = {v: [] for v in variants}
+    timed = [v for v in variants if v in fns]
+    waited = {v: [] for v in timed}
+    polled = {v: [] for v in timed}
+    flying = {v: [] for v in timed}
     for _ in range(a.rounds):
-      for v in variants:
+      for v in timed:
         waited[v].append(median_ms(fns[v], args, a.reps))
         polled[v].append(median_ms(fns[v], args, a.reps, wait="poll"))
         flying[v].append(in_flight_ms(fns[v], args, a.in_flight, 2))
     for v in variants:
+      if v in failed:
+        rows.append(dict(NC=NC, variant=v, device=jax.devices()[0].device_kind, error=failed[v]))
+        continue
       row = dict(NC=NC, variant=v, device=jax.devices()[0].device_kind,
                  fwd_ms=statistics.median(waited[v]), fwd_ms_rounds=waited[v],
                  fwd_ms_polled=statistics.median(polled[v]),

@@ -32,3 +32,23 @@ def test_bitwise_report_in_interpret_mode():
   assert not rows[2]["bitwise"] and 0.0 < rows[2]["max_rel"] < 1e-1
   assert all(r["fwd_ms"] > 0 and r["fwd_ms_polled"] > 0 and r["fwd_ms_in_flight"] > 0
              for r in rows)
+
+
+def test_a_failing_variant_is_reported_not_fatal(monkeypatch):
+  """A variant that raises gets an error row and no timing; the others are timed; a failing
+  baseline stops the run."""
+  real = V.T._forward_raw
+
+  def forward_raw(*args, variant, **kw):
+    if variant == "v3":
+      raise ValueError("Mosaic GPU kernel exceeds available shared memory: (simulated)")
+    return real(*args, variant=variant, **kw)
+  monkeypatch.setattr(V.T, "_forward_raw", forward_raw)
+  flags = ["--nc", "3", "--heads", "1", "--interpret", "--rounds", "1", "--reps", "1",
+           "--in_flight", "1"]
+  rows = V.main(flags + ["--variants", "v4,v3,v4"])
+  assert [r["variant"] for r in rows] == ["v4", "v3", "v4"]
+  assert "shared memory" in rows[1]["error"] and "fwd_ms" not in rows[1]
+  assert rows[2]["bitwise"] and rows[0]["fwd_ms"] > 0 and rows[2]["fwd_ms"] > 0
+  with pytest.raises(ValueError, match="shared memory"):
+    V.main(flags + ["--variants", "v3,v4"])
