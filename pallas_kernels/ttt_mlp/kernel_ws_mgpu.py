@@ -425,20 +425,20 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
             new.append(old + prod)
           store_state(2 * NL - 1, new[-1])
           return tuple(new[:NL]), () if config.w2_smem else tuple(new[NL:])
-        if config.w2_smem:
-          w2 = tuple(w2_state(c) for c in range(NL))
+        # W2's state where W2's update starts (w2_smem: read back from SMEM only then)
+        w2_now = lambda: tuple(w2_state(c) for c in range(NL)) if config.w2_smem else w2
         if config.chunked_update:  # one chunk's product at a time (its own wait)
           ps = pairs()
           w1 = tuple(a + wgmma_chains([p], shp)[0] for a, p in zip(w1, ps[:NL]))
           if during is not None:
             during()
-          return w1, tuple(a + wgmma_chains([p], shp)[0] for a, p in zip(w2, ps[NL:]))
+          return w1, tuple(a + wgmma_chains([p], shp)[0] for a, p in zip(w2_now(), ps[NL:]))
         if interpret is not None or config.fresh_update:
           ps = pairs()
           w1 = tuple(a + x for a, x in zip(w1, wgmma_chains(ps[:NL], shp)))
           if during is not None:
             during()
-          return w1, tuple(a + x for a, x in zip(w2, wgmma_chains(ps[NL:], shp)))
+          return w1, tuple(a + x for a, x in zip(w2_now(), wgmma_chains(ps[NL:], shp)))
 
         def fn(accs):
           for acc, ps in zip(accs[0] + accs[1], pairs()):
