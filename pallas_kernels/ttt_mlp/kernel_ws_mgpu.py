@@ -646,8 +646,9 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
         w1, w2 = update_state(w1, w2, during=bias_sums if config.late_bias_sums else None)
         ph("store_w")
         if not config.pipelined_store:  # (pipelined_store: stored by update_state)
-          for j, wc in enumerate(w1 + w2):
-            store_state(j, wc)
+          for c in range(NL):  # (chunk by chunk, W1's then W2's, as before store_state)
+            store_state(c, w1[c])
+            store_state(NL + c, w2[c])
           if config.w2_smem:
             w2 = ()
         plgpu.commit_smem()
