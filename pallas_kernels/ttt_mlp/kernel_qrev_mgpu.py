@@ -37,16 +37,21 @@ class QrevTuningConfig:
 
 
 def build_query_reverse(BH: int, S: int, G: int, ln_eps: float, *,
-                        config: QrevTuningConfig = QrevTuningConfig(), interpret=None):
+                        config: QrevTuningConfig = QrevTuningConfig(), dq_dtype=jnp.float32,
+                        interpret=None):
   """Returns f(q, do, sw1, sb1, sw2, sb2, gam) over the NS = S G steps of one backward launch.
 
   q, do [BH, NS, 64, 64] bf16; sw1, sw2 [BH * S, G + 1, 4, 64, 64] bf16, sb1 [BH * S, G + 1, 4,
   64] f32, sb2 [BH * S, G + 1, 64] f32 (the restarts' per-step states: row bh * S + m // G, column
   m % G + 1 is the state after step m); gam [BH, 64] f32.
   Results (per step m, as `query_reverse.QueryReverse`): x2 [BH, NS, 4, 64, 64] bf16, dz2 [BH, NS,
-  64, 64] bf16, dz1 [BH, NS, 4, 64, 64] bf16, db1 [BH, NS, 4, 64], db2, dq (f32 [BH, NS, 64, 64],
-  dOut included), dgamma, dbeta [BH, NS, 64] f32.
+  64, 64] bf16, dz1 [BH, NS, 4, 64, 64] bf16, db1 [BH, NS, 4, 64], db2, dq ([BH, NS, 64, 64] in
+  `dq_dtype`, dOut included), dgamma, dbeta [BH, NS, 64] f32. dq_dtype=bf16: dQ rounded to nearest
+  even in the kernel (what the caller's cast of the float32 dQ to a bf16 Q's dtype gives), half the
+  bytes written, and no XLA convert after it.
   """
+  if dq_dtype not in (jnp.float32, jnp.bfloat16):
+    raise ValueError(f"dq_dtype must be float32 or bfloat16, got {dq_dtype}")
   NS = S * G
   bf16, f32 = jnp.bfloat16, jnp.float32
   shp = (64, 64)
@@ -93,7 +98,8 @@ def build_query_reverse(BH: int, S: int, G: int, ln_eps: float, *,
       x_s[c] = dz1.astype(bf16)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(x_s, dz1_ref.at[bh, m])
-    dq_s[...] = dof + wgmma_chain([(x_s.at[c], w1_s.at[c].T) for c in range(NH)], shp)
+    dq_s[...] = (dof + wgmma_chain([(x_s.at[c], w1_s.at[c].T) for c in range(NH)],
+                                   shp)).astype(dq_dtype)
     plgpu.commit_smem()
     for src, dst in ((dq_s, dq_ref), (db1_s, db1_ref), (db2_s, db2_ref), (dgam_s, dgam_ref),
                      (dbet_s, dbet_ref)):
@@ -103,10 +109,11 @@ def build_query_reverse(BH: int, S: int, G: int, ln_eps: float, *,
   st = lambda *s: jax.ShapeDtypeStruct(s, bf16)
   sf = lambda *s: jax.ShapeDtypeStruct(s, f32)
   out_type = (st(BH, NS, NH, 64, 64), st(BH, NS, 64, 64), st(BH, NS, NH, 64, 64),
-              sf(BH, NS, NH, 64), sf(BH, NS, 64), sf(BH, NS, 64, 64), sf(BH, NS, 64),
+              sf(BH, NS, NH, 64), sf(BH, NS, 64),
+              jax.ShapeDtypeStruct((BH, NS, 64, 64), dq_dtype), sf(BH, NS, 64),
               sf(BH, NS, 64))
   scratch = [tile(), tile(), tile(NH), tile(NH), tile(NH),  # q, dOut / dZ2b, W1', W2', X2b / dZ1b
-             plgpu.SMEM(shp, f32, transforms=tr32),  # dQ staging
+             tile() if dq_dtype == bf16 else plgpu.SMEM(shp, f32, transforms=tr32),  # dQ staging
              vec(NH), vec(), vec(), vec(NH), vec(), vec(), vec(),  # b1 b2 gamma db1 db2 dgam dbet
              plgpu.Barrier(num_barriers=7)]
   kwargs = {} if interpret is None else {"interpret": interpret}

@@ -437,7 +437,8 @@ def _bwd_pallas(group, ln_eps, interpret, variant, res, dout, **tuning):
   if qpass and QUERY_PASS == "kernel":
     qrev = kernel_qrev_mgpu.build_query_reverse(
         BH, S, G, float(ln_eps), config=kernel_qrev_mgpu.QrevTuningConfig(
-            reduction_scratch=REDUCTION_SCRATCH),
+            reduction_scratch=REDUCTION_SCRATCH),  # (dQ in Q's dtype: bf16 written by the kernel)
+        dq_dtype=bf16 if XQ.dtype == bf16 else f32,
         interpret=jax.experimental.pallas.mosaic_gpu.InterpretGPUParams() if interpret else None)
 
   def launch_inputs(s):

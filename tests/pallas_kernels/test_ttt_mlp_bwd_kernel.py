@@ -316,6 +316,17 @@ def test_query_reverse_kernel_matches_its_xla_reference():
   for name, x, y in zip(query_reverse.QueryReverse._fields, got, want):
     tol = 1e-2 if x.dtype == jnp.bfloat16 else 1e-3
     assert x.shape == y.shape and rel(x, y) < tol, (name, rel(x, y))
+  # dq_dtype=bf16: dQ rounded in the kernel, bitwise the float32 dQ's cast; the rest unchanged
+  got16 = query_reverse.QueryReverse(*kernel_qrev_mgpu.build_query_reverse(
+      bh, S, G, 1e-6, dq_dtype=jnp.bfloat16,
+      interpret=jax.experimental.pallas.mosaic_gpu.InterpretGPUParams())(
+          q, do, sw1, sb1, sw2, sb2, gam))
+  assert got16.dq.dtype == jnp.bfloat16
+  assert jnp.array_equal(got16.dq, got.dq.astype(jnp.bfloat16))
+  for name, x, y in zip(query_reverse.QueryReverse._fields, got16, got):
+    assert name == "dq" or jnp.array_equal(x, y), name
+  with pytest.raises(ValueError, match="dq_dtype must be"):
+    kernel_qrev_mgpu.build_query_reverse(bh, S, G, 1e-6, dq_dtype=jnp.float16)
 
 
 def test_query_reverse_kernel_lowers_for_cuda():
@@ -330,6 +341,10 @@ def test_query_reverse_kernel_lowers_for_cuda():
   lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
   assert "mosaic_gpu" in lowered.as_text().lower()
   assert jax.eval_shape(fn, *args)[5].shape == (bh, S * G, 64, 64)
+  fn16 = kernel_qrev_mgpu.build_query_reverse(bh, S, G, 1e-6, dq_dtype=bf)  # (bf16 dQ tile)
+  assert "mosaic_gpu" in jax.jit(fn16).trace(*args).lower(
+      lowering_platforms=("cuda",)).as_text().lower()
+  assert jax.eval_shape(fn16, *args)[5].dtype == bf
 
 
 @pytest.mark.parametrize("one_launch", [True, False])
