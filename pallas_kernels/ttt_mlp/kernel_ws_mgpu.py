@@ -177,6 +177,14 @@ class WsTuningConfig:
   # float32 state back: bitwise the variant without it. The update pays three tile loads and one
   # more store per W2 chunk; every other phase gets the 64 registers (the keys' spills).
   w2_smem: bool = False
+  # With prefetch_keys, without queries_ek: Q and V single-buffered (16 KiB less SMEM at cluster
+  # 2, the room w1_smem needs). The queries load Q(j + 1) when their step j is done with Q's tile
+  # (its output stored), ~8 us before they need it; the keys load V(m + 1) right after step m's
+  # LayerNorm has read V(m), ~14 us before step m + 1's reads it. The same values.
+  lean_buffers: bool = False
+  # w2_smem's idea for W1 too (needs lean_buffers at cluster 2 for the SMEM): the whole float32
+  # state out of registers, 128 of them per thread freed. Bitwise the variant without it.
+  w1_smem: bool = False
 
   def __post_init__(self):
     check_cluster(self.cluster)
@@ -202,6 +210,10 @@ class WsTuningConfig:
       raise ValueError("pipelined_z needs x2_lo_smem")
     if self.w2_smem and not (self.split_products and self.fresh_update):
       raise ValueError("w2_smem needs split_products and fresh_update")
+    if self.lean_buffers and (not self.prefetch_keys or self.queries_ek):
+      raise ValueError("lean_buffers needs prefetch_keys, without queries_ek")
+    if self.w1_smem and not (self.w2_smem and (self.lean_buffers or self.cluster == 1)):
+      raise ValueError("w1_smem needs w2_smem, and lean_buffers at cluster 2 (SMEM)")
 
   @property
   def scratch_bytes(self) -> int:
@@ -219,12 +231,14 @@ class WsTuningConfig:
     """The config a variant name spells ("v7" + letters: p prefetch_keys, e early_gelu_grad,
     l late_bias_sums, f fresh_update, s split_products, g split_g1, r reload_keys, b
     fused_bias_sums, c fused_b2_sum, k queries_ek, i f32_state, x x2_lo_smem, u chunked_update, o
-    pipelined_store, d late_loads, h ek_in_exchange, z pipelined_z, w w2_smem; e.g. "v7pefsg")."""
+    pipelined_store, d late_loads, h ek_in_exchange, z pipelined_z, w w2_smem, q lean_buffers, y w1_smem; e.g.
+    "v7pefsg")."""
     letters = dict(p="prefetch_keys", e="early_gelu_grad", l="late_bias_sums", f="fresh_update",
                    s="split_products", g="split_g1", r="reload_keys", b="fused_bias_sums",
                    c="fused_b2_sum", k="queries_ek", i="f32_state", x="x2_lo_smem",
                    u="chunked_update", o="pipelined_store",
-                   d="late_loads", h="ek_in_exchange", z="pipelined_z", w="w2_smem")
+                   d="late_loads", h="ek_in_exchange", z="pipelined_z", w="w2_smem",
+                   q="lean_buffers", y="w1_smem")
     if not variant.startswith("v7") or any(ch not in letters for ch in variant[2:]):
       raise ValueError(f"variant {variant!r}: 'v7' followed by letters of {''.join(letters)}")
     return cls(**{name: ch in variant[2:] for ch, name in letters.items()}, **kwargs)
@@ -285,7 +299,9 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
       else:
         pl.when(r == 0)(fn)
 
-    if config.w2_smem:  # W2's third bf16 part (appended last)
+    if config.w1_smem:  # W1's third bf16 part (appended last)
+      w1ll, rest = rest[-1], rest[:-1]
+    if config.w2_smem:  # W2's third bf16 part (appended after x2l_tiles)
       w2ll, rest = rest[-1], rest[:-1]
     if config.x2_lo_smem and NL > 2:  # (cluster 1: X2 lo tiles of its own beyond G2's, -eta G2's)
       x2l_extra, rest = rest[-1], rest[:-1]
@@ -318,10 +334,16 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
       plgpu.barrier_arrive(cbar.at[1 + slot])
       return y
 
-    def load_keys(m, slot):
-      """TMA of mini-batch m's K, V, eta into buffer `slot` (prefetch_keys; kbars 3 slot + i)."""
+    def load_keys(m, slot, with_v=not config.lean_buffers):
+      """TMA of mini-batch m's K, V, eta into buffer `slot` (prefetch_keys; kbars 3 slot + i).
+      lean_buffers: V alone by `load_v`."""
       for i, (src, dst) in enumerate(((k_ref, k_sb), (v_ref, v_sb), (eta_ref, eta_sb))):
-        plgpu.copy_gmem_to_smem(src.at[bh, m], dst.at[slot], kbars.at[3 * slot + i])
+        if i != 1 or with_v:
+          plgpu.copy_gmem_to_smem(src.at[bh, m], dst.at[slot], kbars.at[3 * slot + i])
+
+    def load_v(m):
+      """lean_buffers: TMA of mini-batch m's V into its one buffer (kbars[1])."""
+      plgpu.copy_gmem_to_smem(v_ref.at[bh, m], v_sb.at[0], kbars.at[1])
 
     # ------------------------------------------------------------------ keys' warpgroup
     def initial_state_split():
@@ -368,15 +390,16 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
         plgpu.barrier_arrive(cbar.at[0])  # after sync[0], i.e. after this)
         plgpu.barrier_wait(cbar.at[0])
       if config.prefetch_keys:  # mini-batches 0 and 1; the queries load m + 2 after step m
-        load_keys(0, 0)
+        load_keys(0, 0, with_v=True)
         if NC > 1:
           load_keys(1, 1)
 
       def write_checkpoint(gi, w1, w2):
         """(hi, lo) bf16 of this CTA's chunks + biases to HBM (state before mini-batch gi*group)."""
-        for c in range(NL):
-          lo_s[c] = (w1[c] - w1h[c].astype(f32)).astype(bf16)
-          if not config.w2_smem:  # (w2_smem: lo_s holds W2's lo already: split_products)
+        for c in range(NL):  # (w1_smem / w2_smem: lo_s holds it already: split_products)
+          if not config.w1_smem:
+            lo_s[c] = (w1[c] - w1h[c].astype(f32)).astype(bf16)
+          if not config.w2_smem:
             lo_s[NL + c] = (w2[c] - w2h[c].astype(f32)).astype(bf16)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(w1h, cw1h.at[bh, gi, pl.ds(c0, NL)])
@@ -387,6 +410,9 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
         on_rank0(lambda: plgpu.copy_smem_to_gmem(b2_s, cb2.at[bh, gi]))
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
+      in_smem = lambda j: config.w1_smem if j < NL else config.w2_smem  # (w1_smem / w2_smem)
+      lo2_tile = lambda j: (w1ll if j < NL else w2ll).at[j % NL]
+
       def store_state(j, w):
         """State chunk j (W1's chunk j, or W2's chunk j - NL) as bf16 hi (and lo) to SMEM."""
         h = w.astype(bf16)
@@ -395,22 +421,26 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
           r = w - h.astype(f32)
           lo = r.astype(bf16)
           lo_s[j] = lo
-          if config.w2_smem and j >= NL:  # the rest, exactly (w2_smem)
-            w2ll[j - NL] = (r - lo.astype(f32)).astype(bf16)
+          if in_smem(j):  # the rest, exactly (w1_smem / w2_smem)
+            lo2_tile(j)[...] = (r - lo.astype(f32)).astype(bf16)
 
-      def w2_state(c):
-        """w2_smem: W2's chunk c in float32 from its three bf16 tiles (exactly the state)."""
+      def smem_state(j):
+        """w1_smem / w2_smem: state chunk j in float32 from its three bf16 tiles (exactly)."""
         part = lambda ref: plgpu.load(ref, layout=plgpu.Layout.WGMMA).astype(f32)
-        return (part(w2h.at[c]) + part(lo_s.at[NL + c])) + part(w2ll.at[c])
+        hi = (w1h if j < NL else w2h).at[j % NL]
+        return (part(hi) + part(lo_s.at[j])) + part(lo2_tile(j))
 
       def update_state(w1, w2, during=None):
         """W1_c += (-eta K)^T G1_c, W2_c += X2_c^T (-eta G2), accumulated into the carried state;
         `during()` runs after the wgmmas are issued, before their wait (interpret mode has no
         wgmma rule under `run_state`: fresh products, added, as with `fresh_update`).
-        With pipelined_store the new state is also stored (`store_state`)."""
+        With pipelined_store the new state is also stored (`store_state`). A state held in SMEM
+        (w1_smem / w2_smem) is read back where its update starts and returned as ()."""
         def pairs():  # (made inside the traced function: see kernel_acc_mgpu.update_state)
           return ([[(ek_s.T, g1_s.at[c])] for c in range(NL)]
                   + [[(ex2_s.at[c].T, eg2_s)] for c in range(NL)])
+        old = lambda j: smem_state(j) if in_smem(j) else w1[j] if j < NL else w2[j - NL]
+        carried = lambda ws, j0: () if in_smem(j0) else tuple(ws)
         if config.pipelined_store:  # chunk j + 1's product in flight while chunk j is stored
           ps, new = pairs(), []
           for j in range(2 * NL):
@@ -419,26 +449,24 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
                 plgpu.wgmma(acc, a, b)
               if j:
                 store_state(j - 1, new[j - 1])
-              old = w1[j] if j < NL else w2_state(j - NL) if config.w2_smem else w2[j - NL]
-              return old, acc[...]
-            old, prod = pl.run_scoped(fn, plgpu.ACC(shp, f32))
-            new.append(old + prod)
+              return old(j), acc[...]
+            w, prod = pl.run_scoped(fn, plgpu.ACC(shp, f32))
+            new.append(w + prod)
           store_state(2 * NL - 1, new[-1])
-          return tuple(new[:NL]), () if config.w2_smem else tuple(new[NL:])
-        # W2's state where W2's update starts (w2_smem: read back from SMEM only then)
-        w2_now = lambda: tuple(w2_state(c) for c in range(NL)) if config.w2_smem else w2
+          return carried(new[:NL], 0), carried(new[NL:], NL)
+        now = lambda j0: tuple(old(j) for j in range(j0, j0 + NL))  # W1's (0) or W2's (NL)
         if config.chunked_update:  # one chunk's product at a time (its own wait)
           ps = pairs()
-          w1 = tuple(a + wgmma_chains([p], shp)[0] for a, p in zip(w1, ps[:NL]))
+          w1 = tuple(a + wgmma_chains([p], shp)[0] for a, p in zip(now(0), ps[:NL]))
           if during is not None:
             during()
-          return w1, tuple(a + wgmma_chains([p], shp)[0] for a, p in zip(w2_now(), ps[NL:]))
+          return w1, tuple(a + wgmma_chains([p], shp)[0] for a, p in zip(now(NL), ps[NL:]))
         if interpret is not None or config.fresh_update:
           ps = pairs()
-          w1 = tuple(a + x for a, x in zip(w1, wgmma_chains(ps[:NL], shp)))
+          w1 = tuple(a + x for a, x in zip(now(0), wgmma_chains(ps[:NL], shp)))
           if during is not None:
             during()
-          return w1, tuple(a + x for a, x in zip(w2_now(), wgmma_chains(ps[NL:], shp)))
+          return w1, tuple(a + x for a, x in zip(now(NL), wgmma_chains(ps[NL:], shp)))
 
         def fn(accs):
           for acc, ps in zip(accs[0] + accs[1], pairs()):
@@ -462,13 +490,14 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
         ph("load")
         if config.prefetch_keys:
           slot = m % 2
-          for i in range(3):
+          for i in (0, 2) if config.lean_buffers else range(3):  # (lean: V's at "ln")
             plgpu.barrier_wait(kbars.at[3 * slot + i])
         else:
           slot = 0
           copy_in([(src.at[bh, m], dst.at[0]) for src, dst in ((k_ref, k_sb), (v_ref, v_sb),
                                                                (eta_ref, eta_sb))], bars)
-        k_s, v_s, eta_s = k_sb.at[slot], v_sb.at[slot], eta_sb.at[slot]
+        k_s, eta_s = k_sb.at[slot], eta_sb.at[slot]
+        v_s = v_sb.at[0 if config.lean_buffers else slot]
         eta_c = plgpu.load(eta_s, layout=red1)  # [64] over rows j
         params = lambda: tuple(plgpu.load(r, layout=red0) for r in (gam_s, bet_s, b2_s))
         gam, bet, b2v = (None,) * 3 if config.late_loads else params()  # [64] over columns f
@@ -572,6 +601,8 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
           kf = plgpu.load(k_s, layout=plgpu.Layout.WGMMA).astype(f32)
         if config.late_loads:
           gam, bet, _ = params()
+        if config.lean_buffers:
+          plgpu.barrier_wait(kbars.at[1])  # V(m)
         g2 = _ln_l2_grad(z2, v_s[...].astype(f32) - kf, gam, bet, ln_eps)
         g2h = g2.astype(bf16)
         g2_s[...] = g2h
@@ -584,6 +615,10 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
         if not config.fused_b2_sum:
           b2_s[...] = b2v + jnp.sum(eg2, axis=0)
         plgpu.commit_smem()
+        if config.lean_buffers:  # V(m) was read (the commit's barrier): V(m + 1) into its tile
+          @pl.when(m + 1 < NC)
+          def _():
+            load_v(m + 1)
         # ---- (7): G1 = (G2 W2^T) * gelu'(Z1) per local chunk, with the old state
         # (finer phases: g1_mm the waited wgmmas, g1_ew the elementwise work, g1_sum b1's column
         # sums, cross-warp reductions)
@@ -649,17 +684,16 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
           for c in range(NL):  # (chunk by chunk, W1's then W2's, as before store_state)
             store_state(c, w1[c])
             store_state(NL + c, w2[c])
-          if config.w2_smem:
-            w2 = ()
+          w1, w2 = (() if config.w1_smem else w1), (() if config.w2_smem else w2)
         plgpu.commit_smem()
         plgpu.barrier_arrive(sync.at[0])
         ph.close()
         return w1, w2
 
-      if config.w2_smem:  # (the carried state is hi + lo: its lo2 is zero)
-        for c in range(NL):
-          w2ll[c] = jnp.zeros((64, 64), bf16)
-        w2_0 = ()
+      for j in range(2 * NL):  # (the carried state starts as hi + lo: its lo2 is zero)
+        if in_smem(j):
+          lo2_tile(j)[...] = jnp.zeros((64, 64), bf16)
+      w1_0, w2_0 = (() if config.w1_smem else w1_0), (() if config.w2_smem else w2_0)
       lax.fori_loop(0, NC, step, (w1_0, w2_0))
       plgpu.barrier_wait(sync.at[1])  # the last mini-batch's (every phase observed)
 
@@ -673,14 +707,15 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
       def step(j, _):
         """Mini-batch j's output with the state W_{j+1} (after the keys' update j)."""
         slot = j % 2
-        q_s = q_sb.at[slot]
+        q_s = q_sb.at[0 if config.lean_buffers else slot]
         ph = Phases()
         ph("q_load")
-        plgpu.barrier_wait(qbars.at[slot])
+        plgpu.barrier_wait(qbars.at[0 if config.lean_buffers else slot])
 
-        @pl.when(j + 1 < NC)  # the other buffer's output TMA (mini-batch j-1) was waited for
-        def _():
-          plgpu.copy_gmem_to_smem(q_ref.at[bh, j + 1], q_sb.at[1 - slot], qbars.at[1 - slot])
+        if not config.lean_buffers:
+          @pl.when(j + 1 < NC)  # the other buffer's output TMA (mini-batch j-1) was waited for
+          def _():
+            plgpu.copy_gmem_to_smem(q_ref.at[bh, j + 1], q_sb.at[1 - slot], qbars.at[1 - slot])
 
         ph("q_wait_w")
         plgpu.barrier_wait(sync.at[0])
@@ -728,6 +763,12 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
           plgpu.copy_smem_to_gmem(q_s, o_ref.at[bh, j])
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         on_rank0(write_out)
+        if config.lean_buffers:  # Q(j) read, the output stored: Q(j + 1) into the one tile
+          plgpu.commit_smem()
+
+          @pl.when(j + 1 < NC)
+          def _():
+            plgpu.copy_gmem_to_smem(q_ref.at[bh, j + 1], q_sb.at[0], qbars.at[0])
         ph.close()
         return ()
 
@@ -751,7 +792,9 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
                                        st(BH, NG, NH, 64, 64), sf(BH, NG, 64))
                                       if config.checkpoints else ())
   NK = 2 if config.prefetch_keys else 1  # K/V/eta buffers
-  scratch = [tile(2), tile(NK), tile(NK), plgpu.SMEM((NK, 64), f32),  # Q (2 buffers), K, V, eta
+  NQ = 1 if config.lean_buffers else 2  # Q buffers (also the output tile)
+  scratch = [tile(NQ), tile(NK), tile(1 if config.lean_buffers else NK),  # Q, K, V
+             plgpu.SMEM((NK, 64), f32),  # eta
              tile(), tile(), tile(),  # -eta K, G2, -eta G2
              tile(NL), tile(NL),  # G1, keys' X2
              # the queries' X2 (fused_bias_sums: in registers; its bytes go to reduction scratch)
@@ -778,7 +821,9 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
     kwargs.update(cluster=(C,), cluster_names=("c",))
   if x2l_tiles is not None:
     scratch.append(x2l_tiles)
-  if config.w2_smem:  # (kept last: see body)
+  if config.w2_smem:  # (kept last, then w1_smem's: see body)
+    scratch.append(tile(NL))
+  if config.w1_smem:
     scratch.append(tile(NL))
   return per_head_kernel(body, out_type=out_type, scratch=scratch, BH=BH,
                          approx_math=config.approx_math, interpret=interpret, profile=profile,

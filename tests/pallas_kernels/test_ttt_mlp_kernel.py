@@ -108,7 +108,7 @@ def test_role_split_config_is_validated():
           cfg.split_products, cfg.split_g1, cfg.cluster) == (True, True, False, True, True, True, 1)
   assert kernel_ws_mgpu.WsTuningConfig.from_variant("v7") == kernel_ws_mgpu.WsTuningConfig()
   with pytest.raises(ValueError, match="'v7' followed by letters"):
-    kernel_ws_mgpu.WsTuningConfig.from_variant("v7pq")
+    kernel_ws_mgpu.WsTuningConfig.from_variant("v7pa")
   with pytest.raises(ValueError, match="split_g1 needs split_products"):
     kernel_ws_mgpu.WsTuningConfig.from_variant("v7peg")
   with pytest.raises(ValueError, match="fused_bias_sums needs early_gelu_grad"):
@@ -132,6 +132,11 @@ def test_role_split_config_is_validated():
     kernel_ws_mgpu.WsTuningConfig.from_variant("v7pefsgrbciz")
   with pytest.raises(ValueError, match="w2_smem needs split_products and fresh_update"):
     kernel_ws_mgpu.WsTuningConfig.from_variant("v7pefiw")
+  with pytest.raises(ValueError, match="lean_buffers needs prefetch_keys"):
+    kernel_ws_mgpu.WsTuningConfig.from_variant("v7efsgrbciq")
+  with pytest.raises(ValueError, match="w1_smem needs w2_smem, and lean_buffers"):
+    kernel_ws_mgpu.WsTuningConfig.from_variant("v7pefsgrbciwy")
+  assert kernel_ws_mgpu.WsTuningConfig.from_variant("v7pefsgrbciwy", cluster=1).w1_smem
   xu = kernel_ws_mgpu.WsTuningConfig.from_variant("v7pefsgrbcixu")
   assert (xu.x2_lo_smem, xu.chunked_update, xu.f32_state) == (True, True, True)
   with pytest.raises(ValueError, match="reduction_scratch is a v7 option"):
@@ -227,6 +232,7 @@ def test_gradients_match_xla_scan_interpret(backward):
                                      "v7pefsgrbcixuo_cluster2", "v7pefsgrbcidxuo_cluster2",
                                      "v7pefsgrbcidhxuo_cluster2", "v7pefsgrbcidhxzuo_cluster2",
                                      "v7pefsgrbciw_cluster2", "v7pefsgrbcidhxzuow_cluster2",
+                                     "v7pefsgrbciq_cluster2", "v7pefsgrbcidhxzuoqwy_cluster2",
                                      "v3_3passf_cluster2"])
 def test_kernel_lowers_for_cuda(variant):
   """The compiled (non-interpret) kernel lowers to a Mosaic GPU module for CUDA on this CPU box.
