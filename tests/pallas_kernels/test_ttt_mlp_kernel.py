@@ -107,35 +107,26 @@ def test_role_split_config_is_validated():
   assert (cfg.prefetch_keys, cfg.early_gelu_grad, cfg.late_bias_sums, cfg.fresh_update,
           cfg.split_products, cfg.split_g1, cfg.cluster) == (True, True, False, True, True, True, 1)
   assert kernel_ws_mgpu.WsTuningConfig.from_variant("v7") == kernel_ws_mgpu.WsTuningConfig()
-  with pytest.raises(ValueError, match="'v7' followed by letters"):
-    kernel_ws_mgpu.WsTuningConfig.from_variant("v7pa")
-  with pytest.raises(ValueError, match="split_g1 needs split_products"):
-    kernel_ws_mgpu.WsTuningConfig.from_variant("v7peg")
-  with pytest.raises(ValueError, match="fused_bias_sums needs early_gelu_grad"):
-    kernel_ws_mgpu.WsTuningConfig.from_variant("v7pfb")
-  with pytest.raises(ValueError, match="fused_b2_sum needs fused_bias_sums"):
-    kernel_ws_mgpu.WsTuningConfig.from_variant("v7pec")
-  with pytest.raises(ValueError, match="queries_ek needs prefetch_keys"):
-    kernel_ws_mgpu.WsTuningConfig.from_variant("v7ek")
-  with pytest.raises(ValueError, match="x2_lo_smem needs split_products"):
-    kernel_ws_mgpu.WsTuningConfig.from_variant("v7pefx")
-  with pytest.raises(ValueError, match="chunked_update needs fresh_update"):
-    kernel_ws_mgpu.WsTuningConfig.from_variant("v7peu")
-  with pytest.raises(ValueError, match="pipelined_store needs chunked_update"):
-    kernel_ws_mgpu.WsTuningConfig.from_variant("v7pefsgrbcio")
+  for bad, message in (
+      ("v7pa", "'v7' followed by letters"),
+      ("v7peg", "split_g1 needs split_products"),
+      ("v7pfb", "fused_bias_sums needs early_gelu_grad"),
+      ("v7pec", "fused_b2_sum needs fused_bias_sums"),
+      ("v7ek", "queries_ek needs prefetch_keys"),
+      ("v7pefx", "x2_lo_smem needs split_products"),
+      ("v7peu", "chunked_update needs fresh_update"),
+      ("v7pefsgrbcio", "pipelined_store needs chunked_update"),
+      ("v7pefsgbch", "ek_in_exchange needs reload_keys"),
+      ("v7pefsgrbciz", "pipelined_z needs x2_lo_smem"),
+      ("v7pefiw", "w2_smem needs split_products and fresh_update"),
+      ("v7efsgrbciq", "lean_buffers needs prefetch_keys"),
+      ("v7pefsgrbciwy", "w1_smem needs w2_smem, and lean_buffers"),
+  ):  # a letter unknown, or one without the letters it builds on
+    with pytest.raises(ValueError, match=message):
+      kernel_ws_mgpu.WsTuningConfig.from_variant(bad)
   assert kernel_ws_mgpu.WsTuningConfig.from_variant("v7pefsgrbciuo").pipelined_store
   assert kernel_ws_mgpu.WsTuningConfig.from_variant("v7pefsgrbcid").late_loads
-  with pytest.raises(ValueError, match="ek_in_exchange needs reload_keys"):
-    kernel_ws_mgpu.WsTuningConfig.from_variant("v7pefsgbch")
   assert kernel_ws_mgpu.WsTuningConfig.from_variant("v7pefsgrbcih").ek_in_exchange
-  with pytest.raises(ValueError, match="pipelined_z needs x2_lo_smem"):
-    kernel_ws_mgpu.WsTuningConfig.from_variant("v7pefsgrbciz")
-  with pytest.raises(ValueError, match="w2_smem needs split_products and fresh_update"):
-    kernel_ws_mgpu.WsTuningConfig.from_variant("v7pefiw")
-  with pytest.raises(ValueError, match="lean_buffers needs prefetch_keys"):
-    kernel_ws_mgpu.WsTuningConfig.from_variant("v7efsgrbciq")
-  with pytest.raises(ValueError, match="w1_smem needs w2_smem, and lean_buffers"):
-    kernel_ws_mgpu.WsTuningConfig.from_variant("v7pefsgrbciwy")
   assert kernel_ws_mgpu.WsTuningConfig.from_variant("v7pefsgrbciwy", cluster=1).w1_smem
   xu = kernel_ws_mgpu.WsTuningConfig.from_variant("v7pefsgrbcixu")
   assert (xu.x2_lo_smem, xu.chunked_update, xu.f32_state) == (True, True, True)
