@@ -121,6 +121,7 @@ def test_role_split_config_is_validated():
       ("v7pefiw", "w2_smem needs split_products and fresh_update"),
       ("v7efsgrbciq", "lean_buffers needs prefetch_keys"),
       ("v7pefsgrbciwy", "w1_smem needs w2_smem, and lean_buffers"),
+      ("v7pefsgrbij", "late_wait_q needs fused_b2_sum"),
   ):  # a letter unknown, or one without the letters it builds on
     with pytest.raises(ValueError, match=message):
       kernel_ws_mgpu.WsTuningConfig.from_variant(bad)
@@ -224,6 +225,7 @@ def test_gradients_match_xla_scan_interpret(backward):
                                      "v7pefsgrbcidhxuo_cluster2", "v7pefsgrbcidhxzuo_cluster2",
                                      "v7pefsgrbciw_cluster2", "v7pefsgrbcidhxzuow_cluster2",
                                      "v7pefsgrbciq_cluster2", "v7pefsgrbcidhxzuoqwy_cluster2",
+                                     "v7pefsgrbcidhjxzuoqwy_cluster2",
                                      "v3_3passf_cluster2"])
 def test_kernel_lowers_for_cuda(variant):
   """The compiled (non-interpret) kernel lowers to a Mosaic GPU module for CUDA on this CPU box.
