@@ -191,6 +191,10 @@ class WsTuningConfig:
   # ~3 us more slack for the queries. Between the two points the keys only read the shared
   # state. The same values.
   late_wait_q: bool = False
+  # The LayerNorm's target V - K (K re-read with reload_keys) computed between the push of the
+  # z2 partial and the wait for the peer's, like ek_in_exchange, instead of in "ln": 32 more
+  # registers live over the pull (meant for w1_smem / w2_smem, which free 64-128). The same values.
+  early_target: bool = False
 
   def __post_init__(self):
     check_cluster(self.cluster)
@@ -240,13 +244,13 @@ class WsTuningConfig:
     l late_bias_sums, f fresh_update, s split_products, g split_g1, r reload_keys, b
     fused_bias_sums, c fused_b2_sum, k queries_ek, i f32_state, x x2_lo_smem, u chunked_update, o
     pipelined_store, d late_loads, h ek_in_exchange, z pipelined_z, w w2_smem, q lean_buffers, y w1_smem, j
-    late_wait_q; e.g. "v7pefsg")."""
+    late_wait_q, t early_target; e.g. "v7pefsg")."""
     letters = dict(p="prefetch_keys", e="early_gelu_grad", l="late_bias_sums", f="fresh_update",
                    s="split_products", g="split_g1", r="reload_keys", b="fused_bias_sums",
                    c="fused_b2_sum", k="queries_ek", i="f32_state", x="x2_lo_smem",
                    u="chunked_update", o="pipelined_store",
                    d="late_loads", h="ek_in_exchange", z="pipelined_z", w="w2_smem",
-                   q="lean_buffers", y="w1_smem", j="late_wait_q")
+                   q="lean_buffers", y="w1_smem", j="late_wait_q", t="early_target")
     if not variant.startswith("v7") or any(ch not in letters for ch in variant[2:]):
       raise ValueError(f"variant {variant!r}: 'v7' followed by letters of {''.join(letters)}")
     return cls(**{name: ch in variant[2:] for ch, name in letters.items()}, **kwargs)
@@ -591,7 +595,23 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
           else:
             pk = wgmma_chain([(ex2_s.at[c], w2h.at[c]) for c in range(NL)], shp)
         ph("xchg")
-        z2 = exchange(pk, 0, m == 0, during=write_ek if config.ek_in_exchange else None)
+        def ln_target():
+          """The LayerNorm's target V - K of this step (V's arrival waited with lean_buffers)."""
+          if config.lean_buffers:
+            plgpu.barrier_wait(kbars.at[1])  # V(m)
+          kk = (plgpu.load(k_s, layout=plgpu.Layout.WGMMA).astype(f32)  # (K again from SMEM, in
+                if config.reload_keys else kf)  # the layout and threads it was read in)
+          return v_s[...].astype(f32) - kk
+
+        early = []  # (early_target: the target, computed in the exchange)
+
+        def in_exchange():  # work that needs no peer partial, in the exchange's latency
+          if config.ek_in_exchange:
+            write_ek()
+          if config.early_target:
+            early.append(ln_target())
+        z2 = exchange(pk, 0, m == 0, during=in_exchange
+                      if config.ek_in_exchange or config.early_target else None)
         if config.late_loads:  # b2_m (the keys write b2_{m+1} after sync[1])
           b2v = plgpu.load(b2_s, layout=red0)
         z2 = z2 + row(b2v)
@@ -608,13 +628,10 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
 
         # ---- (4)-(6): fused LayerNorm + L2 backward (replicated on every CTA)
         ph("ln")
-        if config.reload_keys:  # K again from SMEM, in the layout (and threads) it was read in
-          kf = plgpu.load(k_s, layout=plgpu.Layout.WGMMA).astype(f32)
+        target = early[0] if config.early_target else ln_target()
         if config.late_loads:
           gam, bet, _ = params()
-        if config.lean_buffers:
-          plgpu.barrier_wait(kbars.at[1])  # V(m)
-        g2 = _ln_l2_grad(z2, v_s[...].astype(f32) - kf, gam, bet, ln_eps)
+        g2 = _ln_l2_grad(z2, target, gam, bet, ln_eps)
         g2h = g2.astype(bf16)
         g2_s[...] = g2h
         g2_lo = (g2 - g2h.astype(f32)).astype(bf16) if config.split_g1 else None  # registers

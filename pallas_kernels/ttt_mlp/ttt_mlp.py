@@ -113,7 +113,9 @@ def _from_kernel_ckpts(ck, B, H):
 # (lean_buffers); v7pefsgrbciqwy / v7pefsgrbcidhxzuoqwy: W1's state in SMEM too (w1_smem), the
 # whole float32 state out of registers (bitwise the same in interpret mode); v7pefsgrbcij /
 # v7pefsgrbcidhjxzuoqwy: the keys wait for the queries right before their first write to the
-# shared state (late_wait_q; bitwise the same in interpret mode).
+# shared state (late_wait_q; bitwise the same in interpret mode); v7pefsgrbcit /
+# v7pefsgrbcidhjtxzuoqwy: the LayerNorm's target V - K computed in the exchange's latency
+# (early_target; bitwise the same in interpret mode).
 # (H100: benchmarks/NOTES-ttt-mlp.md.)
 VARIANTS = ("v1", "v2", "v3", "v3_precise", "v3_exact", "v3_3pass", "v3_3passf", "v4", "v5", "v4p",
             "v6", "v4l", "v7", "v7p", "v7e", "v7pe", "v7pel", "v7pef", "v7pefs", "v7pefsg", "v7pefsr", "v7pefsgr",
@@ -123,7 +125,8 @@ VARIANTS = ("v1", "v2", "v3", "v3_precise", "v3_exact", "v3_3pass", "v3_3passf",
             "v7pefsgrbcih", "v7pefsgrbcidh", "v7pefsgrbcidhuo", "v7pefsgrbcidhxuo",
             "v7pefsgrbcixz", "v7pefsgrbcidhxz", "v7pefsgrbcidhxzuo", "v7pefsgrbciw",
             "v7pefsgrbciuow", "v7pefsgrbcidhxzuow", "v7pefsgrbciq", "v7pefsgrbciqwy",
-            "v7pefsgrbcidhxzuoqwy", "v7pefsgrbcij", "v7pefsgrbcidhjxzuoqwy")
+            "v7pefsgrbcidhxzuoqwy", "v7pefsgrbcij", "v7pefsgrbcidhjxzuoqwy", "v7pefsgrbcit",
+            "v7pefsgrbcidhjtxzuoqwy")
 
 
 # The forward kernel `ttt_mlp_pallas` runs unless told otherwise (NOTES-ttt-mlp.md: the fastest

@@ -226,6 +226,7 @@ def test_gradients_match_xla_scan_interpret(backward):
                                      "v7pefsgrbciw_cluster2", "v7pefsgrbcidhxzuow_cluster2",
                                      "v7pefsgrbciq_cluster2", "v7pefsgrbcidhxzuoqwy_cluster2",
                                      "v7pefsgrbcidhjxzuoqwy_cluster2",
+                                     "v7pefsgrbcidhjtxzuoqwy_cluster2",
                                      "v3_3passf_cluster2"])
 def test_kernel_lowers_for_cuda(variant):
   """The compiled (non-interpret) kernel lowers to a Mosaic GPU module for CUDA on this CPU box.

@@ -71,7 +71,7 @@ def check_bitwise(variant: str, like: str, batch: int = B, heads: int = H):
   b1, b2 loaded where used; v7pefsgrbcih: -eta K written in the exchange; v7pefsgrbcixz: z1 and z2 pipelined over the
   chunks; v7pefsgrbciw / uow: W2's state in SMEM as three bf16 parts; v7pefsgrbciq: Q and V
   single-buffered; v7pefsgrbciqwy: W1's state in SMEM too; v7pefsgrbcij: the wait for the
-  queries right before the first write to what they read)."""
+  queries right before the first write to what they read; v7pefsgrbcit: V - K in the exchange)."""
   args = _inputs(2, batch, heads)
   (out_a, ck_a), (out_b, ck_b) = _forward_raw(args, variant), _forward_raw(args, like)
   assert jnp.array_equal(out_a, out_b), (variant, like)
@@ -176,7 +176,8 @@ def _run_isolated(call: str) -> None:
     "check_race_free('v7pefsgrbcidhxzuow')", "check_bitwise('v7pefsgrbciq', 'v7pefsgrbci')",
     "check_bitwise('v7pefsgrbciqwy', 'v7pefsgrbci')", "check_race_free('v7pefsgrbciq')",
     "check_race_free('v7pefsgrbcidhxzuoqwy')", "check_bitwise('v7pefsgrbcij', 'v7pefsgrbci')",
-    "check_race_free('v7pefsgrbcij')", "check_race_free('v7pefsgrbcidhjxzuoqwy')"])
+    "check_race_free('v7pefsgrbcij')", "check_race_free('v7pefsgrbcidhjxzuoqwy')",
+    "check_bitwise('v7pefsgrbcit', 'v7pefsgrbci')", "check_race_free('v7pefsgrbcidhjtxzuoqwy')"])
 def test_role_split_kernel_interpret(call):
   _run_isolated(call)
 
