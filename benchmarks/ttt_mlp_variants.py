@@ -6,9 +6,9 @@ variant's (a variant meant to do the same arithmetic must match bitwise; otherwi
 relative difference is printed). Then the variants are timed interleaved over `--rounds`
 rounds (median ms per call, waited by `block_until_ready` and by polling `is_ready()`, and per
 call with `--in_flight` calls dispatched back to back), so a drift of the machine's clocks falls
-on all of them alike. A variant other than the baseline that fails to compile or run (SMEM, ptxas) is
-reported with its error and left out of the timings, so one bad variant does not cost the
-device call.
+on all of them alike. A variant other than the baseline that fails to compile or run (SMEM,
+ptxas) is reported with its error and left out of the timings, so one bad variant does not cost
+the device call.
 
   python -m benchmarks.ttt_mlp_variants --nc 282,1000 --variants v7pefsgr,v7pefsgrb   (GPU)
   python -m benchmarks.ttt_mlp_variants --nc 3 --heads 1 --variants v4,v3 --interpret   (CPU smoke)
@@ -92,8 +92,8 @@ def main(argv=None) -> list[dict]:
         print(json.dumps({"NC": NC, "variant": v, "error": failed[v]}), flush=True)
         continue
       fns[v] = fn
-      print(json.dumps({"NC": NC, "variant": v, "first_call_s": round(time.perf_counter() - t0, 1)}),
-            flush=True)
+      first_s = round(time.perf_counter() - t0, 1)
+      print(json.dumps({"NC": NC, "variant": v, "first_call_s": first_s}), flush=True)
     cmp = {v: compare(outs[variants[0]], outs[v]) for v in variants[1:] if v in outs}
     del outs
     print(json.dumps({"NC": NC, "vs": variants[0], **cmp}), flush=True)

@@ -242,9 +242,9 @@ class WsTuningConfig:
   def from_variant(cls, variant: str, **kwargs) -> "WsTuningConfig":
     """The config a variant name spells ("v7" + letters: p prefetch_keys, e early_gelu_grad,
     l late_bias_sums, f fresh_update, s split_products, g split_g1, r reload_keys, b
-    fused_bias_sums, c fused_b2_sum, k queries_ek, i f32_state, x x2_lo_smem, u chunked_update, o
-    pipelined_store, d late_loads, h ek_in_exchange, z pipelined_z, w w2_smem, q lean_buffers, y w1_smem, j
-    late_wait_q, t early_target; e.g. "v7pefsg")."""
+    fused_bias_sums, c fused_b2_sum, k queries_ek, i f32_state, x x2_lo_smem, u chunked_update,
+    o pipelined_store, d late_loads, h ek_in_exchange, z pipelined_z, w w2_smem, q lean_buffers,
+    y w1_smem, j late_wait_q, t early_target; e.g. "v7pefsg")."""
     letters = dict(p="prefetch_keys", e="early_gelu_grad", l="late_bias_sums", f="fresh_update",
                    s="split_products", g="split_g1", r="reload_keys", b="fused_bias_sums",
                    c="fused_b2_sum", k="queries_ek", i="f32_state", x="x2_lo_smem",

@@ -98,24 +98,10 @@ def _from_kernel_ckpts(ck, B, H):
 # faster at NC 282-5500); v7pefsgrk / v7pefsgrbk: -eta K written by the queries (queries_ek; slower);
 # v7pefsgrbci: v7pefsgrbc taking the float32 state as it is, split into (hi, lo) in its prologue
 # (WsTuningConfig.f32_state; bitwise v7pefsgrbc; the forward is one launch, no XLA glue);
-# v7pefsgrbcix / u / xu: with X2's lo half through SMEM tiles instead of registers (x2_lo_smem)
-# and / or the update's products one chunk at a time (chunked_update): fewer live registers where
-# the SASS shows the keys' spills; bitwise v7pefsgrbci (interpret mode), not yet timed on a GPU;
-# v7pefsgrbciuo / v7pefsgrbcixuo: with u, chunk j's (hi, lo) store while chunk j + 1's update
-# product is in flight (pipelined_store; bitwise the same in interpret mode); v7pefsgrbcid and
-# v7pefsgrbcidxuo: gamma, beta, b1 and b2 loaded where used (late_loads: fewer live registers over
-# z1 / z2; bitwise the same in interpret mode); v7pefsgrbcih / v7pefsgrbcidhxuo: -eta K written
-# in the z2 exchange's latency (ek_in_exchange; bitwise the same in interpret mode). None of
-# x / u / o / d / h timed on a GPU yet; v7pefsgrbcixz / v7pefsgrbcidhxzuo: z1 and z2 pipelined
-# over the hidden chunks (pipelined_z; bitwise the same in interpret mode); v7pefsgrbciw /
-# v7pefsgrbciuow / v7pefsgrbcidhxzuow: W2's float32 state in SMEM as three bf16 parts instead of
-# 64 registers (w2_smem; bitwise the same in interpret mode); v7pefsgrbciq: Q and V single-buffered
-# (lean_buffers); v7pefsgrbciqwy / v7pefsgrbcidhxzuoqwy: W1's state in SMEM too (w1_smem), the
-# whole float32 state out of registers (bitwise the same in interpret mode); v7pefsgrbcij /
-# v7pefsgrbcidhjxzuoqwy: the keys wait for the queries right before their first write to the
-# shared state (late_wait_q; bitwise the same in interpret mode); v7pefsgrbcit /
-# v7pefsgrbcidhjtxzuoqwy: the LayerNorm's target V - K computed in the exchange's latency
-# (early_target; bitwise the same in interpret mode).
+# after v7pefsgrbci, letters aimed at the keys' spills and latency chain (WsTuningConfig has each):
+# x x2_lo_smem, u chunked_update, o pipelined_store, d late_loads, h ek_in_exchange, z
+# pipelined_z, w w2_smem, q lean_buffers, y w1_smem, j late_wait_q, t early_target; each bitwise
+# v7pefsgrbci in interpret mode, alone and together (v7pefsgrbcidhjtxzuoqwy), none timed yet.
 # (H100: benchmarks/NOTES-ttt-mlp.md.)
 VARIANTS = ("v1", "v2", "v3", "v3_precise", "v3_exact", "v3_3pass", "v3_3passf", "v4", "v5", "v4p",
             "v6", "v4l", "v7", "v7p", "v7e", "v7pe", "v7pel", "v7pef", "v7pefs", "v7pefsg", "v7pefsr", "v7pefsgr",
