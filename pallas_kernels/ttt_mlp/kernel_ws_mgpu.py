@@ -171,7 +171,7 @@ class WsTuningConfig:
   pipelined_z: bool = False
   # With split_products and fresh_update: W2's float32 state carried in SMEM as three bf16
   # tiles per chunk, hi (w2h), lo (lo_s) and a third "lo2" (16 KiB more at cluster 2: it fits the
-  # 227 KiB, W1's would not), instead of 64 registers per thread across the whole step. A float32
+  # 227 KiB; W1's needs lean_buffers), instead of 64 registers per thread across the step. A float32
   # w is exactly hi + lo + lo2 (hi = bf16(w), lo = bf16(w - hi), lo2 = bf16(w - hi - lo): each
   # difference is exact and the last has at most 8 significant bits), so the update reads the same
   # float32 state back: bitwise the variant without it. The update pays three tile loads and one
