@@ -551,9 +551,14 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
           elif config.split_products:
             x2_lo.append((x2k - x2h.astype(f32)).astype(bf16))
 
-        # the z2 products of chunk c, in chain order (interpret mode: X2l W2h by jnp, below)
+        # split_products: chunk c's z2 products X2h W2h + X2h W2l + X2l W2h in chain order, X2l
+        # from its tile (x2_lo_smem) or registers; interpret mode has no rule for a register lhs,
+        # so there X2l W2h is added by jnp after the chain (`x2l_terms`), for every variant alike
+        x2l = lambda c: x2l_s(c) if config.x2_lo_smem else x2_lo[c]
         z2_pairs = lambda c: [(ex2_s.at[c], w2h.at[c]), (ex2_s.at[c], lo_s.at[NL + c])] + (
-            [(x2l_s(c), w2h.at[c])] if interpret is None else [])
+            [(x2l(c), w2h.at[c])] if interpret is None else [])
+        x2l_terms = lambda pk: pk if interpret is None else pk + sum(
+            exact_dot(x2l(c)[...], w2h[c]) for c in range(NL))
         if config.pipelined_z:
           def z1_z2(*accs):
             zacc, acc2 = accs[:NL], accs[NL]
@@ -567,9 +572,7 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
               for a, b in z2_pairs(c):
                 plgpu.wgmma(acc2, a, b)
             return acc2[...]
-          pk = pl.run_scoped(z1_z2, *[plgpu.ACC(shp, f32) for _ in range(NL + 1)])
-          if interpret is not None:
-            pk = pk + sum(exact_dot(x2l_s(c)[...], w2h[c]) for c in range(NL))
+          pk = x2l_terms(pl.run_scoped(z1_z2, *[plgpu.ACC(shp, f32) for _ in range(NL + 1)]))
         else:
           if config.split_products:  # K exact in bf16: K W1h + K W1l
             zk = wgmma_chains([[(k_s, w1h.at[c]), (k_s, lo_s.at[c])] for c in range(NL)], shp)
@@ -579,19 +582,8 @@ def build_forward_ws(BH: int, NC: int, group: int, ln_eps: float, *,
             x2_chunk(c, zk[c])
           plgpu.commit_smem()
           ph("z2")
-          if config.x2_lo_smem:  # X2h W2h + X2h W2l + X2l W2h, every lhs from SMEM (interpret
-            # mode: in the order of the register-lhs variant's interpret path below)
-            pk = wgmma_chain([pr for c in range(NL) for pr in z2_pairs(c)], shp)
-            if interpret is not None:
-              pk = pk + sum(exact_dot(x2l_s(c)[...], w2h[c]) for c in range(NL))
-          elif config.split_products and interpret is not None:  # (no interpret rule for a
-            pk = wgmma_chain([pr for c in range(NL) for pr in (  # register lhs: X2l W2h by jnp)
-                (ex2_s.at[c], w2h.at[c]), (ex2_s.at[c], lo_s.at[NL + c]))], shp)
-            pk = pk + sum(exact_dot(x2_lo[c], w2h[c]) for c in range(NL))
-          elif config.split_products:  # X2h W2h + X2h W2l + X2l W2h
-            pk = wgmma_chain([pr for c in range(NL) for pr in (
-                (ex2_s.at[c], w2h.at[c]), (ex2_s.at[c], lo_s.at[NL + c]), (x2_lo[c], w2h.at[c]))],
-                             shp)
+          if config.split_products:
+            pk = x2l_terms(wgmma_chain([pr for c in range(NL) for pr in z2_pairs(c)], shp))
           else:
             pk = wgmma_chain([(ex2_s.at[c], w2h.at[c]) for c in range(NL)], shp)
         ph("xchg")
